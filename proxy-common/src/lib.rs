@@ -1,0 +1,213 @@
+//! Map keys, values, names and sizes shared by kpr's eBPF programs and its agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding fields, so its layout is the same in
+//! the kernel and in userspace and no byte of a map key is left uninitialised. Addresses are
+//! always 16 bytes: IPv6 as is, IPv4 as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), so one
+//! set of maps serves both families. Ports are stored in host byte order (readable in
+//! `bpftool map dump`); the programs convert at the edge.
+#![cfg_attr(not(test), no_std)]
+
+/// Bumped whenever a key or value layout changes. Pins live under `<bpffs>/v<VERSION>/`, so a
+/// new agent never reads maps laid out by an older one.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as the loader sees them and as they are pinned.
+pub mod map_names {
+    pub const SERVICES: &str = "KPR_SERVICES";
+    pub const BACKEND_SLOTS: &str = "KPR_SLOTS";
+    pub const BACKENDS: &str = "KPR_BACKENDS";
+    pub const REVNAT: &str = "KPR_REVNAT";
+    pub const SOCK_REVNAT: &str = "KPR_SOCK_REVNAT";
+    pub const ALL: [&str; 5] = [SERVICES, BACKEND_SLOTS, BACKENDS, REVNAT, SOCK_REVNAT];
+}
+
+/// Map capacities. Sized for 64k frontends with 1M backend slots in total.
+pub mod map_sizes {
+    pub const SERVICES: usize = 65_536;
+    pub const BACKEND_SLOTS: usize = 1_048_576;
+    pub const BACKENDS: usize = 262_144;
+    pub const REVNAT: usize = 65_536;
+    pub const SOCK_REVNAT: usize = 262_144;
+}
+
+/// IP protocol numbers as used in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Which backend set of a frontend a key selects (see `ServiceKey::scope`).
+pub mod scope {
+    /// Traffic from inside the cluster (pods, the node): internalTrafficPolicy applies.
+    pub const INTERNAL: u8 = 0;
+    /// Traffic from outside the cluster: externalTrafficPolicy applies.
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Flags in `ServiceValue::flags`.
+pub mod service_flags {
+    /// The frontend is a ClusterIP (as opposed to NodePort, ExternalIP, LoadBalancer).
+    pub const CLUSTER_IP: u32 = 1 << 0;
+    /// sessionAffinity: ClientIP.
+    pub const AFFINITY_CLIENT_IP: u32 = 1 << 1;
+}
+
+/// A frontend: the address, port and protocol a client connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// What a frontend resolves to. `backend_count == 0` means "no endpoints": reject.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Stable id of this frontend; also its reverse-NAT id.
+    pub id: u32,
+    pub backend_count: u32,
+    /// The revision of the backend slots in use; slots of other revisions are being written
+    /// or retired.
+    pub revision: u32,
+    pub flags: u32,
+    pub affinity_timeout_secs: u32,
+    pub _pad: u32,
+}
+
+/// Key of one backend slot of a frontend's backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub revision: u32,
+    pub slot: u32,
+}
+
+/// A backend: where traffic is translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Bumped when a backend id is reused, so flows pinned to an older incarnation are stale.
+    pub generation: u32,
+}
+
+/// Reverse NAT entry: the frontend a translated flow must appear to talk to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNatValue {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Socket-level reverse NAT key: (socket cookie, backend address, backend port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Socket-level reverse NAT value: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevNatValue {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address given as its four octets.
+#[inline(always)]
+#[must_use]
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// True when a 16-byte address is IPv4-mapped.
+#[inline(always)]
+#[must_use]
+pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{
+        Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+        SockRevNatValue,
+    };
+
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: repr(C), every field an integer or integer array, no implicit padding
+            // (checked by the size assertions in the tests below).
+            unsafe impl aya::Pod for $t {}
+            unsafe impl bytemuck::Zeroable for $t {}
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(
+        ServiceKey,
+        ServiceValue,
+        BackendSlotKey,
+        Backend,
+        RevNatValue,
+        SockRevNatKey,
+        SockRevNatValue
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // Sum of field sizes == struct size means no hidden padding.
+        assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceValue>(), 6 * 4);
+        assert_eq!(size_of::<BackendSlotKey>(), 3 * 4);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<RevNatValue>(), 16 + 2 + 2);
+        assert_eq!(size_of::<SockRevNatKey>(), 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<SockRevNatValue>(), 16 + 2 + 2 + 4);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let a = v4_mapped([10, 96, 0, 10]);
+        assert!(is_v4_mapped(&a));
+        assert_eq!(&a[12..], &[10, 96, 0, 10]);
+        assert!(!is_v4_mapped(&[0; 16]));
+    }
+}

@@ -1,0 +1,27 @@
+//! The maps every kpr program shares. Pinned by name under the agent's versioned bpffs
+//! directory, so they outlive the agent and are adopted by the next one.
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap},
+    macros::btf_map,
+};
+use proxy_common::{
+    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, map_sizes,
+};
+
+#[btf_map(pin_by_name)]
+pub static KPR_SERVICES: HashMap<ServiceKey, ServiceValue, { map_sizes::SERVICES }> =
+    HashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_SLOTS: HashMap<BackendSlotKey, u32, { map_sizes::BACKEND_SLOTS }> = HashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_BACKENDS: HashMap<u32, Backend, { map_sizes::BACKENDS }> = HashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_REVNAT: HashMap<u32, RevNatValue, { map_sizes::REVNAT }> = HashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { map_sizes::SOCK_REVNAT }> =
+    LruHashMap::new();

@@ -1,0 +1,257 @@
+//! Socket-level load balancing: the cgroup sock_addr programs.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    Backend, BackendSlotKey, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto,
+    scope, v4_mapped,
+};
+
+use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SLOTS, KPR_SOCK_REVNAT};
+
+/// Let the syscall go on (translated or not).
+const ALLOW: i32 = 1;
+/// Fail the syscall; with `bpf_set_retval` the caller sees our errno instead of EPERM.
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// An address as seen by one hook: 16 bytes (v4-mapped for the *4 hooks) and a host-order port.
+struct SockAddr {
+    addr: [u8; 16],
+    port: u16,
+}
+
+#[inline(always)]
+fn read_v4(sa: *const bpf_sock_addr) -> SockAddr {
+    // SAFETY: `sa` is the context pointer the kernel handed to the program.
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    SockAddr {
+        addr: v4_mapped(ip.to_ne_bytes()),
+        port: u16::from_be(port as u16),
+    }
+}
+
+#[inline(always)]
+fn write_v4(sa: *mut bpf_sock_addr, addr: &[u8; 16], port: u16) {
+    let ip = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    // SAFETY: user_ip4/user_port are writable in the connect4/sendmsg4/recvmsg4/getpeername4
+    // hooks, which are the only callers.
+    unsafe {
+        (*sa).user_ip4 = ip;
+        (*sa).user_port = u32::from(port.to_be());
+    }
+}
+
+#[inline(always)]
+fn read_v6(sa: *const bpf_sock_addr) -> SockAddr {
+    // SAFETY: as in `read_v4`; the kernel only allows 4-byte loads of user_ip6 words.
+    let (w, port) = unsafe {
+        (
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
+            (*sa).user_port,
+        )
+    };
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    SockAddr {
+        addr,
+        port: u16::from_be(port as u16),
+    }
+}
+
+#[inline(always)]
+fn write_v6(sa: *mut bpf_sock_addr, addr: &[u8; 16], port: u16) {
+    let word = |i: usize| {
+        u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]])
+    };
+    // SAFETY: user_ip6/user_port are writable in the *6 hooks, the only callers.
+    unsafe {
+        (*sa).user_ip6[0] = word(0);
+        (*sa).user_ip6[1] = word(1);
+        (*sa).user_ip6[2] = word(2);
+        (*sa).user_ip6[3] = word(3);
+        (*sa).user_port = u32::from(port.to_be());
+    }
+}
+
+#[inline(always)]
+fn sock_proto(sa: *const bpf_sock_addr) -> u8 {
+    // SAFETY: `protocol` is readable in every sock_addr hook.
+    unsafe { (*sa).protocol as u8 }
+}
+
+/// What the forward hooks decided.
+enum Pick {
+    /// Not a Service frontend (or a lookup raced a backend-set update): leave the socket alone.
+    NotService,
+    /// A frontend without endpoints: refuse.
+    NoEndpoints,
+    Backend(Backend, u32),
+}
+
+/// Looks the frontend up and picks one of its backends at random.
+#[inline(always)]
+fn pick_backend(dst: &SockAddr, proto: u8) -> Pick {
+    let key = ServiceKey {
+        addr: dst.addr,
+        port: dst.port,
+        proto,
+        scope: scope::INTERNAL,
+    };
+    let Some(svc) = KPR_SERVICES.get_ptr(&key) else {
+        return Pick::NotService;
+    };
+    // SAFETY: a map value pointer from a successful lookup; read by value at once.
+    let svc = unsafe { *svc };
+    if svc.backend_count == 0 {
+        return Pick::NoEndpoints;
+    }
+    // SAFETY: plain helper call.
+    let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
+    let slot_key = BackendSlotKey {
+        service_id: svc.id,
+        revision: svc.revision,
+        slot,
+    };
+    let Some(backend_id) = KPR_SLOTS.get_ptr(&slot_key) else {
+        return Pick::NotService;
+    };
+    // SAFETY: as above.
+    let backend_id = unsafe { *backend_id };
+    let Some(backend) = KPR_BACKENDS.get_ptr(&backend_id) else {
+        return Pick::NotService;
+    };
+    // SAFETY: as above.
+    Pick::Backend(unsafe { *backend }, svc.id)
+}
+
+/// The forward translation shared by connect and sendmsg, for either family.
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let proto = sock_proto(sa);
+    if proto != proto::TCP && proto != proto::UDP {
+        return ALLOW;
+    }
+    let dst = if v6 { read_v6(sa) } else { read_v4(sa) };
+    match pick_backend(&dst, proto) {
+        Pick::NotService => ALLOW,
+        Pick::NoEndpoints => {
+            // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            DENY
+        }
+        Pick::Backend(backend, service_id) => {
+            // A v4 socket can only reach a v4 backend; the model never mixes families, so a
+            // mismatch means a stale entry: leave the socket alone rather than mistranslate.
+            if !v6 && !is_v4_mapped(&backend.addr) {
+                return ALLOW;
+            }
+            // SAFETY: plain helper call on our own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let key = SockRevNatKey {
+                cookie,
+                addr: backend.addr,
+                port: backend.port,
+                _pad: [0; 6],
+            };
+            let value = SockRevNatValue {
+                addr: dst.addr,
+                port: dst.port,
+                _pad: 0,
+                service_id,
+            };
+            // Best effort: if the LRU insert fails the reply is still delivered, only the
+            // address reported to the application is the backend's.
+            let _ = KPR_SOCK_REVNAT.insert(&key, &value, 0);
+            if v6 {
+                write_v6(sa, &backend.addr, backend.port);
+            } else {
+                write_v4(sa, &backend.addr, backend.port);
+            }
+            ALLOW
+        }
+    }
+}
+
+/// The reverse translation shared by recvmsg and getpeername.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let src = if v6 { read_v6(sa) } else { read_v4(sa) };
+    // SAFETY: plain helper call on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        addr: src.addr,
+        port: src.port,
+        _pad: [0; 6],
+    };
+    if let Some(orig) = KPR_SOCK_REVNAT.get_ptr(&key) {
+        // SAFETY: a map value pointer from a successful lookup; read by value at once.
+        let orig = unsafe { *orig };
+        if v6 {
+            write_v6(sa, &orig.addr, orig.port);
+        } else {
+            write_v4(sa, &orig.addr, orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+fn kpr_connect4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+fn kpr_connect6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+fn kpr_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+fn kpr_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+fn kpr_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+fn kpr_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+fn kpr_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+fn kpr_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true)
+}

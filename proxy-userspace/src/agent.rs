@@ -1,0 +1,181 @@
+//! The agent: runs the sources, keeps the store, and syncs the model's output to the datapath.
+//!
+//! The sync loop coalesces bursts (at most one sync per `min_sync_period`) and resyncs every
+//! `sync_period` even without changes, re-reading the maps so drift is repaired.
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::ebpf::datapath::{self, LoadOutcome, PinLayout, PinnedMaps};
+use crate::ebpf::render::{EbpfRenderer, LbMaps as _};
+use crate::model::{self, NodeInfo, ProxyConfig};
+use crate::source::ManifestSource;
+use crate::store::{Change, Store};
+use crate::{Error, Result};
+
+/// Settings of `kpr run`.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub bpf_fs_path: PathBuf,
+    pub cgroup_path: PathBuf,
+    pub node: NodeInfo,
+    pub proxy: ProxyConfig,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub poll_interval: Duration,
+}
+
+/// Store + model + renderer over the pinned maps.
+pub struct Syncer {
+    store: Store,
+    node: NodeInfo,
+    proxy: ProxyConfig,
+    maps: PinnedMaps,
+    renderer: EbpfRenderer,
+    layout: PinLayout,
+}
+
+impl Syncer {
+    /// Loads or adopts the datapath and rebuilds the renderer's memory from the maps.
+    ///
+    /// # Errors
+    /// The datapath could not be loaded or its maps read.
+    pub fn start(cfg: &AgentConfig) -> Result<(Self, LoadOutcome)> {
+        let layout = PinLayout::new(&cfg.bpf_fs_path);
+        let outcome = datapath::ensure_loaded(&layout, &cfg.cgroup_path)?;
+        let mut maps = PinnedMaps::open(&layout)?;
+        let snapshot = maps.snapshot()?;
+        let (renderer, stale) = EbpfRenderer::adopt(&snapshot);
+        for k in &stale {
+            let _ = maps.del_slot(k);
+        }
+        tracing::info!(
+            outcome = ?outcome,
+            frontends = snapshot.services.len(),
+            backends = snapshot.backends.len(),
+            stale_slots = stale.len(),
+            "datapath ready"
+        );
+        Ok((
+            Self {
+                store: Store::default(),
+                node: cfg.node.clone(),
+                proxy: cfg.proxy.clone(),
+                maps,
+                renderer,
+                layout,
+            },
+            outcome,
+        ))
+    }
+
+    pub fn apply(&mut self, change: Change) -> bool {
+        self.store.apply(change)
+    }
+
+    /// Computes the desired state and applies the difference.
+    pub fn sync(&mut self) {
+        let started = Instant::now();
+        let desired = model::compute(&self.store, &self.node, &self.proxy);
+        let (stats, errors) = self.renderer.sync(&desired, &mut self.maps, &[]);
+        for e in &errors {
+            tracing::error!("sync: {e}");
+        }
+        if !stats.is_noop() || !errors.is_empty() {
+            tracing::info!(
+                services = self.store.service_count(),
+                slices = self.store.slice_count(),
+                frontends = desired.frontends.len(),
+                written = stats.services_written,
+                deleted = stats.services_deleted,
+                slots_written = stats.slots_written,
+                slots_deleted = stats.slots_deleted,
+                errors = errors.len(),
+                took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "synced"
+            );
+        }
+    }
+
+    /// Re-reads the maps and resyncs, repairing entries changed behind the agent's back.
+    pub fn resync(&mut self) {
+        match self.maps.snapshot() {
+            Ok(snapshot) => {
+                let (renderer, stale) = EbpfRenderer::adopt(&snapshot);
+                self.renderer = renderer;
+                for k in &stale {
+                    let _ = self.maps.del_slot(k);
+                }
+            }
+            Err(e) => tracing::error!("resync: reading maps under {}: {e}", self.layout.root.display()),
+        }
+        self.sync();
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. The datapath stays programmed after it exits.
+///
+/// # Errors
+/// Start-up failed (the datapath could not be loaded).
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let (mut syncer, outcome) = Syncer::start(&cfg)?;
+    tracing::info!(?outcome, cgroup = %cfg.cgroup_path.display(), "kpr agent started");
+    let (tx, mut rx) = mpsc::channel::<Change>(64);
+    let manifests = cfg.manifests.clone();
+    let poll = cfg.poll_interval;
+    tokio::spawn(async move {
+        let mut source = ManifestSource::new(manifests);
+        loop {
+            let result = tokio::task::block_in_place(|| source.poll());
+            for e in &result.errors {
+                tracing::error!("{e}");
+            }
+            if let Some(change) = result.change
+                && tx.send(change).await.is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(poll).await;
+        }
+    });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut dirty = false;
+    let mut last_sync = Instant::now() - cfg.min_sync_period;
+    let mut last_full = Instant::now();
+    loop {
+        let wait = if dirty {
+            cfg.min_sync_period.saturating_sub(last_sync.elapsed())
+        } else {
+            cfg.sync_period.saturating_sub(last_full.elapsed())
+        };
+        tokio::select! {
+            change = rx.recv() => {
+                match change {
+                    Some(c) => dirty |= syncer.apply(c),
+                    None => return Ok(()),
+                }
+            }
+            () = tokio::time::sleep(wait) => {
+                if dirty {
+                    syncer.sync();
+                    dirty = false;
+                    last_sync = Instant::now();
+                } else {
+                    syncer.resync();
+                    last_full = Instant::now();
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; the datapath stays programmed");
+                return Ok(());
+            }
+            _ = sigterm.recv() => {
+                tracing::info!("terminated; the datapath stays programmed");
+                return Ok(());
+            }
+        }
+    }
+}

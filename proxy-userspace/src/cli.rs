@@ -1,0 +1,160 @@
+//! The `kpr` command line: `run`, `services`, `cleanup`.
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::agent::AgentConfig;
+use crate::ebpf::datapath::{PinLayout, PinnedMaps};
+use crate::ebpf::render::{FrontendView, view};
+use crate::model::{NodeInfo, ProxyConfig};
+use crate::{Error, Result};
+
+pub const DEFAULT_BPF_FS_PATH: &str = "/sys/fs/bpf/kpr";
+
+#[derive(Debug, Parser)]
+#[command(name = "kpr", version, about = "kpr: a kube-proxy replacement with an eBPF datapath")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: watch the source, program the datapath, keep it in sync.
+    Run(RunArgs),
+    /// List the frontends and backends the datapath holds (read from the pinned maps).
+    Services {
+        #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
+        bpf_fs_path: PathBuf,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Remove every program, link and map kpr pinned.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
+        bpf_fs_path: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Directory of Service and EndpointSlice manifests (YAML or JSON), reloaded on change.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// bpffs directory for kpr's pinned maps and links.
+    #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
+    pub bpf_fs_path: PathBuf,
+    /// cgroup v2 directory the socket programs attach to (its processes and descendants are
+    /// load-balanced).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_path: PathBuf,
+    /// This node's name (endpoints with this nodeName are local).
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+    /// This node's IPs, primary first (NodePorts are served on them).
+    #[arg(long, value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
+    /// Pod CIDRs: traffic from them is pod traffic.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<ipnet::IpNet>,
+    /// Masquerade all traffic to ClusterIPs.
+    #[arg(long)]
+    pub masquerade_all: bool,
+    /// Minimum time between syncs (bursts of changes are coalesced), e.g. "1s", "100ms".
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+    /// Full resync period.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: Duration,
+}
+
+/// Parses "250ms", "5s", "1m", "1h" (the Go duration forms kube-proxy takes).
+///
+/// # Errors
+/// Not one of those forms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl RunArgs {
+    #[must_use]
+    pub fn agent_config(&self) -> AgentConfig {
+        let name = self.hostname_override.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_lowercase())
+                .unwrap_or_default()
+        });
+        AgentConfig {
+            manifests: self.manifests.clone(),
+            bpf_fs_path: self.bpf_fs_path.clone(),
+            cgroup_path: self.cgroup_path.clone(),
+            node: NodeInfo {
+                name,
+                ips: self.node_ip.clone(),
+                labels: Default::default(),
+            },
+            proxy: ProxyConfig {
+                cluster_cidrs: self.cluster_cidr.clone(),
+                masquerade_all: self.masquerade_all,
+                ..ProxyConfig::default()
+            },
+            min_sync_period: self.min_sync_period,
+            sync_period: self.sync_period,
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Reads the frontends from the pinned maps.
+///
+/// # Errors
+/// The maps are not pinned (kpr is not running and never ran) or unreadable.
+pub fn read_services(bpf_fs_path: &std::path::Path) -> Result<Vec<FrontendView>> {
+    let maps = PinnedMaps::open(&PinLayout::new(bpf_fs_path))?;
+    Ok(view(&maps.snapshot()?))
+}
+
+/// Renders `kpr services` output.
+#[must_use]
+pub fn format_table(rows: &[FrontendView]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let w = rows.iter().map(|r| r.frontend.len()).max().unwrap_or(8).max(8);
+    let _ = writeln!(out, "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  BACKENDS", "FRONTEND", "PROTO", "SCOPE", "ID", "VERDICT");
+    for r in rows {
+        let backends = if r.backends.is_empty() { "-".to_string() } else { r.backends.join(", ") };
+        let _ = writeln!(out, "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  {backends}", r.frontend, r.protocol, r.scope, r.id, r.verdict);
+    }
+    out
+}
+
+/// Runs a `kpr` command.
+///
+/// # Errors
+/// Whatever the command reports.
+pub fn services(bpf_fs_path: &std::path::Path, output: Output) -> Result<String> {
+    let rows = read_services(bpf_fs_path)?;
+    Ok(match output {
+        Output::Table => format_table(&rows),
+        Output::Json => serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))? + "\n",
+    })
+}

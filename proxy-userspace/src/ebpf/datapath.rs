@@ -1,0 +1,389 @@
+//! Loading, attaching, pinning, adopting and removing kpr's eBPF programs and maps.
+//!
+//! Layout under the bpffs path (default `/sys/fs/bpf/kpr`):
+//! ```text
+//! v<MAP_LAYOUT_VERSION>/maps/KPR_SERVICES ...        pinned maps (shared by every program)
+//! v<MAP_LAYOUT_VERSION>/prog-<object hash>/connect4  pinned cgroup links, one per hook
+//! ```
+//! A restarted agent whose object hash matches adopts the pinned links and maps without
+//! loading anything. A new kpr binary (another hash) loads its programs and swaps them into
+//! the existing links atomically (`BPF_LINK_UPDATE`), so the datapath never has a gap.
+use std::fs;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::EbpfLoader;
+use proxy_common::{
+    Backend, BackendSlotKey, MAP_LAYOUT_VERSION, RevNatValue, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, map_names,
+};
+
+use super::render::{LbMaps, MapsSnapshot};
+use crate::{Error, Result};
+
+/// The eBPF object built from `proxy-ebpf`, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpr-ebpf"));
+
+/// The socket-LB programs: (program name in the object, pin name of its link).
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
+    ("kpr_connect4", "connect4"),
+    ("kpr_connect6", "connect6"),
+    ("kpr_sendmsg4", "sendmsg4"),
+    ("kpr_sendmsg6", "sendmsg6"),
+    ("kpr_recvmsg4", "recvmsg4"),
+    ("kpr_recvmsg6", "recvmsg6"),
+    ("kpr_getpeername4", "getpeername4"),
+    ("kpr_getpeername6", "getpeername6"),
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// FNV-1a of the embedded object: names the directory of this build's links.
+#[must_use]
+pub fn object_hash() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in EBPF_OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Where things are pinned.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    #[must_use]
+    pub fn new(bpf_fs_path: &Path) -> Self {
+        Self {
+            root: bpf_fs_path.to_path_buf(),
+        }
+    }
+    #[must_use]
+    pub fn versioned(&self) -> PathBuf {
+        self.root.join(format!("v{MAP_LAYOUT_VERSION}"))
+    }
+    #[must_use]
+    pub fn maps_dir(&self) -> PathBuf {
+        self.versioned().join("maps")
+    }
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    #[must_use]
+    pub fn links_dir(&self, hash: &str) -> PathBuf {
+        self.versioned().join(format!("prog-{hash}"))
+    }
+    /// Link directories of other builds.
+    fn other_link_dirs(&self, hash: &str) -> Vec<PathBuf> {
+        let mine = format!("prog-{hash}");
+        fs::read_dir(self.versioned())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("prog-") && n != mine
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+/// Mounts a bpffs at /sys/fs/bpf when `path` is below it and nothing is mounted there yet
+/// (what a DaemonSet's host mount or systemd normally provides).
+fn mount_bpffs_if_missing(path: &Path) {
+    let bpf = Path::new("/sys/fs/bpf");
+    if !path.starts_with(bpf) || statfs_magic(bpf) == Some(BPF_FS_MAGIC) {
+        return;
+    }
+    let _ = fs::create_dir_all(bpf);
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        tracing::warn!("mounting bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn statfs_magic(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs with a valid C string and an out-parameter of the right type.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return None;
+    }
+    #[expect(clippy::cast_lossless, reason = "f_type is a platform-width integer")]
+    Some(st.f_type as i64)
+}
+
+/// Fails with a clear message unless `path` is on a bpffs.
+fn check_bpffs(path: &Path) -> Result<()> {
+    mount_bpffs_if_missing(path);
+    let probe = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/"));
+    if statfs_magic(probe) != Some(BPF_FS_MAGIC) {
+        return Err(Error::invalid(format!(
+            "{} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+            probe.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The pinned load-balancing maps, opened by path.
+pub struct PinnedMaps {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    slots: BpfHashMap<MapData, BackendSlotKey, u32>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+    revnat: BpfHashMap<MapData, u32, RevNatValue>,
+    sock_revnat: BpfHashMap<MapData, SockRevNatKey, SockRevNatValue>,
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(layout: &PinLayout, name: &str, lru: bool) -> Result<BpfHashMap<MapData, K, V>> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        Error::bpf(format!(
+            "opening pinned map {}: {e} (is the agent running, or was `kpr cleanup` run?)",
+            path.display()
+        ))
+    })?;
+    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    BpfHashMap::try_from(map).map_err(|e| Error::bpf(format!("map {name}: {e}")))
+}
+
+impl PinnedMaps {
+    /// Opens the maps pinned under `layout`.
+    ///
+    /// # Errors
+    /// A map is not pinned or has another layout.
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Self {
+            services: open_hash(layout, map_names::SERVICES, false)?,
+            slots: open_hash(layout, map_names::BACKEND_SLOTS, false)?,
+            backends: open_hash(layout, map_names::BACKENDS, false)?,
+            revnat: open_hash(layout, map_names::REVNAT, false)?,
+            sock_revnat: open_hash(layout, map_names::SOCK_REVNAT, true)?,
+        })
+    }
+
+    /// Reads every load-balancing map.
+    ///
+    /// # Errors
+    /// The kernel refused a read.
+    pub fn snapshot(&self) -> Result<MapsSnapshot> {
+        fn collect<K: aya::Pod + Ord, V: aya::Pod>(
+            m: &BpfHashMap<MapData, K, V>,
+            name: &str,
+        ) -> Result<std::collections::BTreeMap<K, V>> {
+            m.iter()
+                .map(|r| r.map_err(|e| Error::bpf(format!("reading {name}: {e}"))))
+                .collect()
+        }
+        Ok(MapsSnapshot {
+            services: collect(&self.services, map_names::SERVICES)?,
+            slots: collect(&self.slots, map_names::BACKEND_SLOTS)?,
+            backends: collect(&self.backends, map_names::BACKENDS)?,
+            revnat: collect(&self.revnat, map_names::REVNAT)?,
+            slot_capacity: None,
+        })
+    }
+
+    /// Number of live socket reverse-NAT entries (for metrics and tests).
+    #[must_use]
+    pub fn sock_revnat_len(&self) -> usize {
+        self.sock_revnat.keys().count()
+    }
+}
+
+fn map_err(name: &str, op: &str, e: aya::maps::MapError) -> Error {
+    Error::bpf(format!("{op} in {name}: {e}"))
+}
+
+impl LbMaps for PinnedMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| map_err(map_names::SERVICES, "insert", e))
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services
+            .remove(key)
+            .map_err(|e| map_err(map_names::SERVICES, "delete", e))
+    }
+    fn put_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<()> {
+        self.slots
+            .insert(key, &backend_id, 0)
+            .map_err(|e| map_err(map_names::BACKEND_SLOTS, "insert", e))
+    }
+    fn del_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+        self.slots
+            .remove(key)
+            .map_err(|e| map_err(map_names::BACKEND_SLOTS, "delete", e))
+    }
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .insert(&id, backend, 0)
+            .map_err(|e| map_err(map_names::BACKENDS, "insert", e))
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        self.backends
+            .remove(&id)
+            .map_err(|e| map_err(map_names::BACKENDS, "delete", e))
+    }
+    fn put_revnat(&mut self, id: u32, value: &RevNatValue) -> Result<()> {
+        self.revnat
+            .insert(&id, value, 0)
+            .map_err(|e| map_err(map_names::REVNAT, "insert", e))
+    }
+    fn del_revnat(&mut self, id: u32) -> Result<()> {
+        self.revnat
+            .remove(&id)
+            .map_err(|e| map_err(map_names::REVNAT, "delete", e))
+    }
+}
+
+/// How `ensure_loaded` found the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// Links of this very build were pinned: nothing was loaded.
+    Adopted,
+    /// Programs were loaded and attached for the first time.
+    Attached,
+    /// Programs of another build were replaced in place.
+    Upgraded,
+}
+
+/// Makes sure this build's programs are attached to `cgroup` with pinned links and the maps
+/// are pinned; adopts what is already there.
+///
+/// # Errors
+/// No bpffs, an unusable cgroup path, or the kernel refused to load or attach.
+pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
+    check_bpffs(&layout.root)?;
+    let hash = object_hash();
+    let links_dir = layout.links_dir(&hash);
+    let maps_present = map_names::ALL.iter().all(|m| layout.map(m).exists());
+    let links_present = SOCK_PROGRAMS
+        .iter()
+        .all(|(_, pin)| links_dir.join(pin).exists());
+    if maps_present && links_present {
+        return Ok(LoadOutcome::Adopted);
+    }
+    for dir in [layout.maps_dir(), links_dir.clone()] {
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let cgroup_file = fs::File::open(cgroup).map_err(|e| {
+        Error::io(cgroup, e).context("opening the cgroup to attach to (--cgroup-path)")
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::bpf(format!("loading the eBPF object: {e}")))?;
+    let old_dirs = layout.other_link_dirs(&hash);
+    let mut upgraded = false;
+    for (prog_name, pin) in SOCK_PROGRAMS {
+        let target = links_dir.join(pin);
+        if target.exists() {
+            continue;
+        }
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(prog_name)
+            .ok_or_else(|| Error::bpf(format!("program {prog_name} missing from the object")))?
+            .try_into()
+            .map_err(|e| Error::bpf(format!("program {prog_name}: {e}")))?;
+        prog.load()
+            .map_err(|e| Error::bpf(format!("verifier rejected {prog_name}: {e}")))?;
+        let old = old_dirs.iter().map(|d| d.join(pin)).find(|p| p.exists());
+        let link_id = if let Some(old) = &old {
+            let pinned = PinnedLink::from_pin(old)
+                .map_err(|e| Error::bpf(format!("opening {}: {e}", old.display())))?;
+            let fd_link: FdLink = pinned.into();
+            let link = CgroupSockAddrLink::try_from(fd_link)
+                .map_err(|e| Error::bpf(format!("link {}: {e}", old.display())))?;
+            upgraded = true;
+            prog.attach_to_link(link)
+                .map_err(|e| Error::bpf(format!("replacing {prog_name} in place: {e}")))?
+        } else {
+            prog.attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| {
+                    Error::bpf(format!("attaching {prog_name} to {}: {e}", cgroup.display()))
+                })?
+        };
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| Error::bpf(format!("{prog_name}: {e}")))?;
+        let fd_link = FdLink::try_from(link)
+            .map_err(|e| Error::bpf(format!("{prog_name}: link is not a bpf_link: {e}")))?;
+        fd_link
+            .pin(&target)
+            .map_err(|e| Error::bpf(format!("pinning {}: {e}", target.display())))?;
+        if let Some(old) = old {
+            let _ = fs::remove_file(old);
+        }
+    }
+    for d in old_dirs {
+        let _ = fs::remove_dir(d);
+    }
+    Ok(if upgraded {
+        LoadOutcome::Upgraded
+    } else {
+        LoadOutcome::Attached
+    })
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub removed: Vec<PathBuf>,
+}
+
+/// Removes every link, map and directory kpr pinned under `root`. Unpinning a link detaches
+/// its program; unpinning the last reference to a map frees it.
+///
+/// # Errors
+/// A pin could not be removed.
+pub fn cleanup(root: &Path) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    if !root.exists() {
+        return Ok(report);
+    }
+    fn walk(dir: &Path, report: &mut CleanupReport) -> Result<()> {
+        let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            if ft.is_dir() {
+                walk(&path, report)?;
+                fs::remove_dir(&path).map_err(|e| Error::io(&path, e))?;
+            } else {
+                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+            report.removed.push(path);
+        }
+        Ok(())
+    }
+    walk(root, &mut report)?;
+    fs::remove_dir(root).map_err(|e| Error::io(root, e))?;
+    report.removed.push(root.to_path_buf());
+    Ok(report)
+}

@@ -1,0 +1,513 @@
+//! The eBPF renderer: turns the desired state into map entries and applies only the
+//! difference from what the maps hold.
+//!
+//! A frontend's backend set changes atomically: the new set is written as slots of a new
+//! revision, then one update of the service entry publishes it, then the old revision's slots
+//! are deleted. A lookup therefore sees the whole old set or the whole new set. When the
+//! kernel refuses a write (a full map, say), the half-written revision is removed again and
+//! the frontend keeps serving its old set.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+
+use proxy_common::{
+    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, map_sizes, scope,
+    service_flags,
+};
+
+use super::{addr16, sockaddr_from16};
+use crate::model::{DesiredState, FrontendKey, FrontendKind, Targets};
+use crate::{Error, Result};
+
+/// Flag in `ServiceValue::flags`: no usable endpoint and the policy says drop, not reject.
+pub const FLAG_DROP: u32 = 1 << 8;
+
+/// Writes to the load-balancing maps. Implemented by the pinned kernel maps and, for tests,
+/// by [`MapsSnapshot`] itself.
+pub trait LbMaps {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn put_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<()>;
+    fn del_slot(&mut self, key: &BackendSlotKey) -> Result<()>;
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    fn del_backend(&mut self, id: u32) -> Result<()>;
+    fn put_revnat(&mut self, id: u32, value: &RevNatValue) -> Result<()>;
+    fn del_revnat(&mut self, id: u32) -> Result<()>;
+}
+
+/// Everything the load-balancing maps hold, read back from the kernel (or an in-memory
+/// stand-in for it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapsSnapshot {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub slots: BTreeMap<BackendSlotKey, u32>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub revnat: BTreeMap<u32, RevNatValue>,
+    /// Test hook: refuse inserts beyond this many slots, like a full kernel map.
+    pub slot_capacity: Option<usize>,
+}
+
+impl LbMaps for MapsSnapshot {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services.remove(key);
+        Ok(())
+    }
+    fn put_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<()> {
+        if let Some(cap) = self.slot_capacity
+            && self.slots.len() >= cap
+            && !self.slots.contains_key(key)
+        {
+            return Err(Error::bpf("KPR_SLOTS: map is full (E2BIG)"));
+        }
+        self.slots.insert(*key, backend_id);
+        Ok(())
+    }
+    fn del_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+        self.slots.remove(key);
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn put_revnat(&mut self, id: u32, value: &RevNatValue) -> Result<()> {
+        self.revnat.insert(id, *value);
+        Ok(())
+    }
+    fn del_revnat(&mut self, id: u32) -> Result<()> {
+        self.revnat.remove(&id);
+        Ok(())
+    }
+}
+
+/// One map entry set the renderer wants for a service key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WantedService {
+    backends: Vec<SocketAddr>,
+    flags: u32,
+    affinity_timeout_secs: u32,
+    frontend: SocketAddr,
+}
+
+/// What one frontend key holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    value: ServiceValue,
+    backends: Vec<u32>,
+}
+
+/// Counts of what a sync wrote, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub services_written: usize,
+    pub services_deleted: usize,
+    pub slots_written: usize,
+    pub slots_deleted: usize,
+    pub backends_written: usize,
+    pub backends_deleted: usize,
+    pub errors: usize,
+}
+
+impl SyncStats {
+    #[must_use]
+    pub const fn is_noop(&self) -> bool {
+        self.services_written == 0
+            && self.services_deleted == 0
+            && self.slots_written == 0
+            && self.slots_deleted == 0
+            && self.backends_written == 0
+            && self.backends_deleted == 0
+    }
+}
+
+/// The renderer's memory of what the maps hold (rebuilt from the maps at start).
+#[derive(Debug, Default)]
+pub struct EbpfRenderer {
+    services: HashMap<ServiceKey, Programmed>,
+    /// backend address -> (id, number of slots-sets using it)
+    backend_ids: HashMap<SocketAddr, (u32, usize)>,
+    free_service_ids: BTreeSet<u32>,
+    next_service_id: u32,
+    free_backend_ids: BTreeSet<u32>,
+    next_backend_id: u32,
+    /// Generation handed to a reused backend id.
+    next_generation: u32,
+}
+
+fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
+    ServiceKey {
+        addr: addr16(fe.ip),
+        port: fe.port,
+        proto: fe.protocol.number(),
+        scope,
+    }
+}
+
+fn wanted(targets: &Targets, kind: FrontendKind, affinity: Option<u32>, frontend: SocketAddr) -> WantedService {
+    let mut flags = 0;
+    if kind == FrontendKind::ClusterIp {
+        flags |= service_flags::CLUSTER_IP;
+    }
+    if affinity.is_some() {
+        flags |= service_flags::AFFINITY_CLIENT_IP;
+    }
+    if matches!(targets, Targets::Drop) {
+        flags |= FLAG_DROP;
+    }
+    WantedService {
+        backends: targets.backends().to_vec(),
+        flags,
+        affinity_timeout_secs: affinity.unwrap_or(0),
+        frontend,
+    }
+}
+
+/// The map entries the desired state asks for: one INTERNAL key per frontend, plus an
+/// EXTERNAL key for frontends reachable from outside the cluster.
+fn wanted_entries(desired: &DesiredState) -> BTreeMap<ServiceKey, WantedService> {
+    let mut out = BTreeMap::new();
+    for (fe_key, fe) in &desired.frontends {
+        let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
+        out.insert(
+            key_for(fe_key, scope::INTERNAL),
+            wanted(&fe.internal, fe.kind, fe.affinity_timeout_secs, frontend),
+        );
+        if fe.kind != FrontendKind::ClusterIp {
+            out.insert(
+                key_for(fe_key, scope::EXTERNAL),
+                wanted(&fe.external, fe.kind, fe.affinity_timeout_secs, frontend),
+            );
+        }
+    }
+    out
+}
+
+impl EbpfRenderer {
+    /// Rebuilds the renderer's memory from what the maps hold, so a restarted agent applies
+    /// only the difference. Slots of revisions no service points at (left by a crash between
+    /// publish and cleanup) are returned for deletion by the next sync.
+    #[must_use]
+    pub fn adopt(snapshot: &MapsSnapshot) -> (Self, Vec<BackendSlotKey>) {
+        let mut r = Self::default();
+        let mut used_slots = BTreeSet::new();
+        for (key, value) in &snapshot.services {
+            let mut backends = Vec::with_capacity(value.backend_count as usize);
+            for slot in 0..value.backend_count {
+                let sk = BackendSlotKey {
+                    service_id: value.id,
+                    revision: value.revision,
+                    slot,
+                };
+                used_slots.insert(sk);
+                if let Some(id) = snapshot.slots.get(&sk) {
+                    backends.push(*id);
+                }
+            }
+            for id in &backends {
+                if let Some(b) = snapshot.backends.get(id) {
+                    let addr = sockaddr_from16(b.addr, b.port);
+                    r.backend_ids.entry(addr).or_insert((*id, 0)).1 += 1;
+                    r.next_generation = r.next_generation.max(b.generation + 1);
+                }
+            }
+            r.next_service_id = r.next_service_id.max(value.id + 1);
+            r.services.insert(
+                *key,
+                Programmed {
+                    value: *value,
+                    backends,
+                },
+            );
+        }
+        let used_ids: BTreeSet<u32> = r.services.values().map(|p| p.value.id).collect();
+        r.free_service_ids = (0..r.next_service_id).filter(|i| !used_ids.contains(i)).collect();
+        r.next_backend_id = snapshot.backends.keys().max().map_or(0, |m| m + 1);
+        let live_backends: BTreeSet<u32> = r.backend_ids.values().map(|(id, _)| *id).collect();
+        r.free_backend_ids = (0..r.next_backend_id)
+            .filter(|i| !live_backends.contains(i))
+            .collect();
+        let stale = snapshot
+            .slots
+            .keys()
+            .filter(|k| !used_slots.contains(k))
+            .copied()
+            .collect();
+        (r, stale)
+    }
+
+    fn alloc_service_id(&mut self) -> Result<u32> {
+        if let Some(id) = self.free_service_ids.pop_first() {
+            return Ok(id);
+        }
+        if self.next_service_id as usize >= map_sizes::SERVICES {
+            return Err(Error::bpf(format!(
+                "KPR_SERVICES: all {} frontend ids are in use",
+                map_sizes::SERVICES
+            )));
+        }
+        self.next_service_id += 1;
+        Ok(self.next_service_id - 1)
+    }
+
+    /// Takes a reference on the backend for `addr`, writing it to the map when new.
+    fn acquire_backend(&mut self, addr: SocketAddr, maps: &mut impl LbMaps, stats: &mut SyncStats) -> Result<u32> {
+        if let Some((id, refs)) = self.backend_ids.get_mut(&addr) {
+            *refs += 1;
+            return Ok(*id);
+        }
+        let id = match self.free_backend_ids.pop_first() {
+            Some(id) => id,
+            None => {
+                self.next_backend_id += 1;
+                self.next_backend_id - 1
+            }
+        };
+        let backend = Backend {
+            addr: addr16(addr.ip()),
+            port: addr.port(),
+            _pad: 0,
+            generation: self.next_generation,
+        };
+        self.next_generation = self.next_generation.wrapping_add(1);
+        if let Err(e) = maps.put_backend(id, &backend) {
+            self.free_backend_ids.insert(id);
+            return Err(e.context(format!("writing backend {addr}")));
+        }
+        stats.backends_written += 1;
+        self.backend_ids.insert(addr, (id, 1));
+        Ok(id)
+    }
+
+    fn release_backend(&mut self, id: u32, maps: &mut impl LbMaps, stats: &mut SyncStats) {
+        let Some(addr) = self
+            .backend_ids
+            .iter()
+            .find_map(|(a, (i, _))| (*i == id).then_some(*a))
+        else {
+            return;
+        };
+        let entry = self.backend_ids.get_mut(&addr).expect("found above");
+        entry.1 = entry.1.saturating_sub(1);
+        if entry.1 == 0 {
+            self.backend_ids.remove(&addr);
+            if maps.del_backend(id).is_ok() {
+                stats.backends_deleted += 1;
+            }
+            self.free_backend_ids.insert(id);
+        }
+    }
+
+    /// Applies the difference between `desired` and what the maps hold. Errors on single
+    /// frontends are collected and returned after every other frontend was synced; a failed
+    /// frontend keeps its previous entries.
+    pub fn sync(&mut self, desired: &DesiredState, maps: &mut impl LbMaps, stale_slots: &[BackendSlotKey]) -> (SyncStats, Vec<Error>) {
+        let mut stats = SyncStats::default();
+        let mut errors = Vec::new();
+        for k in stale_slots {
+            if maps.del_slot(k).is_ok() {
+                stats.slots_deleted += 1;
+            }
+        }
+        let wanted = wanted_entries(desired);
+        // Deletions first: they free ids and map room for what follows.
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Err(e) = self.remove(&key, maps, &mut stats) {
+                errors.push(e);
+            }
+        }
+        for (key, want) in &wanted {
+            if let Err(e) = self.upsert(key, want, maps, &mut stats) {
+                stats.errors += 1;
+                errors.push(e.context(format!(
+                    "frontend {} {}",
+                    want.frontend,
+                    crate::store::Protocol::from_number(key.proto).map_or("?", |p| p.as_str())
+                )));
+            }
+        }
+        (stats, errors)
+    }
+
+    fn backend_addrs(&self, ids: &[u32]) -> Vec<SocketAddr> {
+        let by_id: HashMap<u32, SocketAddr> = self.backend_ids.iter().map(|(a, (i, _))| (*i, *a)).collect();
+        ids.iter().filter_map(|i| by_id.get(i).copied()).collect()
+    }
+
+    fn upsert(&mut self, key: &ServiceKey, want: &WantedService, maps: &mut impl LbMaps, stats: &mut SyncStats) -> Result<()> {
+        let old = self.services.get(key).cloned();
+        if let Some(old) = &old
+            && old.value.flags == want.flags
+            && old.value.affinity_timeout_secs == want.affinity_timeout_secs
+            && self.backend_addrs(&old.backends) == want.backends
+        {
+            return Ok(());
+        }
+        let (id, revision, new_service) = match &old {
+            Some(o) => (o.value.id, o.value.revision.wrapping_add(1), false),
+            None => (self.alloc_service_id()?, 0, true),
+        };
+        // 1. backends and slots of the new revision
+        let mut ids = Vec::with_capacity(want.backends.len());
+        let mut written = Vec::with_capacity(want.backends.len());
+        let result = (|| {
+            for (slot, addr) in want.backends.iter().enumerate() {
+                let backend_id = self.acquire_backend(*addr, maps, stats)?;
+                ids.push(backend_id);
+                let sk = BackendSlotKey {
+                    service_id: id,
+                    revision,
+                    slot: u32::try_from(slot).map_err(|_| Error::bpf("too many backends"))?,
+                };
+                maps.put_slot(&sk, backend_id)?;
+                written.push(sk);
+                stats.slots_written += 1;
+            }
+            if new_service {
+                maps.put_revnat(
+                    id,
+                    &RevNatValue {
+                        addr: addr16(want.frontend.ip()),
+                        port: want.frontend.port(),
+                        _pad: 0,
+                    },
+                )?;
+            }
+            let value = ServiceValue {
+                id,
+                backend_count: u32::try_from(ids.len()).map_err(|_| Error::bpf("too many backends"))?,
+                revision,
+                flags: want.flags,
+                affinity_timeout_secs: want.affinity_timeout_secs,
+                _pad: 0,
+            };
+            // 2. publish
+            maps.put_service(key, &value)?;
+            Ok(value)
+        })();
+        match result {
+            Ok(value) => {
+                stats.services_written += 1;
+                // 3. retire the old revision
+                if let Some(old) = old {
+                    for slot in 0..old.value.backend_count {
+                        let sk = BackendSlotKey {
+                            service_id: id,
+                            revision: old.value.revision,
+                            slot,
+                        };
+                        if maps.del_slot(&sk).is_ok() {
+                            stats.slots_deleted += 1;
+                        }
+                    }
+                    for b in old.backends {
+                        self.release_backend(b, maps, stats);
+                    }
+                }
+                self.services.insert(*key, Programmed { value, backends: ids });
+                Ok(())
+            }
+            Err(e) => {
+                // Undo the unpublished revision; the old one stays in service.
+                for sk in &written {
+                    let _ = maps.del_slot(sk);
+                }
+                for b in ids {
+                    self.release_backend(b, maps, stats);
+                }
+                if new_service {
+                    let _ = maps.del_revnat(id);
+                    self.free_service_ids.insert(id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &ServiceKey, maps: &mut impl LbMaps, stats: &mut SyncStats) -> Result<()> {
+        let Some(old) = self.services.remove(key) else {
+            return Ok(());
+        };
+        maps.del_service(key)?;
+        stats.services_deleted += 1;
+        for slot in 0..old.value.backend_count {
+            let sk = BackendSlotKey {
+                service_id: old.value.id,
+                revision: old.value.revision,
+                slot,
+            };
+            if maps.del_slot(&sk).is_ok() {
+                stats.slots_deleted += 1;
+            }
+        }
+        let _ = maps.del_revnat(old.value.id);
+        self.free_service_ids.insert(old.value.id);
+        for b in old.backends {
+            self.release_backend(b, maps, stats);
+        }
+        Ok(())
+    }
+}
+
+/// One frontend as read back from the maps, for `kpr services`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FrontendView {
+    pub frontend: String,
+    pub protocol: String,
+    pub scope: String,
+    pub id: u32,
+    pub revision: u32,
+    pub verdict: String,
+    pub backends: Vec<String>,
+}
+
+/// Reads the frontends and their current backends out of a snapshot of the maps.
+#[must_use]
+pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
+    snapshot
+        .services
+        .iter()
+        .map(|(k, v)| {
+            let backends: Vec<String> = (0..v.backend_count)
+                .filter_map(|slot| {
+                    snapshot.slots.get(&BackendSlotKey {
+                        service_id: v.id,
+                        revision: v.revision,
+                        slot,
+                    })
+                })
+                .filter_map(|id| snapshot.backends.get(id))
+                .map(|b| sockaddr_from16(b.addr, b.port).to_string())
+                .collect();
+            let verdict = if v.backend_count > 0 {
+                "forward"
+            } else if v.flags & FLAG_DROP != 0 {
+                "drop"
+            } else {
+                "reject"
+            };
+            FrontendView {
+                frontend: sockaddr_from16(k.addr, k.port).to_string(),
+                protocol: crate::store::Protocol::from_number(k.proto)
+                    .map_or_else(|| k.proto.to_string(), |p| p.as_str().to_string()),
+                scope: if k.scope == scope::EXTERNAL { "external" } else { "internal" }.to_string(),
+                id: v.id,
+                revision: v.revision,
+                verdict: verdict.to_string(),
+                backends,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,32 @@
+//! The `kpr` binary.
+use clap::Parser as _;
+use kpr::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = args.agent_config();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(kpr::agent::run(cfg))?;
+        }
+        Command::Services { bpf_fs_path, output } => {
+            print!("{}", kpr::cli::services(&bpf_fs_path, output)?);
+        }
+        Command::Cleanup { bpf_fs_path } => {
+            let report = kpr::ebpf::datapath::cleanup(&bpf_fs_path)?;
+            println!("removed {} pinned objects under {}", report.removed.len(), bpf_fs_path.display());
+        }
+    }
+    Ok(())
+}

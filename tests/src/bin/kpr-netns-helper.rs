@@ -1,0 +1,154 @@
+//! Test workloads run inside the test topology's namespaces: servers that answer with their
+//! own address, and clients that report which backend answered and what address the socket
+//! API showed them. One JSON line per attempt on stdout.
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: kpr-netns-helper serve ADDR...            (tcp+udp on each ADDR)\n\
+         \x20      kpr-netns-helper tcp ADDR COUNT [DELAY_MS]\n\
+         \x20      kpr-netns-helper udp ADDR COUNT [DELAY_MS]\n\
+         \x20      kpr-netns-helper hold ADDR SECS INTERVAL_MS"
+    );
+    std::process::exit(2)
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        _ if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
+        _ => format!("{e}"),
+    }
+}
+
+fn serve(addrs: &[SocketAddr]) {
+    let mut handles = Vec::new();
+    for &addr in addrs {
+        let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        handles.push(std::thread::spawn(move || {
+            for conn in tcp.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let me = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let mut w = conn.try_clone().expect("clone");
+                    if writeln!(w, "{me}").is_err() {
+                        return;
+                    }
+                    // Echo lines until the client closes.
+                    for line in BufReader::new(conn).lines() {
+                        let Ok(line) = line else { return };
+                        if writeln!(w, "{me} {line}").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }));
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        handles.push(std::thread::spawn(move || {
+            let me = udp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let mut buf = [0u8; 1500];
+            loop {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(me.as_bytes(), from);
+                }
+            }
+        }));
+    }
+    println!("{{\"serving\":{}}}", addrs.len());
+    let _ = std::io::stdout().flush();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+fn tcp_once(to: SocketAddr) -> String {
+    match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        Ok(mut s) => {
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let mut line = String::new();
+            let mut byte = [0u8; 1];
+            while s.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
+                line.push(byte[0] as char);
+            }
+            format!("{{\"backend\":\"{line}\",\"peer\":\"{peer}\"}}")
+        }
+        Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
+    }
+}
+
+fn udp_once(to: SocketAddr) -> String {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let sock = UdpSocket::bind(bind).expect("bind udp client");
+    sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    if let Err(e) = sock.send_to(b"x", to) {
+        return format!("{{\"error\":\"{}\"}}", errno_name(&e));
+    }
+    let mut buf = [0u8; 256];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => format!(
+            "{{\"backend\":\"{}\",\"peer\":\"{from}\"}}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
+    }
+}
+
+fn hold(to: SocketAddr, secs: u64, interval: Duration) {
+    let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{{\"error\":\"{}\"}}", errno_name(&e));
+            return;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    let mut hello = String::new();
+    let _ = reader.read_line(&mut hello);
+    println!("{{\"connected\":\"{}\"}}", hello.trim());
+    let _ = std::io::stdout().flush();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut n = 0;
+    while Instant::now() < deadline {
+        n += 1;
+        let mut line = String::new();
+        let ok = writeln!(s, "ping{n}").is_ok() && reader.read_line(&mut line).map(|k| k > 0).unwrap_or(false);
+        if ok {
+            println!("{{\"echo\":\"{}\"}}", line.trim());
+        } else {
+            println!("{{\"error\":\"echo {n} failed\"}}");
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(interval);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = |i: usize| -> SocketAddr {
+        args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage())
+    };
+    let num = |i: usize, d: u64| -> u64 { args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d) };
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&(1..args.len()).map(addr).collect::<Vec<_>>()),
+        Some(mode @ ("tcp" | "udp")) => {
+            let to = addr(1);
+            let delay = Duration::from_millis(num(3, 0));
+            for _ in 0..num(2, 1) {
+                let line = if mode == "tcp" { tcp_once(to) } else { udp_once(to) };
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+                std::thread::sleep(delay);
+            }
+        }
+        Some("hold") => hold(addr(1), num(2, 5), Duration::from_millis(num(3, 200))),
+        _ => usage(),
+    }
+}
