@@ -434,3 +434,18 @@ pub fn slice_yaml(name: &str, ips: &[Ipv4Addr], target: u16) -> String {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: default, name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nendpoints:\n{eps}ports:\n- {{name: tcp, port: {target}, protocol: TCP}}\n- {{name: udp, port: {target}, protocol: UDP}}\n"
     )
 }
+
+/// Reading a piped child's JSON lines to the end.
+pub trait JsonLines {
+    fn wait_with_output_lines(self) -> Vec<serde_json::Value>;
+}
+
+impl JsonLines for Child {
+    fn wait_with_output_lines(self) -> Vec<serde_json::Value> {
+        let out = self.wait_with_output().expect("wait for client");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}

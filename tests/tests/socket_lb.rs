@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use kpr_testnet::{Topology, backends_of, service_yaml, slice_yaml, write_manifest};
+use kpr_testnet::{JsonLines as _, Topology, backends_of, service_yaml, slice_yaml, write_manifest};
 
 const VIP: &str = "10.96.0.10";
 const FRONTEND: &str = "10.96.0.10:80";
@@ -116,4 +116,124 @@ fn endpoint_and_service_removal_take_effect() {
     });
     let after = t.client("client1", &["tcp", &format!("{VIP}:80"), "1"]);
     assert!(after[0]["backend"].is_null(), "untranslated connect must not reach a backend: {}", after[0]);
+}
+
+fn agent_log(t: &Topology) -> String {
+    let mut all = String::new();
+    for e in std::fs::read_dir(&t.workdir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("agent-") {
+            all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+#[test]
+fn agent_kill9_and_restart_keeps_traffic_flowing() {
+    let mut t = cluster("rs");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "svc.yaml", &service_yaml("web", VIP, 80, 8080));
+    write_manifest(&dir, "slice.yaml", &slice_yaml("web", &BACKENDS, 8080));
+    let mut agent = t.start_agent(&dir);
+    t.wait_for_services("3 backends", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "TCP") == Some(expected(&BACKENDS))
+    });
+
+    // An established connection that keeps talking across the agent's death and restart.
+    let held = t.spawn_client("client2", &["hold", &format!("{VIP}:80"), "4", "100"]);
+
+    agent.kill9();
+    // New connections while no agent runs.
+    let during = t.client("client1", &["tcp", &format!("{VIP}:80"), "20", "20"]);
+    assert_eq!(during.len(), 20);
+    for l in &during {
+        assert!(l["backend"].is_string(), "connection failed while the agent was down: {l}");
+    }
+
+    let _agent2 = t.start_agent(&dir);
+    // The restarted agent adopts the pinned programs instead of reloading them...
+    let start = std::time::Instant::now();
+    while !agent_log(&t).contains("Adopted") {
+        assert!(start.elapsed() < WAIT, "restarted agent did not adopt: {}", agent_log(&t));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = t.client("client1", &["tcp", &format!("{VIP}:80"), "20", "10"]);
+    for l in &after {
+        assert!(l["backend"].is_string(), "connection failed after restart: {l}");
+    }
+    // ...and still applies changes as diffs against what it found.
+    write_manifest(&dir, "slice.yaml", &slice_yaml("web", &BACKENDS[..1], 8080));
+    t.wait_for_services("1 backend after restart", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "TCP") == Some(expected(&BACKENDS[..1]))
+    });
+
+    let out = held.wait_with_output_lines();
+    assert!(out.first().is_some_and(|l| l["connected"].is_string()), "{out:?}");
+    let echoes = out.iter().filter(|l| l["echo"].is_string()).count();
+    assert!(echoes >= 10, "the held connection must keep working: {out:?}");
+    assert!(out.iter().all(|l| l["error"].is_null()), "the held connection broke: {out:?}");
+}
+
+#[test]
+fn malformed_manifest_is_reported_and_changes_nothing() {
+    let t = cluster("bad");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "svc.yaml", &service_yaml("web", VIP, 80, 8080));
+    write_manifest(&dir, "slice.yaml", &slice_yaml("web", &BACKENDS, 8080));
+    let _agent = t.start_agent(&dir);
+    t.wait_for_services("3 backends", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "TCP") == Some(expected(&BACKENDS))
+    });
+    let before = t.services_json().unwrap();
+
+    // A new file with a broken Service, and an edit that breaks the existing slice file.
+    write_manifest(&dir, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n");
+    write_manifest(&dir, "slice.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1}\naddressType: IPv4\nendpoints: []\n");
+    let start = std::time::Instant::now();
+    loop {
+        let log = agent_log(&t);
+        if log.contains("broken.yaml") && log.contains("slice.yaml") {
+            assert!(log.contains("not an IP address"), "{log}");
+            assert!(log.contains("kubernetes.io/service-name"), "{log}");
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "errors not reported: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(t.services_json().unwrap(), before, "a rejected manifest must not change the datapath");
+    let tcp = t.client("client1", &["tcp", &format!("{VIP}:80"), "60"]);
+    assert_eq!(backends_seen(&tcp), expected(&BACKENDS).into_iter().collect());
+}
+
+#[test]
+fn cleanup_removes_every_pin_and_attachment() {
+    let t = cluster("cl");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "svc.yaml", &service_yaml("web", VIP, 80, 8080));
+    write_manifest(&dir, "slice.yaml", &slice_yaml("web", &BACKENDS, 8080));
+    let mut agent = t.start_agent(&dir);
+    t.wait_for_services("3 backends", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "TCP").is_some()
+    });
+    agent.kill9();
+    let cg = t.cgroup.path.to_str().unwrap().to_string();
+    let attached = kpr_testnet::sh(&["bpftool", "cgroup", "show", &cg]);
+    for hook in ["connect4", "connect6", "sendmsg4", "recvmsg4", "getpeername4", "getpeername6"] {
+        assert!(attached.contains(hook), "{hook} not attached before cleanup: {attached}");
+    }
+    // The maps carry BTF: bpftool shows field names.
+    let dump = kpr_testnet::sh(&["bpftool", "map", "dump", "pinned", t.bpffs.join("v1/maps/KPR_SERVICES").to_str().unwrap()]);
+    assert!(dump.contains("\"backend_count\": 3"), "{dump}");
+
+    let out = t.kpr(&["cleanup"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!t.bpffs.exists(), "bpffs dir must be gone");
+    let attached = kpr_testnet::sh(&["bpftool", "cgroup", "show", &cg]);
+    assert!(!attached.contains("connect4") && !attached.contains("kpr_"), "still attached: {attached}");
+    let after = t.client("client1", &["tcp", &format!("{VIP}:80"), "1"]);
+    assert!(after[0]["backend"].is_null(), "no translation after cleanup: {}", after[0]);
 }

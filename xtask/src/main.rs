@@ -1,1 +1,41 @@
-fn main(){}
+//! `cargo xtask <setup|demo|test>`: everything a fresh machine needs, pinned.
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "kpr developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the pinned eBPF toolchain, bpf-linker and the apt packages kpr uses (idempotent).
+    Setup,
+    /// Build kpr and show it load-balancing a throwaway network-namespace cluster.
+    Demo,
+    /// Run every test (unit, conformance, privileged end-to-end) and print a summary line.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Demo => {
+            setup::ensure()?;
+            demo::run()
+        }
+        Cmd::Test { args } => {
+            setup::ensure()?;
+            test::run(&args)
+        }
+    }
+}

@@ -511,3 +511,184 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Frontend, FrontendKey};
+    use crate::store::{ObjectRef, Protocol};
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn state(frontends: &[(&str, Protocol, Targets)]) -> DesiredState {
+        let mut d = DesiredState::default();
+        for (fe, proto, targets) in frontends {
+            let addr = sa(fe);
+            d.frontends.insert(
+                FrontendKey {
+                    ip: addr.ip(),
+                    port: addr.port(),
+                    protocol: *proto,
+                },
+                Frontend {
+                    service: ObjectRef::new("ns", "svc"),
+                    port_name: String::new(),
+                    kind: FrontendKind::ClusterIp,
+                    internal: targets.clone(),
+                    external: targets.clone(),
+                    external_policy_local: false,
+                    affinity_timeout_secs: None,
+                },
+            );
+        }
+        d
+    }
+
+    fn backends(list: &[&str]) -> Targets {
+        Targets::Backends(list.iter().map(|s| sa(s)).collect())
+    }
+
+    fn sync(r: &mut EbpfRenderer, d: &DesiredState, m: &mut MapsSnapshot) -> SyncStats {
+        let (stats, errors) = r.sync(d, m, &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        stats
+    }
+
+    fn frontend_backends(m: &MapsSnapshot, fe: &str) -> Vec<String> {
+        let v = view(m);
+        let row = v.iter().find(|r| r.frontend == fe).unwrap_or_else(|| panic!("{fe} missing: {v:?}"));
+        let mut b = row.backends.clone();
+        b.sort();
+        b
+    }
+
+    #[test]
+    fn first_sync_writes_everything_second_writes_nothing() {
+        let d = state(&[
+            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080", "10.0.1.3:8080"])),
+            ("10.96.0.11:53", Protocol::Udp, backends(&["10.0.1.2:53"])),
+        ]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        let s = sync(&mut r, &d, &mut m);
+        assert_eq!((s.services_written, s.slots_written, s.backends_written), (2, 3, 3));
+        assert_eq!(m.revnat.len(), 2);
+        let again = sync(&mut r, &d, &mut m);
+        assert!(again.is_noop(), "{again:?}");
+    }
+
+    #[test]
+    fn changing_one_frontend_touches_only_that_frontend() {
+        let mut d = state(&[
+            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080", "10.0.1.3:8080"])),
+            ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.4:8080"])),
+        ]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        let other_before = m.services.iter().find(|(k, _)| k.addr[15] == 11).map(|(_, v)| *v);
+        d = state(&[
+            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
+            ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.4:8080"])),
+        ]);
+        let s = sync(&mut r, &d, &mut m);
+        assert_eq!(s.services_written, 1);
+        assert_eq!(s.slots_written, 1, "new revision has one slot");
+        assert_eq!(s.slots_deleted, 2, "old revision's two slots retired");
+        assert_eq!(s.backends_deleted, 1, "10.0.1.3 is no longer used");
+        assert_eq!(frontend_backends(&m, "10.96.0.10:80"), vec!["10.0.1.2:8080"]);
+        let other_after = m.services.iter().find(|(k, _)| k.addr[15] == 11).map(|(_, v)| *v);
+        assert_eq!(other_before, other_after);
+        // No slot of a retired revision is left.
+        assert_eq!(m.slots.len(), 2);
+    }
+
+    #[test]
+    fn shared_backends_are_refcounted() {
+        let d = state(&[
+            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
+            ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
+        ]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        assert_eq!(m.backends.len(), 1);
+        let d2 = state(&[("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.2:8080"]))]);
+        let s = sync(&mut r, &d2, &mut m);
+        assert_eq!((s.services_deleted, s.backends_deleted), (1, 0));
+        assert_eq!(m.backends.len(), 1);
+        let s = sync(&mut r, &DesiredState::default(), &mut m);
+        assert_eq!((s.services_deleted, s.backends_deleted), (1, 1));
+        assert_eq!(m, MapsSnapshot::default(), "everything removed");
+    }
+
+    #[test]
+    fn no_endpoints_is_a_reject_entry_and_drop_is_flagged() {
+        let d = state(&[
+            ("10.96.0.10:80", Protocol::Tcp, Targets::Reject),
+            ("10.96.0.11:80", Protocol::Tcp, Targets::Drop),
+        ]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        let verdicts: Vec<_> = view(&m).into_iter().map(|v| (v.frontend, v.verdict)).collect();
+        assert_eq!(
+            verdicts,
+            vec![("10.96.0.10:80".into(), "reject".into()), ("10.96.0.11:80".into(), "drop".into())]
+        );
+    }
+
+    #[test]
+    fn adopting_the_maps_makes_the_next_sync_a_noop() {
+        let d = state(&[
+            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080", "10.0.1.3:8080"])),
+            ("[fd00::10]:80", Protocol::Tcp, backends(&["[fd00:1::2]:8080"])),
+        ]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        // A crash between publish and retire leaves a stray slot behind.
+        m.slots.insert(BackendSlotKey { service_id: 0, revision: 77, slot: 0 }, 0);
+        let (mut adopted, stale) = EbpfRenderer::adopt(&m);
+        assert_eq!(stale.len(), 1);
+        let (s, errors) = adopted.sync(&d, &mut m, &stale);
+        assert!(errors.is_empty());
+        assert_eq!(s.services_written, 0, "{s:?}");
+        assert_eq!(s.slots_deleted, 1);
+        // A new frontend gets a fresh id, not one in use.
+        let d2 = {
+            let mut d2 = d.clone();
+            d2.frontends.extend(state(&[("10.96.0.12:80", Protocol::Tcp, backends(&["10.0.1.9:80"]))]).frontends);
+            d2
+        };
+        sync(&mut adopted, &d2, &mut m);
+        let ids: BTreeSet<u32> = m.services.values().map(|v| v.id).collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn a_full_map_keeps_the_old_backend_set() {
+        let d = state(&[("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"]))]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        let before = m.clone();
+        m.slot_capacity = Some(2);
+        let bigger = state(&[(
+            "10.96.0.10:80",
+            Protocol::Tcp,
+            backends(&["10.0.1.2:8080", "10.0.1.3:8080", "10.0.1.4:8080"]),
+        )]);
+        let (_, errors) = r.sync(&bigger, &mut m, &[]);
+        assert_eq!(errors.len(), 1);
+        let msg = errors[0].to_string();
+        assert!(msg.contains("10.96.0.10:80") && msg.contains("full"), "{msg}");
+        m.slot_capacity = None;
+        assert_eq!(m, before, "the old backend set stays published, nothing half-written");
+        // Once there is room, the next sync succeeds.
+        sync(&mut r, &bigger, &mut m);
+        assert_eq!(frontend_backends(&m, "10.96.0.10:80").len(), 3);
+    }
+}
