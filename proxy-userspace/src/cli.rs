@@ -31,6 +31,15 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Check the fixtures of a directory (shared/fixtures/FORMAT.md) against kpr.
+    Conformance {
+        /// Directory of fixture files.
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = crate::conformance::Level::Model)]
+        level: crate::conformance::Level,
+        #[arg(long, value_enum, default_value_t = crate::conformance::ProxyMode::Ebpf)]
+        proxy_mode: crate::conformance::ProxyMode,
+    },
     /// Remove every program, link and map kpr pinned.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]

@@ -5,6 +5,7 @@
 //! (for the eBPF mode, [`ebpf::render`]) applies only the difference to the kernel.
 pub mod agent;
 pub mod cli;
+pub mod conformance;
 pub mod ebpf;
 pub mod model;
 pub mod source;

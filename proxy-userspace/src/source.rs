@@ -63,6 +63,25 @@ fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
     }
 }
 
+/// Converts already-parsed manifests (e.g. a fixture's `objects`) into store objects.
+///
+/// # Errors
+/// The first invalid object, with its index.
+pub fn objects_from_values(values: &[serde_json::Value]) -> Result<FileObjects> {
+    let mut objects = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        parse_object(v.clone(), &mut objects).map_err(|e| e.context(format!("object {}", i + 1)))?;
+    }
+    let mut out = FileObjects::default();
+    for o in objects {
+        match o {
+            Object::Service(s) => out.services.push(*s),
+            Object::Slice(s) => out.slices.push(*s),
+        }
+    }
+    Ok(out)
+}
+
 /// Parses one manifest file's text (YAML or JSON, possibly several YAML documents).
 ///
 /// # Errors
