@@ -147,8 +147,10 @@ struct Candidate<'a> {
     info: &'a EndpointInfo,
 }
 
-/// Merges a Service's slices into the endpoints of one Service port. An address in several
-/// slices appears once; it is ready if any copy is ready.
+/// Merges a Service's slices into the endpoints of one Service port. Like upstream
+/// (endpointslicecache.go) only an endpoint's first address is used and the slice's port is
+/// matched by name and protocol. An address in several slices appears once: ready if any copy
+/// is ready, local if any copy is local.
 fn endpoints_for_port<'a>(
     store: &'a Store,
     svc: &ServiceInfo,
@@ -169,12 +171,12 @@ fn endpoints_for_port<'a>(
             // publishNotReadyAddresses: every endpoint counts as ready (upstream
             // endpointslicecache.go).
             let ready = ep.ready || svc.publish_not_ready_addresses;
-            for ip in &ep.addresses {
+            if let Some(ip) = ep.addresses.first() {
                 let addr = SocketAddr::new(*ip, ep_port.port);
                 let c = Candidate {
                     addr,
                     ready,
-                    serving: ep.serving || ready,
+                    serving: ep.serving,
                     terminating: ep.terminating,
                     local,
                     info: ep,
@@ -182,9 +184,12 @@ fn endpoints_for_port<'a>(
                 merged
                     .entry(addr)
                     .and_modify(|old| {
+                        let (ready, local) = (old.ready || c.ready, old.local || c.local);
                         if c.ready && !old.ready {
                             *old = c.clone();
                         }
+                        old.ready = ready;
+                        old.local = local;
                     })
                     .or_insert(c);
             }
@@ -270,7 +275,7 @@ fn categorize(eps: &[Candidate<'_>], svc: &ServiceInfo, node: &NodeInfo) -> Cate
         if out.cluster.is_empty() {
             out.cluster = eps
                 .iter()
-                .filter(|e| e.serving && e.terminating && available_for_topology(e, mode, node))
+                .filter(|e| e.serving && e.terminating)
                 .map(|e| e.addr)
                 .collect();
         }
@@ -491,5 +496,315 @@ pub fn resolve(state: &DesiredState, node: &NodeInfo, config: &ProxyConfig, flow
         Targets::Backends(b) => Decision::Backends(
             b.iter().map(|a| (*a, masq || a.ip() == flow.src)).collect(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Address plan: node "node-a" (zone-a) with IP 192.168.0.2; pod CIDR 10.0.0.0/8;
+    //! endpoints 10.1.0.x on node-a (local), 10.2.0.x on node-b (remote);
+    //! ClusterIP 172.30.0.10, external IP 192.168.99.1, LB IP 1.2.3.4, NodePort 30080.
+    use super::*;
+    use crate::store::{AddressType, EndpointPortInfo, SliceInfo, TargetPort};
+
+    const NODE: &str = "node-a";
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: NODE.into(),
+            ips: vec!["192.168.0.2".parse().unwrap()],
+            labels: [("topology.kubernetes.io/zone".to_string(), "zone-a".to_string())].into(),
+        }
+    }
+
+    fn config() -> ProxyConfig {
+        ProxyConfig {
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ProxyConfig::default()
+        }
+    }
+
+    /// A Service builder in the spirit of controller-rs' test documents.
+    struct Svc(ServiceInfo);
+
+    impl Svc {
+        fn new(name: &str) -> Self {
+            Self(ServiceInfo {
+                id: ObjectRef::new("ns", name),
+                type_: ServiceType::ClusterIp,
+                cluster_ips: vec!["172.30.0.10".parse().unwrap()],
+                ports: vec![ServicePortInfo {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target_port: TargetPort::Number(8080),
+                    node_port: None,
+                }],
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                load_balancer_source_ranges: vec![],
+                external_policy_local: false,
+                internal_policy_local: false,
+                health_check_node_port: None,
+                affinity_timeout_secs: None,
+                publish_not_ready_addresses: false,
+                traffic_distribution: None,
+            })
+        }
+        fn cluster_ips(mut self, ips: &[&str]) -> Self {
+            self.0.cluster_ips = ips.iter().map(|s| s.parse().unwrap()).collect();
+            self
+        }
+        fn itp_local(mut self) -> Self {
+            self.0.internal_policy_local = true;
+            self
+        }
+        fn external(mut self, etp_local: bool) -> Self {
+            self.0.type_ = ServiceType::LoadBalancer;
+            self.0.external_ips = vec!["192.168.99.1".parse().unwrap()];
+            self.0.load_balancer_ips = vec!["1.2.3.4".parse().unwrap()];
+            self.0.ports[0].node_port = Some(30080);
+            self.0.external_policy_local = etp_local;
+            self.0.health_check_node_port = etp_local.then_some(30000);
+            self
+        }
+        fn type_(mut self, t: ServiceType) -> Self {
+            self.0.type_ = t;
+            self
+        }
+        fn publish_not_ready(mut self) -> Self {
+            self.0.publish_not_ready_addresses = true;
+            self
+        }
+    }
+
+    /// An endpoint builder: ready, on `node`, no hints unless added.
+    #[derive(Clone)]
+    struct Ep(EndpointInfo);
+
+    fn ep(ip: &str, node: &str) -> Ep {
+        Ep(EndpointInfo {
+            addresses: vec![ip.parse().unwrap()],
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: Some(node.into()),
+            zone: None,
+            hint_zones: None,
+            hint_nodes: None,
+        })
+    }
+
+    impl Ep {
+        fn not_ready(mut self) -> Self {
+            self.0.ready = false;
+            self.0.serving = false;
+            self
+        }
+        fn terminating(mut self) -> Self {
+            self.0.ready = false;
+            self.0.serving = true;
+            self.0.terminating = true;
+            self
+        }
+        fn zones(mut self, z: &[&str]) -> Self {
+            self.0.hint_zones = Some(z.iter().map(|s| (*s).to_string()).collect());
+            self
+        }
+        fn nodes(mut self, n: &[&str]) -> Self {
+            self.0.hint_nodes = Some(n.iter().map(|s| (*s).to_string()).collect());
+            self
+        }
+    }
+
+    fn slice(svc: &str, name: &str, eps: &[Ep]) -> SliceInfo {
+        let v6 = eps.first().is_some_and(|e| e.0.addresses[0].is_ipv6());
+        SliceInfo {
+            id: ObjectRef::new("ns", name),
+            service: ObjectRef::new("ns", svc),
+            address_type: if v6 { AddressType::IPv6 } else { AddressType::IPv4 },
+            ports: vec![EndpointPortInfo {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: eps.iter().map(|e| e.0.clone()).collect(),
+            trigger_time: None,
+        }
+    }
+
+    fn store(svcs: Vec<Svc>, slices: Vec<SliceInfo>) -> Store {
+        let mut s = Store::default();
+        s.apply(Change::Reset {
+            services: svcs.into_iter().map(|s| s.0).collect(),
+            slices,
+        });
+        s
+    }
+
+    fn decide(st: &Store, src: &str, dst: &str, port: u16) -> Decision {
+        let desired = compute(st, &node(), &config());
+        resolve(
+            &desired,
+            &node(),
+            &config(),
+            &Flow {
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                dport: port,
+                protocol: Protocol::Tcp,
+            },
+        )
+    }
+
+    fn to(backends: &[&str], masq: bool) -> Decision {
+        Decision::Backends(backends.iter().map(|b| (b.parse().unwrap(), masq)).collect())
+    }
+
+    use crate::store::Change;
+
+    const POD: &str = "10.9.9.9";
+    const OUTSIDE: &str = "203.0.113.5";
+    const VIP: &str = "172.30.0.10";
+
+    #[test]
+    fn endpoint_conditions() {
+        let cases: Vec<(&str, Vec<Ep>, Decision)> = vec![
+            ("ready endpoints serve, not-ready ones do not",
+             vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b").not_ready()],
+             to(&["10.1.0.1:8080"], false)),
+            ("no ready endpoint: fall back to serving+terminating",
+             vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b").not_ready()],
+             to(&["10.1.0.1:8080"], false)),
+            ("ready wins over terminating",
+             vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b")],
+             to(&["10.2.0.1:8080"], false)),
+            ("nothing usable: reject",
+             vec![ep("10.1.0.1", NODE).not_ready()],
+             Decision::Reject),
+        ];
+        for (name, eps, want) in cases {
+            let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &eps)]);
+            assert_eq!(decide(&st, POD, VIP, 80), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let cases: Vec<(&str, Vec<Ep>, Decision)> = vec![
+            ("only the local endpoint", vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")], to(&["10.1.0.1:8080"], false)),
+            ("remote endpoints only: drop", vec![ep("10.2.0.1", "node-b")], Decision::Drop),
+            ("no endpoints at all: reject", vec![], Decision::Reject),
+            ("local terminating fallback", vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b")], to(&["10.1.0.1:8080"], false)),
+        ];
+        for (name, eps, want) in cases {
+            let st = store(vec![Svc::new("s").itp_local()], vec![slice("s", "s-1", &eps)]);
+            assert_eq!(decide(&st, POD, VIP, 80), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy() {
+        let eps = vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")];
+        let both = ["10.1.0.1:8080", "10.2.0.1:8080"];
+        let local = store(vec![Svc::new("s").external(true)], vec![slice("s", "s-1", &eps)]);
+        let cluster = store(vec![Svc::new("s").external(false)], vec![slice("s", "s-1", &eps)]);
+        let cases: Vec<(&str, &Store, &str, &str, u16, Decision)> = vec![
+            ("eTP=Local: outside to NodePort, local only, client IP kept", &local, OUTSIDE, "192.168.0.2", 30080, to(&["10.1.0.1:8080"], false)),
+            ("eTP=Local: outside to LB IP", &local, OUTSIDE, "1.2.3.4", 80, to(&["10.1.0.1:8080"], false)),
+            ("eTP=Local: outside to external IP", &local, OUTSIDE, "192.168.99.1", 80, to(&["10.1.0.1:8080"], false)),
+            ("eTP=Local: pod to LB IP short-circuits to all endpoints", &local, POD, "1.2.3.4", 80, to(&both, false)),
+            ("eTP=Local: node to NodePort uses all endpoints, masqueraded", &local, "192.168.0.2", "192.168.0.2", 30080, to(&both, true)),
+            ("eTP=Cluster: outside to NodePort, all endpoints, masqueraded", &cluster, OUTSIDE, "192.168.0.2", 30080, to(&both, true)),
+            ("eTP=Cluster: pod to LB IP is masqueraded too", &cluster, POD, "1.2.3.4", 80, to(&both, true)),
+            ("ClusterIP of the same Service from a pod", &cluster, POD, VIP, 80, to(&both, false)),
+            ("wrong port is not a Service", &cluster, POD, "192.168.0.2", 30081, Decision::None),
+            ("healthCheckNodePort of an eTP=Local Service is accepted", &local, OUTSIDE, "192.168.0.2", 30000, Decision::Accept),
+        ];
+        for (name, st, src, dst, port, want) in cases {
+            assert_eq!(decide(st, src, dst, port), want, "{name}");
+        }
+        let remote_only = store(vec![Svc::new("s").external(true)], vec![slice("s", "s-1", &[ep("10.2.0.1", "node-b")])]);
+        assert_eq!(decide(&remote_only, OUTSIDE, "1.2.3.4", 80), Decision::Drop, "eTP=Local without local endpoints drops");
+        assert_eq!(decide(&remote_only, POD, "1.2.3.4", 80), to(&["10.2.0.1:8080"], false));
+        let desired = compute(&local, &node(), &config());
+        assert_eq!(desired.health_checks.get(&ObjectRef::new("ns", "s")), Some(&(30000, 1)));
+    }
+
+    #[test]
+    fn topology_hints() {
+        let cases: Vec<(&str, Vec<Ep>, Vec<&str>)> = vec![
+            ("zone hints: only endpoints for this zone",
+             vec![ep("10.1.0.1", NODE).zones(&["zone-a"]), ep("10.2.0.1", "node-b").zones(&["zone-b"])],
+             vec!["10.1.0.1:8080"]),
+            ("an endpoint without hints disables topology",
+             vec![ep("10.1.0.1", NODE).zones(&["zone-a"]), ep("10.2.0.1", "node-b")],
+             vec!["10.1.0.1:8080", "10.2.0.1:8080"]),
+            ("no endpoint hinted for this zone: ignore hints",
+             vec![ep("10.1.0.1", NODE).zones(&["zone-c"]), ep("10.2.0.1", "node-b").zones(&["zone-b"])],
+             vec!["10.1.0.1:8080", "10.2.0.1:8080"]),
+            ("node hints win over zone hints",
+             vec![ep("10.1.0.1", "node-c").zones(&["zone-a"]).nodes(&["node-c"]), ep("10.2.0.1", "node-b").zones(&["zone-a"]).nodes(&[NODE])],
+             vec!["10.2.0.1:8080"]),
+        ];
+        for (name, eps, want) in cases {
+            let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &eps)]);
+            assert_eq!(decide(&st, POD, VIP, 80), to(&want, false), "{name}");
+        }
+    }
+
+    #[test]
+    fn service_kinds_and_families() {
+        let eps = vec![ep("10.1.0.1", NODE)];
+        let headless = store(vec![Svc::new("s").cluster_ips(&[])], vec![slice("s", "s-1", &eps)]);
+        assert!(compute(&headless, &node(), &config()).frontends.is_empty(), "headless is not proxied");
+        let ext = store(vec![Svc::new("s").type_(ServiceType::ExternalName)], vec![slice("s", "s-1", &eps)]);
+        assert!(compute(&ext, &node(), &config()).frontends.is_empty(), "ExternalName is not proxied");
+
+        let dual = store(
+            vec![Svc::new("s").cluster_ips(&["172.30.0.10", "fd00::10"])],
+            vec![slice("s", "s-v4", &eps), slice("s", "s-v6", &[ep("fd00:1::1", NODE)])],
+        );
+        assert_eq!(decide(&dual, POD, VIP, 80), to(&["10.1.0.1:8080"], false));
+        assert_eq!(decide(&dual, "fd00:9::9", "fd00::10", 80), to(&["[fd00:1::1]:8080"], true),
+            "v6 client outside the (v4) cluster CIDR is masqueraded");
+    }
+
+    #[test]
+    fn slices_merge_and_publish_not_ready() {
+        let st = store(
+            vec![Svc::new("s")],
+            vec![
+                slice("s", "s-1", &[ep("10.1.0.1", NODE).not_ready(), ep("10.1.0.2", NODE)]),
+                slice("s", "s-2", &[ep("10.1.0.1", NODE), ep("10.1.0.2", NODE)]),
+            ],
+        );
+        assert_eq!(decide(&st, POD, VIP, 80), to(&["10.1.0.1:8080", "10.1.0.2:8080"], false),
+            "an address in two slices appears once and is ready if any copy is");
+        let pnr = store(vec![Svc::new("s").publish_not_ready()], vec![slice("s", "s-1", &[ep("10.1.0.1", NODE).not_ready()])]);
+        assert_eq!(decide(&pnr, POD, VIP, 80), to(&["10.1.0.1:8080"], false));
+    }
+
+    #[test]
+    fn ports_match_by_name_and_protocol() {
+        let mut s = slice("s", "s-1", &[ep("10.1.0.1", NODE)]);
+        s.ports[0].protocol = Protocol::Udp;
+        let st = store(vec![Svc::new("s")], vec![s]);
+        assert_eq!(decide(&st, POD, VIP, 80), Decision::Reject, "a UDP slice port does not serve a TCP Service port");
+    }
+
+    #[test]
+    fn masquerade_rules_for_cluster_ips() {
+        let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &[ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")])]);
+        let both = ["10.1.0.1:8080", "10.2.0.1:8080"];
+        assert_eq!(decide(&st, POD, VIP, 80), to(&both, false), "pod traffic keeps its source");
+        assert_eq!(decide(&st, OUTSIDE, VIP, 80), to(&both, true), "off-cluster traffic is masqueraded");
+        let Decision::Backends(b) = decide(&st, "10.1.0.1", VIP, 80) else { panic!() };
+        assert_eq!(b, vec![("10.1.0.1:8080".parse().unwrap(), true), ("10.2.0.1:8080".parse().unwrap(), false)],
+            "hairpin to itself is masqueraded, other backends are not");
+        let all = ProxyConfig { masquerade_all: true, ..config() };
+        let desired = compute(&st, &node(), &all);
+        let flow = Flow { src: POD.parse().unwrap(), dst: VIP.parse().unwrap(), dport: 80, protocol: Protocol::Tcp };
+        assert_eq!(resolve(&desired, &node(), &all, &flow), to(&both, true), "masqueradeAll");
     }
 }

@@ -388,10 +388,10 @@ impl SliceInfo {
                 addresses.push(ip);
             }
             let cond = ep.conditions.as_ref();
-            // Upstream (endpointslicecache.go): nil ready means ready; nil serving means ready;
-            // nil terminating means not terminating.
+            // Upstream (endpointslicecache.go): nil ready and nil serving mean true; nil
+            // terminating means false.
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = cond.and_then(|c| c.serving).unwrap_or(true);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             let hints = ep.hints.as_ref();
             endpoints.push(EndpointInfo {
