@@ -8,7 +8,8 @@ const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         let placeholder = out_dir.join("kpr-ebpf");
         if !placeholder.exists() {
@@ -27,7 +28,10 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("cargo::rerun-if-changed={}", linker.display());
-    println!("cargo::rerun-if-changed={}", root.join("proxy-common/src").display());
+    println!(
+        "cargo::rerun-if-changed={}",
+        root.join("proxy-common/src").display()
+    );
     let ebpf_dir = root.join("proxy-ebpf");
     aya_build::build_ebpf(
         [aya_build::Package {

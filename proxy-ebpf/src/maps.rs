@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, map_sizes,
+    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    map_sizes,
 };
 
 #[btf_map(pin_by_name)]

@@ -79,7 +79,12 @@ fn read_v6(sa: *const bpf_sock_addr) -> SockAddr {
 #[inline(always)]
 fn write_v6(sa: *mut bpf_sock_addr, addr: &[u8; 16], port: u16) {
     let word = |i: usize| {
-        u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]])
+        u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ])
     };
     // SAFETY: user_ip6/user_port are writable in the *6 hooks, the only callers.
     unsafe {

@@ -109,7 +109,10 @@ impl Syncer {
                     let _ = self.maps.del_slot(k);
                 }
             }
-            Err(e) => tracing::error!("resync: reading maps under {}: {e}", self.layout.root.display()),
+            Err(e) => tracing::error!(
+                "resync: reading maps under {}: {e}",
+                self.layout.root.display()
+            ),
         }
         self.sync();
     }

@@ -14,7 +14,11 @@ use crate::{Error, Result};
 pub const DEFAULT_BPF_FS_PATH: &str = "/sys/fs/bpf/kpr";
 
 #[derive(Debug, Parser)]
-#[command(name = "kpr", version, about = "kpr: a kube-proxy replacement with an eBPF datapath")]
+#[command(
+    name = "kpr",
+    version,
+    about = "kpr: a kube-proxy replacement with an eBPF datapath"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -147,11 +151,28 @@ pub fn read_services(bpf_fs_path: &std::path::Path) -> Result<Vec<FrontendView>>
 pub fn format_table(rows: &[FrontendView]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let w = rows.iter().map(|r| r.frontend.len()).max().unwrap_or(8).max(8);
-    let _ = writeln!(out, "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  BACKENDS", "FRONTEND", "PROTO", "SCOPE", "ID", "VERDICT");
+    let w = rows
+        .iter()
+        .map(|r| r.frontend.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let _ = writeln!(
+        out,
+        "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  BACKENDS",
+        "FRONTEND", "PROTO", "SCOPE", "ID", "VERDICT"
+    );
     for r in rows {
-        let backends = if r.backends.is_empty() { "-".to_string() } else { r.backends.join(", ") };
-        let _ = writeln!(out, "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  {backends}", r.frontend, r.protocol, r.scope, r.id, r.verdict);
+        let backends = if r.backends.is_empty() {
+            "-".to_string()
+        } else {
+            r.backends.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  {backends}",
+            r.frontend, r.protocol, r.scope, r.id, r.verdict
+        );
     }
     out
 }
@@ -164,6 +185,8 @@ pub fn services(bpf_fs_path: &std::path::Path, output: Output) -> Result<String>
     let rows = read_services(bpf_fs_path)?;
     Ok(match output {
         Output::Table => format_table(&rows),
-        Output::Json => serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))? + "\n",
+        Output::Json => {
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))? + "\n"
+        }
     })
 }

@@ -236,7 +236,11 @@ fn check(expect: &Expect, decision: &Decision, src: IpAddr) -> Result<(), String
                 | ("NONE", Decision::None)
                 | ("ACCEPT", Decision::Accept)
         );
-        return if ok { Ok(()) } else { Err(format!("expected {verdict}, got {got}")) };
+        return if ok {
+            Ok(())
+        } else {
+            Err(format!("expected {verdict}, got {got}"))
+        };
     }
     let Some(want) = &expect.backends else {
         return Err("expect has neither backends nor verdict".into());
@@ -251,7 +255,11 @@ fn check(expect: &Expect, decision: &Decision, src: IpAddr) -> Result<(), String
     };
     let have: BTreeSet<SocketAddr> = backends.iter().map(|(a, _)| *a).collect();
     if have != want {
-        return Err(format!("expected backends {}, got {}", fmt_set(&want), fmt_set(&have)));
+        return Err(format!(
+            "expected backends {}, got {}",
+            fmt_set(&want),
+            fmt_set(&have)
+        ));
     }
     if let Some(masq) = expect.masq {
         for (addr, m) in backends {
@@ -366,7 +374,12 @@ pub fn run_dir(dir: &Path, level: Level, mode: ProxyMode) -> Result<Report> {
         .map_err(|e| Error::io(dir, e))?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
         .collect();
     paths.sort();
     let mut report = Report::default();
@@ -402,6 +415,11 @@ pub fn format_report(report: &Report) -> String {
             let _ = writeln!(out, "FAIL {} / {:?}: {f}", r.fixture, r.flow);
         }
     }
-    let _ = writeln!(out, "{} passed, {} failed", report.passed(), report.failed());
+    let _ = writeln!(
+        out,
+        "{} passed, {} failed",
+        report.passed(),
+        report.failed()
+    );
     out
 }

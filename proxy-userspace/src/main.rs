@@ -20,10 +20,17 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(kpr::agent::run(cfg))?;
         }
-        Command::Services { bpf_fs_path, output } => {
+        Command::Services {
+            bpf_fs_path,
+            output,
+        } => {
             print!("{}", kpr::cli::services(&bpf_fs_path, output)?);
         }
-        Command::Conformance { dir, level, proxy_mode } => {
+        Command::Conformance {
+            dir,
+            level,
+            proxy_mode,
+        } => {
             let report = kpr::conformance::run_dir(&dir, level, proxy_mode)?;
             print!("{}", kpr::conformance::format_report(&report));
             if report.failed() > 0 {
@@ -32,7 +39,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup { bpf_fs_path } => {
             let report = kpr::ebpf::datapath::cleanup(&bpf_fs_path)?;
-            println!("removed {} pinned objects under {}", report.removed.len(), bpf_fs_path.display());
+            println!(
+                "removed {} pinned objects under {}",
+                report.removed.len(),
+                bpf_fs_path.display()
+            );
         }
     }
     Ok(())

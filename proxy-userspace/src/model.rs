@@ -9,7 +9,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::store::{EndpointInfo, ObjectRef, Protocol, ServiceInfo, ServicePortInfo, ServiceType, Store};
+use crate::store::{
+    EndpointInfo, ObjectRef, Protocol, ServiceInfo, ServicePortInfo, ServiceType, Store,
+};
 
 /// This node, as the model needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -296,7 +298,11 @@ fn categorize(eps: &[Candidate<'_>], svc: &ServiceInfo, node: &NodeInfo) -> Cate
         }
     }
     if local_ready {
-        out.local = eps.iter().filter(|e| e.local && e.ready).map(|e| e.addr).collect();
+        out.local = eps
+            .iter()
+            .filter(|e| e.local && e.ready)
+            .map(|e| e.addr)
+            .collect();
     } else if local_serving_terminating {
         out.local = eps
             .iter()
@@ -365,12 +371,24 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
             // not reachable through it.
             let same_family = |t: &Targets, ip: &IpAddr| match t {
                 Targets::Backends(b) => {
-                    let f: Vec<_> = b.iter().copied().filter(|a| a.is_ipv4() == ip.is_ipv4()).collect();
-                    if f.is_empty() { Targets::Reject } else { Targets::Backends(f) }
+                    let f: Vec<_> = b
+                        .iter()
+                        .copied()
+                        .filter(|a| a.is_ipv4() == ip.is_ipv4())
+                        .collect();
+                    if f.is_empty() {
+                        Targets::Reject
+                    } else {
+                        Targets::Backends(f)
+                    }
                 }
                 other => other.clone(),
             };
-            let mut add = |ip: IpAddr, port_num: u16, kind: FrontendKind, internal: &Targets, external: &Targets| {
+            let mut add = |ip: IpAddr,
+                           port_num: u16,
+                           kind: FrontendKind,
+                           internal: &Targets,
+                           external: &Targets| {
                 let key = FrontendKey {
                     ip,
                     port: port_num,
@@ -390,19 +408,43 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
                 );
             };
             for ip in &svc.cluster_ips {
-                add(*ip, port.port, FrontendKind::ClusterIp, &internal, &internal);
+                add(
+                    *ip,
+                    port.port,
+                    FrontendKind::ClusterIp,
+                    &internal,
+                    &internal,
+                );
             }
             // Pods reaching an externally-facing address of an eTP=Local Service use the
             // cluster endpoints (upstream's "short-circuit" of pod traffic).
             for ip in &svc.external_ips {
-                add(*ip, port.port, FrontendKind::ExternalIp, &cluster_targets, &external);
+                add(
+                    *ip,
+                    port.port,
+                    FrontendKind::ExternalIp,
+                    &cluster_targets,
+                    &external,
+                );
             }
             for ip in &svc.load_balancer_ips {
-                add(*ip, port.port, FrontendKind::LoadBalancer, &cluster_targets, &external);
+                add(
+                    *ip,
+                    port.port,
+                    FrontendKind::LoadBalancer,
+                    &cluster_targets,
+                    &external,
+                );
             }
             if let Some(node_port) = port.node_port {
                 for ip in &node_port_ips {
-                    add(*ip, node_port, FrontendKind::NodePort, &cluster_targets, &external);
+                    add(
+                        *ip,
+                        node_port,
+                        FrontendKind::NodePort,
+                        &cluster_targets,
+                        &external,
+                    );
                 }
             }
         }
@@ -463,7 +505,12 @@ pub fn classify_source(src: IpAddr, node: &NodeInfo, config: &ProxyConfig) -> So
 /// cluster CIDR; traffic to external frontends is masqueraded under eTP=Cluster, and under
 /// eTP=Local only when it comes from the node itself; a pod reaching itself (hairpin) always is.
 #[must_use]
-pub fn resolve(state: &DesiredState, node: &NodeInfo, config: &ProxyConfig, flow: &Flow) -> Decision {
+pub fn resolve(
+    state: &DesiredState,
+    node: &NodeInfo,
+    config: &ProxyConfig,
+    flow: &Flow,
+) -> Decision {
     let key = FrontendKey {
         ip: flow.dst,
         port: flow.dport,
@@ -473,7 +520,11 @@ pub fn resolve(state: &DesiredState, node: &NodeInfo, config: &ProxyConfig, flow
         let is_health_check = node.ips.contains(&flow.dst)
             && flow.protocol == Protocol::Tcp
             && state.health_checks.values().any(|(p, _)| *p == flow.dport);
-        return if is_health_check { Decision::Accept } else { Decision::None };
+        return if is_health_check {
+            Decision::Accept
+        } else {
+            Decision::None
+        };
     };
     let class = classify_source(flow.src, node, config);
     let (targets, masq) = if fe.kind == FrontendKind::ClusterIp {
@@ -481,7 +532,11 @@ pub fn resolve(state: &DesiredState, node: &NodeInfo, config: &ProxyConfig, flow
             && !config.cluster_cidrs.iter().any(|c| c.contains(&flow.src));
         (&fe.internal, config.masquerade_all || off_cluster)
     } else if !fe.external_policy_local {
-        let t = if class == SourceClass::External { &fe.external } else { &fe.internal };
+        let t = if class == SourceClass::External {
+            &fe.external
+        } else {
+            &fe.internal
+        };
         (t, true)
     } else {
         match class {
@@ -493,9 +548,9 @@ pub fn resolve(state: &DesiredState, node: &NodeInfo, config: &ProxyConfig, flow
     match targets {
         Targets::Reject => Decision::Reject,
         Targets::Drop => Decision::Drop,
-        Targets::Backends(b) => Decision::Backends(
-            b.iter().map(|a| (*a, masq || a.ip() == flow.src)).collect(),
-        ),
+        Targets::Backends(b) => {
+            Decision::Backends(b.iter().map(|a| (*a, masq || a.ip() == flow.src)).collect())
+        }
     }
 }
 
@@ -513,7 +568,11 @@ mod tests {
         NodeInfo {
             name: NODE.into(),
             ips: vec!["192.168.0.2".parse().unwrap()],
-            labels: [("topology.kubernetes.io/zone".to_string(), "zone-a".to_string())].into(),
+            labels: [(
+                "topology.kubernetes.io/zone".to_string(),
+                "zone-a".to_string(),
+            )]
+            .into(),
         }
     }
 
@@ -622,7 +681,11 @@ mod tests {
         SliceInfo {
             id: ObjectRef::new("ns", name),
             service: ObjectRef::new("ns", svc),
-            address_type: if v6 { AddressType::IPv6 } else { AddressType::IPv4 },
+            address_type: if v6 {
+                AddressType::IPv6
+            } else {
+                AddressType::IPv4
+            },
             ports: vec![EndpointPortInfo {
                 name: "http".into(),
                 port: 8080,
@@ -658,7 +721,12 @@ mod tests {
     }
 
     fn to(backends: &[&str], masq: bool) -> Decision {
-        Decision::Backends(backends.iter().map(|b| (b.parse().unwrap(), masq)).collect())
+        Decision::Backends(
+            backends
+                .iter()
+                .map(|b| (b.parse().unwrap(), masq))
+                .collect(),
+        )
     }
 
     use crate::store::Change;
@@ -670,18 +738,29 @@ mod tests {
     #[test]
     fn endpoint_conditions() {
         let cases: Vec<(&str, Vec<Ep>, Decision)> = vec![
-            ("ready endpoints serve, not-ready ones do not",
-             vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b").not_ready()],
-             to(&["10.1.0.1:8080"], false)),
-            ("no ready endpoint: fall back to serving+terminating",
-             vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b").not_ready()],
-             to(&["10.1.0.1:8080"], false)),
-            ("ready wins over terminating",
-             vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b")],
-             to(&["10.2.0.1:8080"], false)),
-            ("nothing usable: reject",
-             vec![ep("10.1.0.1", NODE).not_ready()],
-             Decision::Reject),
+            (
+                "ready endpoints serve, not-ready ones do not",
+                vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b").not_ready()],
+                to(&["10.1.0.1:8080"], false),
+            ),
+            (
+                "no ready endpoint: fall back to serving+terminating",
+                vec![
+                    ep("10.1.0.1", NODE).terminating(),
+                    ep("10.2.0.1", "node-b").not_ready(),
+                ],
+                to(&["10.1.0.1:8080"], false),
+            ),
+            (
+                "ready wins over terminating",
+                vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b")],
+                to(&["10.2.0.1:8080"], false),
+            ),
+            (
+                "nothing usable: reject",
+                vec![ep("10.1.0.1", NODE).not_ready()],
+                Decision::Reject,
+            ),
         ];
         for (name, eps, want) in cases {
             let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &eps)]);
@@ -692,13 +771,28 @@ mod tests {
     #[test]
     fn internal_traffic_policy_local() {
         let cases: Vec<(&str, Vec<Ep>, Decision)> = vec![
-            ("only the local endpoint", vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")], to(&["10.1.0.1:8080"], false)),
-            ("remote endpoints only: drop", vec![ep("10.2.0.1", "node-b")], Decision::Drop),
+            (
+                "only the local endpoint",
+                vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")],
+                to(&["10.1.0.1:8080"], false),
+            ),
+            (
+                "remote endpoints only: drop",
+                vec![ep("10.2.0.1", "node-b")],
+                Decision::Drop,
+            ),
             ("no endpoints at all: reject", vec![], Decision::Reject),
-            ("local terminating fallback", vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b")], to(&["10.1.0.1:8080"], false)),
+            (
+                "local terminating fallback",
+                vec![ep("10.1.0.1", NODE).terminating(), ep("10.2.0.1", "node-b")],
+                to(&["10.1.0.1:8080"], false),
+            ),
         ];
         for (name, eps, want) in cases {
-            let st = store(vec![Svc::new("s").itp_local()], vec![slice("s", "s-1", &eps)]);
+            let st = store(
+                vec![Svc::new("s").itp_local()],
+                vec![slice("s", "s-1", &eps)],
+            );
             assert_eq!(decide(&st, POD, VIP, 80), want, "{name}");
         }
     }
@@ -707,45 +801,156 @@ mod tests {
     fn external_traffic_policy() {
         let eps = vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")];
         let both = ["10.1.0.1:8080", "10.2.0.1:8080"];
-        let local = store(vec![Svc::new("s").external(true)], vec![slice("s", "s-1", &eps)]);
-        let cluster = store(vec![Svc::new("s").external(false)], vec![slice("s", "s-1", &eps)]);
+        let local = store(
+            vec![Svc::new("s").external(true)],
+            vec![slice("s", "s-1", &eps)],
+        );
+        let cluster = store(
+            vec![Svc::new("s").external(false)],
+            vec![slice("s", "s-1", &eps)],
+        );
         let cases: Vec<(&str, &Store, &str, &str, u16, Decision)> = vec![
-            ("eTP=Local: outside to NodePort, local only, client IP kept", &local, OUTSIDE, "192.168.0.2", 30080, to(&["10.1.0.1:8080"], false)),
-            ("eTP=Local: outside to LB IP", &local, OUTSIDE, "1.2.3.4", 80, to(&["10.1.0.1:8080"], false)),
-            ("eTP=Local: outside to external IP", &local, OUTSIDE, "192.168.99.1", 80, to(&["10.1.0.1:8080"], false)),
-            ("eTP=Local: pod to LB IP short-circuits to all endpoints", &local, POD, "1.2.3.4", 80, to(&both, false)),
-            ("eTP=Local: node to NodePort uses all endpoints, masqueraded", &local, "192.168.0.2", "192.168.0.2", 30080, to(&both, true)),
-            ("eTP=Cluster: outside to NodePort, all endpoints, masqueraded", &cluster, OUTSIDE, "192.168.0.2", 30080, to(&both, true)),
-            ("eTP=Cluster: pod to LB IP is masqueraded too", &cluster, POD, "1.2.3.4", 80, to(&both, true)),
-            ("ClusterIP of the same Service from a pod", &cluster, POD, VIP, 80, to(&both, false)),
-            ("wrong port is not a Service", &cluster, POD, "192.168.0.2", 30081, Decision::None),
-            ("healthCheckNodePort of an eTP=Local Service is accepted", &local, OUTSIDE, "192.168.0.2", 30000, Decision::Accept),
+            (
+                "eTP=Local: outside to NodePort, local only, client IP kept",
+                &local,
+                OUTSIDE,
+                "192.168.0.2",
+                30080,
+                to(&["10.1.0.1:8080"], false),
+            ),
+            (
+                "eTP=Local: outside to LB IP",
+                &local,
+                OUTSIDE,
+                "1.2.3.4",
+                80,
+                to(&["10.1.0.1:8080"], false),
+            ),
+            (
+                "eTP=Local: outside to external IP",
+                &local,
+                OUTSIDE,
+                "192.168.99.1",
+                80,
+                to(&["10.1.0.1:8080"], false),
+            ),
+            (
+                "eTP=Local: pod to LB IP short-circuits to all endpoints",
+                &local,
+                POD,
+                "1.2.3.4",
+                80,
+                to(&both, false),
+            ),
+            (
+                "eTP=Local: node to NodePort uses all endpoints, masqueraded",
+                &local,
+                "192.168.0.2",
+                "192.168.0.2",
+                30080,
+                to(&both, true),
+            ),
+            (
+                "eTP=Cluster: outside to NodePort, all endpoints, masqueraded",
+                &cluster,
+                OUTSIDE,
+                "192.168.0.2",
+                30080,
+                to(&both, true),
+            ),
+            (
+                "eTP=Cluster: pod to LB IP is masqueraded too",
+                &cluster,
+                POD,
+                "1.2.3.4",
+                80,
+                to(&both, true),
+            ),
+            (
+                "ClusterIP of the same Service from a pod",
+                &cluster,
+                POD,
+                VIP,
+                80,
+                to(&both, false),
+            ),
+            (
+                "wrong port is not a Service",
+                &cluster,
+                POD,
+                "192.168.0.2",
+                30081,
+                Decision::None,
+            ),
+            (
+                "healthCheckNodePort of an eTP=Local Service is accepted",
+                &local,
+                OUTSIDE,
+                "192.168.0.2",
+                30000,
+                Decision::Accept,
+            ),
         ];
         for (name, st, src, dst, port, want) in cases {
             assert_eq!(decide(st, src, dst, port), want, "{name}");
         }
-        let remote_only = store(vec![Svc::new("s").external(true)], vec![slice("s", "s-1", &[ep("10.2.0.1", "node-b")])]);
-        assert_eq!(decide(&remote_only, OUTSIDE, "1.2.3.4", 80), Decision::Drop, "eTP=Local without local endpoints drops");
-        assert_eq!(decide(&remote_only, POD, "1.2.3.4", 80), to(&["10.2.0.1:8080"], false));
+        let remote_only = store(
+            vec![Svc::new("s").external(true)],
+            vec![slice("s", "s-1", &[ep("10.2.0.1", "node-b")])],
+        );
+        assert_eq!(
+            decide(&remote_only, OUTSIDE, "1.2.3.4", 80),
+            Decision::Drop,
+            "eTP=Local without local endpoints drops"
+        );
+        assert_eq!(
+            decide(&remote_only, POD, "1.2.3.4", 80),
+            to(&["10.2.0.1:8080"], false)
+        );
         let desired = compute(&local, &node(), &config());
-        assert_eq!(desired.health_checks.get(&ObjectRef::new("ns", "s")), Some(&(30000, 1)));
+        assert_eq!(
+            desired.health_checks.get(&ObjectRef::new("ns", "s")),
+            Some(&(30000, 1))
+        );
     }
 
     #[test]
     fn topology_hints() {
         let cases: Vec<(&str, Vec<Ep>, Vec<&str>)> = vec![
-            ("zone hints: only endpoints for this zone",
-             vec![ep("10.1.0.1", NODE).zones(&["zone-a"]), ep("10.2.0.1", "node-b").zones(&["zone-b"])],
-             vec!["10.1.0.1:8080"]),
-            ("an endpoint without hints disables topology",
-             vec![ep("10.1.0.1", NODE).zones(&["zone-a"]), ep("10.2.0.1", "node-b")],
-             vec!["10.1.0.1:8080", "10.2.0.1:8080"]),
-            ("no endpoint hinted for this zone: ignore hints",
-             vec![ep("10.1.0.1", NODE).zones(&["zone-c"]), ep("10.2.0.1", "node-b").zones(&["zone-b"])],
-             vec!["10.1.0.1:8080", "10.2.0.1:8080"]),
-            ("node hints win over zone hints",
-             vec![ep("10.1.0.1", "node-c").zones(&["zone-a"]).nodes(&["node-c"]), ep("10.2.0.1", "node-b").zones(&["zone-a"]).nodes(&[NODE])],
-             vec!["10.2.0.1:8080"]),
+            (
+                "zone hints: only endpoints for this zone",
+                vec![
+                    ep("10.1.0.1", NODE).zones(&["zone-a"]),
+                    ep("10.2.0.1", "node-b").zones(&["zone-b"]),
+                ],
+                vec!["10.1.0.1:8080"],
+            ),
+            (
+                "an endpoint without hints disables topology",
+                vec![
+                    ep("10.1.0.1", NODE).zones(&["zone-a"]),
+                    ep("10.2.0.1", "node-b"),
+                ],
+                vec!["10.1.0.1:8080", "10.2.0.1:8080"],
+            ),
+            (
+                "no endpoint hinted for this zone: ignore hints",
+                vec![
+                    ep("10.1.0.1", NODE).zones(&["zone-c"]),
+                    ep("10.2.0.1", "node-b").zones(&["zone-b"]),
+                ],
+                vec!["10.1.0.1:8080", "10.2.0.1:8080"],
+            ),
+            (
+                "node hints win over zone hints",
+                vec![
+                    ep("10.1.0.1", "node-c")
+                        .zones(&["zone-a"])
+                        .nodes(&["node-c"]),
+                    ep("10.2.0.1", "node-b").zones(&["zone-a"]).nodes(&[NODE]),
+                ],
+                vec!["10.2.0.1:8080"],
+            ),
         ];
         for (name, eps, want) in cases {
             let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &eps)]);
@@ -756,18 +961,36 @@ mod tests {
     #[test]
     fn service_kinds_and_families() {
         let eps = vec![ep("10.1.0.1", NODE)];
-        let headless = store(vec![Svc::new("s").cluster_ips(&[])], vec![slice("s", "s-1", &eps)]);
-        assert!(compute(&headless, &node(), &config()).frontends.is_empty(), "headless is not proxied");
-        let ext = store(vec![Svc::new("s").type_(ServiceType::ExternalName)], vec![slice("s", "s-1", &eps)]);
-        assert!(compute(&ext, &node(), &config()).frontends.is_empty(), "ExternalName is not proxied");
+        let headless = store(
+            vec![Svc::new("s").cluster_ips(&[])],
+            vec![slice("s", "s-1", &eps)],
+        );
+        assert!(
+            compute(&headless, &node(), &config()).frontends.is_empty(),
+            "headless is not proxied"
+        );
+        let ext = store(
+            vec![Svc::new("s").type_(ServiceType::ExternalName)],
+            vec![slice("s", "s-1", &eps)],
+        );
+        assert!(
+            compute(&ext, &node(), &config()).frontends.is_empty(),
+            "ExternalName is not proxied"
+        );
 
         let dual = store(
             vec![Svc::new("s").cluster_ips(&["172.30.0.10", "fd00::10"])],
-            vec![slice("s", "s-v4", &eps), slice("s", "s-v6", &[ep("fd00:1::1", NODE)])],
+            vec![
+                slice("s", "s-v4", &eps),
+                slice("s", "s-v6", &[ep("fd00:1::1", NODE)]),
+            ],
         );
         assert_eq!(decide(&dual, POD, VIP, 80), to(&["10.1.0.1:8080"], false));
-        assert_eq!(decide(&dual, "fd00:9::9", "fd00::10", 80), to(&["[fd00:1::1]:8080"], true),
-            "v6 client outside the (v4) cluster CIDR is masqueraded");
+        assert_eq!(
+            decide(&dual, "fd00:9::9", "fd00::10", 80),
+            to(&["[fd00:1::1]:8080"], true),
+            "v6 client outside the (v4) cluster CIDR is masqueraded"
+        );
     }
 
     #[test]
@@ -775,13 +998,23 @@ mod tests {
         let st = store(
             vec![Svc::new("s")],
             vec![
-                slice("s", "s-1", &[ep("10.1.0.1", NODE).not_ready(), ep("10.1.0.2", NODE)]),
+                slice(
+                    "s",
+                    "s-1",
+                    &[ep("10.1.0.1", NODE).not_ready(), ep("10.1.0.2", NODE)],
+                ),
                 slice("s", "s-2", &[ep("10.1.0.1", NODE), ep("10.1.0.2", NODE)]),
             ],
         );
-        assert_eq!(decide(&st, POD, VIP, 80), to(&["10.1.0.1:8080", "10.1.0.2:8080"], false),
-            "an address in two slices appears once and is ready if any copy is");
-        let pnr = store(vec![Svc::new("s").publish_not_ready()], vec![slice("s", "s-1", &[ep("10.1.0.1", NODE).not_ready()])]);
+        assert_eq!(
+            decide(&st, POD, VIP, 80),
+            to(&["10.1.0.1:8080", "10.1.0.2:8080"], false),
+            "an address in two slices appears once and is ready if any copy is"
+        );
+        let pnr = store(
+            vec![Svc::new("s").publish_not_ready()],
+            vec![slice("s", "s-1", &[ep("10.1.0.1", NODE).not_ready()])],
+        );
         assert_eq!(decide(&pnr, POD, VIP, 80), to(&["10.1.0.1:8080"], false));
     }
 
@@ -790,21 +1023,60 @@ mod tests {
         let mut s = slice("s", "s-1", &[ep("10.1.0.1", NODE)]);
         s.ports[0].protocol = Protocol::Udp;
         let st = store(vec![Svc::new("s")], vec![s]);
-        assert_eq!(decide(&st, POD, VIP, 80), Decision::Reject, "a UDP slice port does not serve a TCP Service port");
+        assert_eq!(
+            decide(&st, POD, VIP, 80),
+            Decision::Reject,
+            "a UDP slice port does not serve a TCP Service port"
+        );
     }
 
     #[test]
     fn masquerade_rules_for_cluster_ips() {
-        let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &[ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")])]);
+        let st = store(
+            vec![Svc::new("s")],
+            vec![slice(
+                "s",
+                "s-1",
+                &[ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")],
+            )],
+        );
         let both = ["10.1.0.1:8080", "10.2.0.1:8080"];
-        assert_eq!(decide(&st, POD, VIP, 80), to(&both, false), "pod traffic keeps its source");
-        assert_eq!(decide(&st, OUTSIDE, VIP, 80), to(&both, true), "off-cluster traffic is masqueraded");
-        let Decision::Backends(b) = decide(&st, "10.1.0.1", VIP, 80) else { panic!() };
-        assert_eq!(b, vec![("10.1.0.1:8080".parse().unwrap(), true), ("10.2.0.1:8080".parse().unwrap(), false)],
-            "hairpin to itself is masqueraded, other backends are not");
-        let all = ProxyConfig { masquerade_all: true, ..config() };
+        assert_eq!(
+            decide(&st, POD, VIP, 80),
+            to(&both, false),
+            "pod traffic keeps its source"
+        );
+        assert_eq!(
+            decide(&st, OUTSIDE, VIP, 80),
+            to(&both, true),
+            "off-cluster traffic is masqueraded"
+        );
+        let Decision::Backends(b) = decide(&st, "10.1.0.1", VIP, 80) else {
+            panic!()
+        };
+        assert_eq!(
+            b,
+            vec![
+                ("10.1.0.1:8080".parse().unwrap(), true),
+                ("10.2.0.1:8080".parse().unwrap(), false)
+            ],
+            "hairpin to itself is masqueraded, other backends are not"
+        );
+        let all = ProxyConfig {
+            masquerade_all: true,
+            ..config()
+        };
         let desired = compute(&st, &node(), &all);
-        let flow = Flow { src: POD.parse().unwrap(), dst: VIP.parse().unwrap(), dport: 80, protocol: Protocol::Tcp };
-        assert_eq!(resolve(&desired, &node(), &all, &flow), to(&both, true), "masqueradeAll");
+        let flow = Flow {
+            src: POD.parse().unwrap(),
+            dst: VIP.parse().unwrap(),
+            dport: 80,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(
+            resolve(&desired, &node(), &all, &flow),
+            to(&both, true),
+            "masqueradeAll"
+        );
     }
 }

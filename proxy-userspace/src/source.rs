@@ -30,7 +30,10 @@ enum Object {
 
 fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or("");
     match (api_version, kind) {
         (_, "List") => {
             let items = value
@@ -51,7 +54,9 @@ fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice: EndpointSlice = serde_json::from_value(value).map_err(|e| {
-                Error::invalid(format!("not a valid discovery.k8s.io/v1 EndpointSlice: {e}"))
+                Error::invalid(format!(
+                    "not a valid discovery.k8s.io/v1 EndpointSlice: {e}"
+                ))
             })?;
             out.push(Object::Slice(Box::new(SliceInfo::from_api(&slice)?)));
             Ok(())
@@ -70,7 +75,8 @@ fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
 pub fn objects_from_values(values: &[serde_json::Value]) -> Result<FileObjects> {
     let mut objects = Vec::new();
     for (i, v) in values.iter().enumerate() {
-        parse_object(v.clone(), &mut objects).map_err(|e| e.context(format!("object {}", i + 1)))?;
+        parse_object(v.clone(), &mut objects)
+            .map_err(|e| e.context(format!("object {}", i + 1)))?;
     }
     let mut out = FileObjects::default();
     for o in objects {
@@ -157,7 +163,13 @@ impl ManifestSource {
             if let Ok(meta) = entry.metadata()
                 && meta.is_file()
             {
-                out.insert(path, (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
+                out.insert(
+                    path,
+                    (
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        meta.len(),
+                    ),
+                );
             }
         }
         Ok(out)
@@ -248,7 +260,10 @@ ports: [{name: http, port: 8080, protocol: TCP}]
         assert_eq!(objs.services.len(), 1);
         assert_eq!(objs.slices.len(), 1);
         assert_eq!(objs.services[0].cluster_ips[0].to_string(), "10.96.0.10");
-        assert_eq!(objs.slices[0].endpoints[0].addresses[0].to_string(), "10.0.1.2");
+        assert_eq!(
+            objs.slices[0].endpoints[0].addresses[0].to_string(),
+            "10.0.1.2"
+        );
     }
 
     #[test]
@@ -261,11 +276,23 @@ ports: [{name: http, port: 8080, protocol: TCP}]
     #[test]
     fn rejects_bad_documents_with_a_reason() {
         let cases = [
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: not-an-ip, ports: [{port: 80}]}\n", "not an IP address"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}\n", "out of range"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n", "unsupported object v1 Pod"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: not-an-ip, ports: [{port: 80}]}\n",
+                "not an IP address",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}\n",
+                "out of range",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n",
+                "unsupported object v1 Pod",
+            ),
             ("kind: [unclosed\n", "YAML"),
-            ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n", "kubernetes.io/service-name"),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n",
+                "kubernetes.io/service-name",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_manifest(text).expect_err(text).to_string();
@@ -287,14 +314,22 @@ ports: [{name: http, port: 8080, protocol: TCP}]
         };
         assert_eq!(services.len(), 1);
         // Make sure the mtime/size fingerprint changes.
-        std::fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: bogus}\n").unwrap();
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: bogus}\n",
+        )
+        .unwrap();
         let second = src.poll();
         assert_eq!(second.errors.len(), 1, "{:?}", second.errors);
         assert!(second.errors[0].to_string().contains("web.yaml"));
         let Some(Change::Reset { services, slices }) = second.change else {
             panic!("a poll after an edit reports the content")
         };
-        assert_eq!((services.len(), slices.len()), (1, 1), "previous objects kept");
+        assert_eq!(
+            (services.len(), slices.len()),
+            (1, 1),
+            "previous objects kept"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -236,9 +236,9 @@ impl ServiceInfo {
                 }
                 Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => {
                     match s.parse::<i32>() {
-                        Ok(n) => TargetPort::Number(
-                            port_u16(n, "spec.ports[].targetPort").map_err(ctx)?,
-                        ),
+                        Ok(n) => {
+                            TargetPort::Number(port_u16(n, "spec.ports[].targetPort").map_err(ctx)?)
+                        }
                         Err(_) => TargetPort::Name(s.clone()),
                     }
                 }
@@ -252,8 +252,7 @@ impl ServiceInfo {
                 port,
                 protocol: Protocol::parse(p.protocol.as_deref()).map_err(ctx)?,
                 target_port,
-                node_port: if matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer)
-                {
+                node_port: if matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer) {
                     node_port
                 } else {
                     None
@@ -287,14 +286,15 @@ impl ServiceInfo {
         }
         let externally_reachable = !external_ips.is_empty()
             || matches!(type_, ServiceType::NodePort | ServiceType::LoadBalancer);
-        let affinity_timeout_secs = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(10_800)
-        });
+        let affinity_timeout_secs =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(10_800)
+            });
         let traffic_distribution = match spec.traffic_distribution.as_deref() {
             Some("PreferClose") => Some(TrafficDistribution::PreferClose),
             Some("PreferSameZone") => Some(TrafficDistribution::PreferSameZone),

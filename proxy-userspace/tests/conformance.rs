@@ -14,7 +14,11 @@ fn fixtures_dir() -> PathBuf {
 #[test]
 fn shared_fixtures_pass_at_model_level() {
     let dir = fixtures_dir();
-    assert!(dir.is_dir(), "fixture directory {} is missing", dir.display());
+    assert!(
+        dir.is_dir(),
+        "fixture directory {} is missing",
+        dir.display()
+    );
     for mode in [ProxyMode::Ebpf, ProxyMode::Iptables] {
         let report = run_dir(&dir, Level::Model, mode).expect("fixtures readable");
         let text = format_report(&report);

@@ -44,7 +44,11 @@ pub fn sh(args: &[&str]) -> String {
 /// A name unique to this process and call, short enough for netns and cgroup names.
 pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("kt{}-{}-{tag}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "kt{}-{}-{tag}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The cgroup v2 mount point (from /proc/self/mountinfo).
@@ -52,11 +56,13 @@ pub fn cgroup2_root() -> PathBuf {
     let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
     for line in info.lines() {
         let mut halves = line.split(" - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else { continue };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return PathBuf::from(mp);
-            }
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return PathBuf::from(mp);
         }
     }
     panic!("no cgroup v2 filesystem is mounted")
@@ -86,7 +92,9 @@ impl NetNs {
     pub fn new(name: &str) -> Self {
         sh(&["ip", "netns", "add", name]);
         sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
-        Self { name: name.to_string() }
+        Self {
+            name: name.to_string(),
+        }
     }
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/var/run/netns/{}", self.name))
@@ -101,7 +109,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -201,7 +211,16 @@ impl Topology {
         ensure_bpffs();
         let prefix = unique(tag);
         let node = NetNs::new(&format!("{prefix}-node"));
-        sh(&["ip", "netns", "exec", &node.name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]);
         let cgroup = Cgroup::new(&prefix);
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
         let workdir = std::env::temp_dir().join(&prefix);
@@ -223,14 +242,26 @@ impl Topology {
         let idx = self.pods.len();
         let host_if = format!("p{idx}");
         let ip_s = ip.to_string();
-        self.node.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
-        self.node.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if]);
+        self.node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        self.node
+            .ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if]);
         self.node.ip(&["link", "set", &host_if, "up"]);
-        self.node.ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if]);
+        self.node
+            .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if]);
         ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]);
-        ns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
         self.pods.push(Pod {
             name: name.to_string(),
             ip,
@@ -283,7 +314,10 @@ impl Topology {
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
             .expect("server start line");
-        assert!(line.contains("serving"), "server in {pod} did not start: {line}");
+        assert!(
+            line.contains("serving"),
+            "server in {pod} did not start: {line}"
+        );
         self.children.push(ChildGuard(child));
     }
 
@@ -300,7 +334,9 @@ impl Topology {
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
             .collect()
     }
 
@@ -322,7 +358,12 @@ impl Topology {
             .arg(&self.bpffs)
             .arg("--cgroup-path")
             .arg(&self.cgroup.path)
-            .args(["--hostname-override", "test-node", "--min-sync-period", "20ms"])
+            .args([
+                "--hostname-override",
+                "test-node",
+                "--min-sync-period",
+                "20ms",
+            ])
             .args(extra);
         cmd
     }
@@ -363,7 +404,12 @@ impl Topology {
     }
 
     /// Waits until `cond` holds for the datapath's frontends, or panics after `timeout`.
-    pub fn wait_for_services(&self, what: &str, timeout: Duration, cond: impl Fn(&[serde_json::Value]) -> bool) {
+    pub fn wait_for_services(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&[serde_json::Value]) -> bool,
+    ) {
         let start = Instant::now();
         loop {
             if let Some(rows) = self.services_json()
@@ -427,9 +473,17 @@ pub fn service_yaml(name: &str, vip: &str, port: u16, target: u16) -> String {
 pub fn slice_yaml(name: &str, ips: &[Ipv4Addr], target: u16) -> String {
     let eps: String = ips
         .iter()
-        .map(|ip| format!("  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: test-node}}\n"))
+        .map(|ip| {
+            format!(
+                "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: test-node}}\n"
+            )
+        })
         .collect();
-    let eps = if eps.is_empty() { "  []\n".to_string() } else { eps };
+    let eps = if eps.is_empty() {
+        "  []\n".to_string()
+    } else {
+        eps
+    };
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: default, name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nendpoints:\n{eps}ports:\n- {{name: tcp, port: {target}, protocol: TCP}}\n- {{name: udp, port: {target}, protocol: UDP}}\n"
     )

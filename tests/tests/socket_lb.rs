@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use kpr_testnet::{JsonLines as _, Topology, backends_of, service_yaml, slice_yaml, write_manifest};
+use kpr_testnet::{
+    JsonLines as _, Topology, backends_of, service_yaml, slice_yaml, write_manifest,
+};
 
 const VIP: &str = "10.96.0.10";
 const FRONTEND: &str = "10.96.0.10:80";
@@ -64,15 +66,27 @@ fn tcp_and_udp_reach_every_backend_and_only_those() {
 
     let tcp = t.client("client1", &["tcp", &format!("{VIP}:80"), "200"]);
     assert_eq!(tcp.len(), 200);
-    assert_eq!(backends_seen(&tcp), expected(&BACKENDS).into_iter().collect());
+    assert_eq!(
+        backends_seen(&tcp),
+        expected(&BACKENDS).into_iter().collect()
+    );
     for l in &tcp {
-        assert_eq!(l["peer"], FRONTEND, "getpeername must show the Service address: {l}");
+        assert_eq!(
+            l["peer"], FRONTEND,
+            "getpeername must show the Service address: {l}"
+        );
     }
 
     let udp = t.client("client2", &["udp", &format!("{VIP}:80"), "200"]);
-    assert_eq!(backends_seen(&udp), expected(&BACKENDS).into_iter().collect());
+    assert_eq!(
+        backends_seen(&udp),
+        expected(&BACKENDS).into_iter().collect()
+    );
     for l in &udp {
-        assert_eq!(l["peer"], FRONTEND, "recvfrom must show the Service address: {l}");
+        assert_eq!(
+            l["peer"], FRONTEND,
+            "recvfrom must show the Service address: {l}"
+        );
     }
 }
 
@@ -94,7 +108,10 @@ fn endpoint_and_service_removal_take_effect() {
         backends_of(rows, FRONTEND, "TCP") == Some(expected(&BACKENDS[..2]))
     });
     let tcp = t.client("client1", &["tcp", &format!("{VIP}:80"), "150"]);
-    assert_eq!(backends_seen(&tcp), expected(&BACKENDS[..2]).into_iter().collect());
+    assert_eq!(
+        backends_seen(&tcp),
+        expected(&BACKENDS[..2]).into_iter().collect()
+    );
 
     // Zero endpoints: connect() is refused at once.
     write_manifest(&dir, "slice.yaml", &slice_yaml("web", &[], 8080));
@@ -106,7 +123,11 @@ fn endpoint_and_service_removal_take_effect() {
         assert_eq!(l["error"], "ECONNREFUSED", "{l}");
     }
     let refused_udp = t.client("client1", &["udp", &format!("{VIP}:80"), "1"]);
-    assert_eq!(refused_udp[0]["error"], "ECONNREFUSED", "{}", refused_udp[0]);
+    assert_eq!(
+        refused_udp[0]["error"], "ECONNREFUSED",
+        "{}",
+        refused_udp[0]
+    );
 
     // Delete the Service: it is no longer translated (the SYN to the VIP dies in the node
     // namespace, which has no route for it).
@@ -115,7 +136,11 @@ fn endpoint_and_service_removal_take_effect() {
         backends_of(rows, FRONTEND, "TCP").is_none()
     });
     let after = t.client("client1", &["tcp", &format!("{VIP}:80"), "1"]);
-    assert!(after[0]["backend"].is_null(), "untranslated connect must not reach a backend: {}", after[0]);
+    assert!(
+        after[0]["backend"].is_null(),
+        "untranslated connect must not reach a backend: {}",
+        after[0]
+    );
 }
 
 fn agent_log(t: &Topology) -> String {
@@ -148,19 +173,29 @@ fn agent_kill9_and_restart_keeps_traffic_flowing() {
     let during = t.client("client1", &["tcp", &format!("{VIP}:80"), "20", "20"]);
     assert_eq!(during.len(), 20);
     for l in &during {
-        assert!(l["backend"].is_string(), "connection failed while the agent was down: {l}");
+        assert!(
+            l["backend"].is_string(),
+            "connection failed while the agent was down: {l}"
+        );
     }
 
     let _agent2 = t.start_agent(&dir);
     // The restarted agent adopts the pinned programs instead of reloading them...
     let start = std::time::Instant::now();
     while !agent_log(&t).contains("Adopted") {
-        assert!(start.elapsed() < WAIT, "restarted agent did not adopt: {}", agent_log(&t));
+        assert!(
+            start.elapsed() < WAIT,
+            "restarted agent did not adopt: {}",
+            agent_log(&t)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let after = t.client("client1", &["tcp", &format!("{VIP}:80"), "20", "10"]);
     for l in &after {
-        assert!(l["backend"].is_string(), "connection failed after restart: {l}");
+        assert!(
+            l["backend"].is_string(),
+            "connection failed after restart: {l}"
+        );
     }
     // ...and still applies changes as diffs against what it found.
     write_manifest(&dir, "slice.yaml", &slice_yaml("web", &BACKENDS[..1], 8080));
@@ -169,10 +204,19 @@ fn agent_kill9_and_restart_keeps_traffic_flowing() {
     });
 
     let out = held.wait_with_output_lines();
-    assert!(out.first().is_some_and(|l| l["connected"].is_string()), "{out:?}");
+    assert!(
+        out.first().is_some_and(|l| l["connected"].is_string()),
+        "{out:?}"
+    );
     let echoes = out.iter().filter(|l| l["echo"].is_string()).count();
-    assert!(echoes >= 10, "the held connection must keep working: {out:?}");
-    assert!(out.iter().all(|l| l["error"].is_null()), "the held connection broke: {out:?}");
+    assert!(
+        echoes >= 10,
+        "the held connection must keep working: {out:?}"
+    );
+    assert!(
+        out.iter().all(|l| l["error"].is_null()),
+        "the held connection broke: {out:?}"
+    );
 }
 
 #[test]
@@ -189,8 +233,16 @@ fn malformed_manifest_is_reported_and_changes_nothing() {
     let before = t.services_json().unwrap();
 
     // A new file with a broken Service, and an edit that breaks the existing slice file.
-    write_manifest(&dir, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n");
-    write_manifest(&dir, "slice.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1}\naddressType: IPv4\nendpoints: []\n");
+    write_manifest(
+        &dir,
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n",
+    );
+    write_manifest(
+        &dir,
+        "slice.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1}\naddressType: IPv4\nendpoints: []\n",
+    );
     let start = std::time::Instant::now();
     loop {
         let log = agent_log(&t);
@@ -203,9 +255,16 @@ fn malformed_manifest_is_reported_and_changes_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(t.services_json().unwrap(), before, "a rejected manifest must not change the datapath");
+    assert_eq!(
+        t.services_json().unwrap(),
+        before,
+        "a rejected manifest must not change the datapath"
+    );
     let tcp = t.client("client1", &["tcp", &format!("{VIP}:80"), "60"]);
-    assert_eq!(backends_seen(&tcp), expected(&BACKENDS).into_iter().collect());
+    assert_eq!(
+        backends_seen(&tcp),
+        expected(&BACKENDS).into_iter().collect()
+    );
 }
 
 #[test]
@@ -222,18 +281,45 @@ fn cleanup_removes_every_pin_and_attachment() {
     agent.kill9();
     let cg = t.cgroup.path.to_str().unwrap().to_string();
     let attached = kpr_testnet::sh(&["bpftool", "cgroup", "show", &cg]);
-    for hook in ["connect4", "connect6", "sendmsg4", "recvmsg4", "getpeername4", "getpeername6"] {
-        assert!(attached.contains(hook), "{hook} not attached before cleanup: {attached}");
+    for hook in [
+        "connect4",
+        "connect6",
+        "sendmsg4",
+        "recvmsg4",
+        "getpeername4",
+        "getpeername6",
+    ] {
+        assert!(
+            attached.contains(hook),
+            "{hook} not attached before cleanup: {attached}"
+        );
     }
     // The maps carry BTF: bpftool shows field names.
-    let dump = kpr_testnet::sh(&["bpftool", "map", "dump", "pinned", t.bpffs.join("v1/maps/KPR_SERVICES").to_str().unwrap()]);
+    let dump = kpr_testnet::sh(&[
+        "bpftool",
+        "map",
+        "dump",
+        "pinned",
+        t.bpffs.join("v1/maps/KPR_SERVICES").to_str().unwrap(),
+    ]);
     assert!(dump.contains("\"backend_count\": 3"), "{dump}");
 
     let out = t.kpr(&["cleanup"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!t.bpffs.exists(), "bpffs dir must be gone");
     let attached = kpr_testnet::sh(&["bpftool", "cgroup", "show", &cg]);
-    assert!(!attached.contains("connect4") && !attached.contains("kpr_"), "still attached: {attached}");
+    assert!(
+        !attached.contains("connect4") && !attached.contains("kpr_"),
+        "still attached: {attached}"
+    );
     let after = t.client("client1", &["tcp", &format!("{VIP}:80"), "1"]);
-    assert!(after[0]["backend"].is_null(), "no translation after cleanup: {}", after[0]);
+    assert!(
+        after[0]["backend"].is_null(),
+        "no translation after cleanup: {}",
+        after[0]
+    );
 }

@@ -24,7 +24,11 @@ struct Style {
 
 impl Style {
     fn paint(&self, code: &str, s: &str) -> String {
-        if self.on { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+        if self.on {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
     }
     fn step(&self, s: &str) {
         println!("\n{}", self.paint("1;34", &format!("==> {s}")));
@@ -60,13 +64,18 @@ fn kpr_services(t: &Topology) -> String {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    let st = Style { on: std::io::stdout().is_terminal() };
+    let st = Style {
+        on: std::io::stdout().is_terminal(),
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
     }
     st.step("Building kpr (eBPF programs + agent)");
-    let status = Command::new("cargo").args(["build", "--workspace", "--bins"]).current_dir(root()).status()?;
+    let status = Command::new("cargo")
+        .args(["build", "--workspace", "--bins"])
+        .current_dir(root())
+        .status()?;
     if !status.success() {
         bail!("build failed");
     }
@@ -84,13 +93,22 @@ pub fn run() -> anyhow::Result<()> {
         println!("  pod {name:<9} {ip}  (serves TCP+UDP :8080, answers with its own address)");
     }
     println!("  pod client1   10.0.0.2");
-    println!("  pod client2   10.0.0.3   (both in cgroup {})", t.cgroup.path.display());
+    println!(
+        "  pod client2   10.0.0.3   (both in cgroup {})",
+        t.cgroup.path.display()
+    );
 
-    st.step(&format!("Starting `kpr run` with a Service {VIP}:80 -> 3 endpoints :8080"));
+    st.step(&format!(
+        "Starting `kpr run` with a Service {VIP}:80 -> 3 endpoints :8080"
+    ));
     let dir = t.workdir.join("manifests");
     std::fs::create_dir_all(&dir)?;
     write_manifest(&dir, "service.yaml", &service_yaml("web", VIP, 80, 8080));
-    write_manifest(&dir, "endpointslice.yaml", &slice_yaml("web", &BACKENDS, 8080));
+    write_manifest(
+        &dir,
+        "endpointslice.yaml",
+        &slice_yaml("web", &BACKENDS, 8080),
+    );
     println!("  manifests in {}", dir.display());
     let _agent = t.start_agent(&dir);
     t.wait_for_services("the Service", Duration::from_secs(15), |rows| {
@@ -104,7 +122,11 @@ pub fn run() -> anyhow::Result<()> {
     print!("{}", kpr_services(&t));
 
     st.step("Scaling down: the EndpointSlice file now lists only 10.0.1.2");
-    write_manifest(&dir, "endpointslice.yaml", &slice_yaml("web", &BACKENDS[..1], 8080));
+    write_manifest(
+        &dir,
+        "endpointslice.yaml",
+        &slice_yaml("web", &BACKENDS[..1], 8080),
+    );
     t.wait_for_services("the scale-down", Duration::from_secs(15), |rows| {
         backends_of(rows, &format!("{VIP}:80"), "TCP").is_some_and(|b| b.len() == 1)
     });
@@ -117,7 +139,10 @@ pub fn run() -> anyhow::Result<()> {
         backends_of(rows, &format!("{VIP}:80"), "TCP").is_some_and(|b| b.is_empty())
     });
     let l = t.client("client1", &["tcp", &format!("{VIP}:80"), "1"]);
-    println!("  client1 -> {VIP}:80   {}", st.ok(l[0]["error"].as_str().unwrap_or("?")));
+    println!(
+        "  client1 -> {VIP}:80   {}",
+        st.ok(l[0]["error"].as_str().unwrap_or("?"))
+    );
 
     st.step("Tearing down (namespaces, cgroup, pinned programs and maps)");
     drop(t);

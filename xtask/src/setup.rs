@@ -13,10 +13,17 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The userspace toolchain (also in rust-toolchain.toml); bpf-linker is built with it.
 pub const USER_TOOLCHAIN: &str = "1.99.0";
-const APT_PACKAGES: [(&str, &str); 3] = [("ip", "iproute2"), ("bpftool", "bpftool"), ("nsenter", "util-linux")];
+const APT_PACKAGES: [(&str, &str); 3] = [
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("nsenter", "util-linux"),
+];
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn exec(cmd: &mut Command) -> anyhow::Result<()> {
@@ -52,11 +59,17 @@ fn linker_ready() -> bool {
     Command::new(linker_path())
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
 }
 
 fn missing_packages() -> Vec<&'static str> {
-    APT_PACKAGES.iter().filter(|(cmd, _)| !has_command(cmd)).map(|(_, pkg)| *pkg).collect()
+    APT_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !has_command(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect()
 }
 
 /// Runs setup only when something is missing.
@@ -76,19 +89,29 @@ fn run_setup() -> anyhow::Result<()> {
     if !missing.is_empty() {
         eprintln!("setup: installing {}", missing.join(" "));
         exec(Command::new("apt-get").args(["update", "-qq"]))?;
-        exec(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     }
     if !ebpf_toolchain_ready() {
         eprintln!("setup: installing {EBPF_TOOLCHAIN} with rust-src");
         exec(Command::new("rustup").args([
-            "toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))?;
     }
     if !linker_ready() {
-        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {EBPF_TOOLCHAIN}'s LLVM");
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against {EBPF_TOOLCHAIN}'s LLVM"
+        );
         let out = Command::new("rustc")
             .args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"])
             .output()?;
@@ -106,14 +129,25 @@ fn run_setup() -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(sysroot.join("lib").join(&lib), &link)?;
         }
-        exec(Command::new("cargo")
-            .args([&format!("+{USER_TOOLCHAIN}"), "install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--root"])
-            .arg(&tools)
-            .env("LLVM_PREFIX", &prefix)
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO_TARGET_DIR"))?;
+        exec(
+            Command::new("cargo")
+                .args([
+                    &format!("+{USER_TOOLCHAIN}"),
+                    "install",
+                    "--locked",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--root",
+                ])
+                .arg(&tools)
+                .env("LLVM_PREFIX", &prefix)
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO_TARGET_DIR"),
+        )?;
         if !linker_ready() {
-            bail!("bpf-linker was built but `{} --version` does not run", linker_path().display());
+            bail!(
+                "bpf-linker was built but `{} --version` does not run",
+                linker_path().display()
+            );
         }
     }
     eprintln!("setup: ready ({EBPF_TOOLCHAIN}, bpf-linker {BPF_LINKER_VERSION})");

@@ -17,10 +17,14 @@ struct Tally {
 
 impl Tally {
     fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else { return };
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
         for part in rest.split(';') {
             let mut words = part.split_whitespace().rev();
-            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
             let Ok(n) = n.parse::<u64>() else { continue };
             match what {
                 "passed" => self.passed += n,
@@ -59,7 +63,10 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     println!();
-    println!("{} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.ignored);
+    println!(
+        "{} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
     if !status.success() || tally.failed > 0 {
         bail!("tests failed");
     }

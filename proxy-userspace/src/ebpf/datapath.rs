@@ -12,11 +12,11 @@ use std::fs;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::EbpfLoader;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use proxy_common::{
     Backend, BackendSlotKey, MAP_LAYOUT_VERSION, RevNatValue, ServiceKey, ServiceValue,
     SockRevNatKey, SockRevNatValue, map_names,
@@ -118,7 +118,10 @@ fn mount_bpffs_if_missing(path: &Path) {
         )
     };
     if rc != 0 {
-        tracing::warn!("mounting bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        tracing::warn!(
+            "mounting bpffs at /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -129,8 +132,7 @@ fn statfs_magic(path: &Path) -> Option<i64> {
     if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
         return None;
     }
-    #[expect(clippy::cast_lossless, reason = "f_type is a platform-width integer")]
-    Some(st.f_type as i64)
+    Some(st.f_type)
 }
 
 /// Fails with a clear message unless `path` is on a bpffs.
@@ -158,7 +160,11 @@ pub struct PinnedMaps {
     sock_revnat: BpfHashMap<MapData, SockRevNatKey, SockRevNatValue>,
 }
 
-fn open_hash<K: aya::Pod, V: aya::Pod>(layout: &PinLayout, name: &str, lru: bool) -> Result<BpfHashMap<MapData, K, V>> {
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    layout: &PinLayout,
+    name: &str,
+    lru: bool,
+) -> Result<BpfHashMap<MapData, K, V>> {
     let path = layout.map(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         Error::bpf(format!(
@@ -166,7 +172,11 @@ fn open_hash<K: aya::Pod, V: aya::Pod>(layout: &PinLayout, name: &str, lru: bool
             path.display()
         ))
     })?;
-    let map = if lru { Map::LruHashMap(data) } else { Map::HashMap(data) };
+    let map = if lru {
+        Map::LruHashMap(data)
+    } else {
+        Map::HashMap(data)
+    };
     BpfHashMap::try_from(map).map_err(|e| Error::bpf(format!("map {name}: {e}")))
 }
 
@@ -325,7 +335,10 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
         } else {
             prog.attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
                 .map_err(|e| {
-                    Error::bpf(format!("attaching {prog_name} to {}: {e}", cgroup.display()))
+                    Error::bpf(format!(
+                        "attaching {prog_name} to {}: {e}",
+                        cgroup.display()
+                    ))
                 })?
         };
         let link = prog

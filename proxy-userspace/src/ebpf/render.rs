@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use proxy_common::{
-    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, map_sizes, scope,
-    service_flags,
+    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, map_sizes, scope, service_flags,
 };
 
 use super::{addr16, sockaddr_from16};
@@ -150,7 +149,12 @@ fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
     }
 }
 
-fn wanted(targets: &Targets, kind: FrontendKind, affinity: Option<u32>, frontend: SocketAddr) -> WantedService {
+fn wanted(
+    targets: &Targets,
+    kind: FrontendKind,
+    affinity: Option<u32>,
+    frontend: SocketAddr,
+) -> WantedService {
     let mut flags = 0;
     if kind == FrontendKind::ClusterIp {
         flags |= service_flags::CLUSTER_IP;
@@ -227,7 +231,9 @@ impl EbpfRenderer {
             );
         }
         let used_ids: BTreeSet<u32> = r.services.values().map(|p| p.value.id).collect();
-        r.free_service_ids = (0..r.next_service_id).filter(|i| !used_ids.contains(i)).collect();
+        r.free_service_ids = (0..r.next_service_id)
+            .filter(|i| !used_ids.contains(i))
+            .collect();
         r.next_backend_id = snapshot.backends.keys().max().map_or(0, |m| m + 1);
         let live_backends: BTreeSet<u32> = r.backend_ids.values().map(|(id, _)| *id).collect();
         r.free_backend_ids = (0..r.next_backend_id)
@@ -257,7 +263,12 @@ impl EbpfRenderer {
     }
 
     /// Takes a reference on the backend for `addr`, writing it to the map when new.
-    fn acquire_backend(&mut self, addr: SocketAddr, maps: &mut impl LbMaps, stats: &mut SyncStats) -> Result<u32> {
+    fn acquire_backend(
+        &mut self,
+        addr: SocketAddr,
+        maps: &mut impl LbMaps,
+        stats: &mut SyncStats,
+    ) -> Result<u32> {
         if let Some((id, refs)) = self.backend_ids.get_mut(&addr) {
             *refs += 1;
             return Ok(*id);
@@ -307,7 +318,12 @@ impl EbpfRenderer {
     /// Applies the difference between `desired` and what the maps hold. Errors on single
     /// frontends are collected and returned after every other frontend was synced; a failed
     /// frontend keeps its previous entries.
-    pub fn sync(&mut self, desired: &DesiredState, maps: &mut impl LbMaps, stale_slots: &[BackendSlotKey]) -> (SyncStats, Vec<Error>) {
+    pub fn sync(
+        &mut self,
+        desired: &DesiredState,
+        maps: &mut impl LbMaps,
+        stale_slots: &[BackendSlotKey],
+    ) -> (SyncStats, Vec<Error>) {
         let mut stats = SyncStats::default();
         let mut errors = Vec::new();
         for k in stale_slots {
@@ -342,11 +358,21 @@ impl EbpfRenderer {
     }
 
     fn backend_addrs(&self, ids: &[u32]) -> Vec<SocketAddr> {
-        let by_id: HashMap<u32, SocketAddr> = self.backend_ids.iter().map(|(a, (i, _))| (*i, *a)).collect();
+        let by_id: HashMap<u32, SocketAddr> = self
+            .backend_ids
+            .iter()
+            .map(|(a, (i, _))| (*i, *a))
+            .collect();
         ids.iter().filter_map(|i| by_id.get(i).copied()).collect()
     }
 
-    fn upsert(&mut self, key: &ServiceKey, want: &WantedService, maps: &mut impl LbMaps, stats: &mut SyncStats) -> Result<()> {
+    fn upsert(
+        &mut self,
+        key: &ServiceKey,
+        want: &WantedService,
+        maps: &mut impl LbMaps,
+        stats: &mut SyncStats,
+    ) -> Result<()> {
         let old = self.services.get(key).cloned();
         if let Some(old) = &old
             && old.value.flags == want.flags
@@ -387,7 +413,8 @@ impl EbpfRenderer {
             }
             let value = ServiceValue {
                 id,
-                backend_count: u32::try_from(ids.len()).map_err(|_| Error::bpf("too many backends"))?,
+                backend_count: u32::try_from(ids.len())
+                    .map_err(|_| Error::bpf("too many backends"))?,
                 revision,
                 flags: want.flags,
                 affinity_timeout_secs: want.affinity_timeout_secs,
@@ -416,7 +443,13 @@ impl EbpfRenderer {
                         self.release_backend(b, maps, stats);
                     }
                 }
-                self.services.insert(*key, Programmed { value, backends: ids });
+                self.services.insert(
+                    *key,
+                    Programmed {
+                        value,
+                        backends: ids,
+                    },
+                );
                 Ok(())
             }
             Err(e) => {
@@ -436,7 +469,12 @@ impl EbpfRenderer {
         }
     }
 
-    fn remove(&mut self, key: &ServiceKey, maps: &mut impl LbMaps, stats: &mut SyncStats) -> Result<()> {
+    fn remove(
+        &mut self,
+        key: &ServiceKey,
+        maps: &mut impl LbMaps,
+        stats: &mut SyncStats,
+    ) -> Result<()> {
         let Some(old) = self.services.remove(key) else {
             return Ok(());
         };
@@ -502,7 +540,12 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
                 frontend: sockaddr_from16(k.addr, k.port).to_string(),
                 protocol: crate::store::Protocol::from_number(k.proto)
                     .map_or_else(|| k.proto.to_string(), |p| p.as_str().to_string()),
-                scope: if k.scope == scope::EXTERNAL { "external" } else { "internal" }.to_string(),
+                scope: if k.scope == scope::EXTERNAL {
+                    "external"
+                } else {
+                    "internal"
+                }
+                .to_string(),
                 id: v.id,
                 revision: v.revision,
                 verdict: verdict.to_string(),
@@ -558,7 +601,10 @@ mod tests {
 
     fn frontend_backends(m: &MapsSnapshot, fe: &str) -> Vec<String> {
         let v = view(m);
-        let row = v.iter().find(|r| r.frontend == fe).unwrap_or_else(|| panic!("{fe} missing: {v:?}"));
+        let row = v
+            .iter()
+            .find(|r| r.frontend == fe)
+            .unwrap_or_else(|| panic!("{fe} missing: {v:?}"));
         let mut b = row.backends.clone();
         b.sort();
         b
@@ -567,13 +613,20 @@ mod tests {
     #[test]
     fn first_sync_writes_everything_second_writes_nothing() {
         let d = state(&[
-            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080", "10.0.1.3:8080"])),
+            (
+                "10.96.0.10:80",
+                Protocol::Tcp,
+                backends(&["10.0.1.2:8080", "10.0.1.3:8080"]),
+            ),
             ("10.96.0.11:53", Protocol::Udp, backends(&["10.0.1.2:53"])),
         ]);
         let mut r = EbpfRenderer::default();
         let mut m = MapsSnapshot::default();
         let s = sync(&mut r, &d, &mut m);
-        assert_eq!((s.services_written, s.slots_written, s.backends_written), (2, 3, 3));
+        assert_eq!(
+            (s.services_written, s.slots_written, s.backends_written),
+            (2, 3, 3)
+        );
         assert_eq!(m.revnat.len(), 2);
         let again = sync(&mut r, &d, &mut m);
         assert!(again.is_noop(), "{again:?}");
@@ -582,13 +635,21 @@ mod tests {
     #[test]
     fn changing_one_frontend_touches_only_that_frontend() {
         let mut d = state(&[
-            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080", "10.0.1.3:8080"])),
+            (
+                "10.96.0.10:80",
+                Protocol::Tcp,
+                backends(&["10.0.1.2:8080", "10.0.1.3:8080"]),
+            ),
             ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.4:8080"])),
         ]);
         let mut r = EbpfRenderer::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
-        let other_before = m.services.iter().find(|(k, _)| k.addr[15] == 11).map(|(_, v)| *v);
+        let other_before = m
+            .services
+            .iter()
+            .find(|(k, _)| k.addr[15] == 11)
+            .map(|(_, v)| *v);
         d = state(&[
             ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
             ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.4:8080"])),
@@ -598,8 +659,15 @@ mod tests {
         assert_eq!(s.slots_written, 1, "new revision has one slot");
         assert_eq!(s.slots_deleted, 2, "old revision's two slots retired");
         assert_eq!(s.backends_deleted, 1, "10.0.1.3 is no longer used");
-        assert_eq!(frontend_backends(&m, "10.96.0.10:80"), vec!["10.0.1.2:8080"]);
-        let other_after = m.services.iter().find(|(k, _)| k.addr[15] == 11).map(|(_, v)| *v);
+        assert_eq!(
+            frontend_backends(&m, "10.96.0.10:80"),
+            vec!["10.0.1.2:8080"]
+        );
+        let other_after = m
+            .services
+            .iter()
+            .find(|(k, _)| k.addr[15] == 11)
+            .map(|(_, v)| *v);
         assert_eq!(other_before, other_after);
         // No slot of a retired revision is left.
         assert_eq!(m.slots.len(), 2);
@@ -633,24 +701,45 @@ mod tests {
         let mut r = EbpfRenderer::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
-        let verdicts: Vec<_> = view(&m).into_iter().map(|v| (v.frontend, v.verdict)).collect();
+        let verdicts: Vec<_> = view(&m)
+            .into_iter()
+            .map(|v| (v.frontend, v.verdict))
+            .collect();
         assert_eq!(
             verdicts,
-            vec![("10.96.0.10:80".into(), "reject".into()), ("10.96.0.11:80".into(), "drop".into())]
+            vec![
+                ("10.96.0.10:80".into(), "reject".into()),
+                ("10.96.0.11:80".into(), "drop".into())
+            ]
         );
     }
 
     #[test]
     fn adopting_the_maps_makes_the_next_sync_a_noop() {
         let d = state(&[
-            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080", "10.0.1.3:8080"])),
-            ("[fd00::10]:80", Protocol::Tcp, backends(&["[fd00:1::2]:8080"])),
+            (
+                "10.96.0.10:80",
+                Protocol::Tcp,
+                backends(&["10.0.1.2:8080", "10.0.1.3:8080"]),
+            ),
+            (
+                "[fd00::10]:80",
+                Protocol::Tcp,
+                backends(&["[fd00:1::2]:8080"]),
+            ),
         ]);
         let mut r = EbpfRenderer::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         // A crash between publish and retire leaves a stray slot behind.
-        m.slots.insert(BackendSlotKey { service_id: 0, revision: 77, slot: 0 }, 0);
+        m.slots.insert(
+            BackendSlotKey {
+                service_id: 0,
+                revision: 77,
+                slot: 0,
+            },
+            0,
+        );
         let (mut adopted, stale) = EbpfRenderer::adopt(&m);
         assert_eq!(stale.len(), 1);
         let (s, errors) = adopted.sync(&d, &mut m, &stale);
@@ -660,7 +749,9 @@ mod tests {
         // A new frontend gets a fresh id, not one in use.
         let d2 = {
             let mut d2 = d.clone();
-            d2.frontends.extend(state(&[("10.96.0.12:80", Protocol::Tcp, backends(&["10.0.1.9:80"]))]).frontends);
+            d2.frontends.extend(
+                state(&[("10.96.0.12:80", Protocol::Tcp, backends(&["10.0.1.9:80"]))]).frontends,
+            );
             d2
         };
         sync(&mut adopted, &d2, &mut m);
@@ -684,9 +775,15 @@ mod tests {
         let (_, errors) = r.sync(&bigger, &mut m, &[]);
         assert_eq!(errors.len(), 1);
         let msg = errors[0].to_string();
-        assert!(msg.contains("10.96.0.10:80") && msg.contains("full"), "{msg}");
+        assert!(
+            msg.contains("10.96.0.10:80") && msg.contains("full"),
+            "{msg}"
+        );
         m.slot_capacity = None;
-        assert_eq!(m, before, "the old backend set stays published, nothing half-written");
+        assert_eq!(
+            m, before,
+            "the old backend set stays published, nothing half-written"
+        );
         // Once there is room, the next sync succeeds.
         sync(&mut r, &bigger, &mut m);
         assert_eq!(frontend_backends(&m, "10.96.0.10:80").len(), 3);

@@ -22,7 +22,11 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
-        _ if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
+        _ if e.kind() == std::io::ErrorKind::WouldBlock
+            || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            "ETIMEDOUT".into()
+        }
         _ => format!("{e}"),
     }
 }
@@ -84,7 +88,9 @@ fn tcp_once(to: SocketAddr) -> String {
 }
 
 fn udp_once(to: SocketAddr) -> String {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
     let sock = UdpSocket::bind(bind).expect("bind udp client");
     sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
     if let Err(e) = sock.send_to(b"x", to) {
@@ -119,7 +125,8 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     while Instant::now() < deadline {
         n += 1;
         let mut line = String::new();
-        let ok = writeln!(s, "ping{n}").is_ok() && reader.read_line(&mut line).map(|k| k > 0).unwrap_or(false);
+        let ok = writeln!(s, "ping{n}").is_ok()
+            && reader.read_line(&mut line).map(|k| k > 0).unwrap_or(false);
         if ok {
             println!("{{\"echo\":\"{}\"}}", line.trim());
         } else {
@@ -133,7 +140,9 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = |i: usize| -> SocketAddr {
-        args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage())
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| usage())
     };
     let num = |i: usize, d: u64| -> u64 { args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d) };
     match args.first().map(String::as_str) {
@@ -142,7 +151,11 @@ fn main() {
             let to = addr(1);
             let delay = Duration::from_millis(num(3, 0));
             for _ in 0..num(2, 1) {
-                let line = if mode == "tcp" { tcp_once(to) } else { udp_once(to) };
+                let line = if mode == "tcp" {
+                    tcp_once(to)
+                } else {
+                    udp_once(to)
+                };
                 println!("{line}");
                 let _ = std::io::stdout().flush();
                 std::thread::sleep(delay);
