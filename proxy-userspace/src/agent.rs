@@ -14,10 +14,17 @@ use crate::source::ManifestSource;
 use crate::store::{Change, Store};
 use crate::{Error, Result};
 
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    Api(crate::kube_source::ApiConfig),
+}
+
 /// Settings of `kpr run`.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub bpf_fs_path: PathBuf,
     pub cgroup_path: PathBuf,
     pub node: NodeInfo,
@@ -31,6 +38,10 @@ pub struct AgentConfig {
 pub struct Syncer {
     store: Store,
     node: NodeInfo,
+    /// Node IPs given on the command line win over the Node object's.
+    fixed_node_ips: bool,
+    services_listed: bool,
+    slices_listed: bool,
     proxy: ProxyConfig,
     maps: PinnedMaps,
     renderer: EbpfRenderer,
@@ -62,6 +73,9 @@ impl Syncer {
             Self {
                 store: Store::default(),
                 node: cfg.node.clone(),
+                fixed_node_ips: !cfg.node.ips.is_empty(),
+                services_listed: false,
+                slices_listed: false,
                 proxy: cfg.proxy.clone(),
                 maps,
                 renderer,
@@ -71,8 +85,45 @@ impl Syncer {
         ))
     }
 
+    /// Applies a change; returns whether the desired state may have changed.
     pub fn apply(&mut self, change: Change) -> bool {
-        self.store.apply(change)
+        match change {
+            Change::Node(node) => {
+                if node.name.is_empty() {
+                    return false;
+                }
+                let mut next = self.node.clone();
+                if !self.fixed_node_ips {
+                    next.ips = node.ips;
+                }
+                next.labels = node.labels;
+                let changed = next != self.node;
+                self.node = next;
+                changed
+            }
+            Change::Reset { .. } => {
+                self.services_listed = true;
+                self.slices_listed = true;
+                self.store.apply(change) || true
+            }
+            Change::ResetServices(_) => {
+                self.services_listed = true;
+                self.store.apply(change) || true
+            }
+            Change::ResetSlices(_) => {
+                self.slices_listed = true;
+                self.store.apply(change) || true
+            }
+            other => self.store.apply(other),
+        }
+    }
+
+    /// True once the source has delivered a complete list of Services and EndpointSlices.
+    /// Until then nothing is synced, so a restarted agent that cannot reach the API server
+    /// leaves the pinned datapath exactly as it found it.
+    #[must_use]
+    pub const fn ready(&self) -> bool {
+        self.services_listed && self.slices_listed
     }
 
     /// Computes the desired state and applies the difference.
@@ -118,18 +169,9 @@ impl Syncer {
     }
 }
 
-/// Runs the agent until SIGINT/SIGTERM. The datapath stays programmed after it exits.
-///
-/// # Errors
-/// Start-up failed (the datapath could not be loaded).
-pub async fn run(cfg: AgentConfig) -> Result<()> {
-    let (mut syncer, outcome) = Syncer::start(&cfg)?;
-    tracing::info!(?outcome, cgroup = %cfg.cgroup_path.display(), "kpr agent started");
-    let (tx, mut rx) = mpsc::channel::<Change>(64);
-    let manifests = cfg.manifests.clone();
-    let poll = cfg.poll_interval;
+fn spawn_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Change>) {
     tokio::spawn(async move {
-        let mut source = ManifestSource::new(manifests);
+        let mut source = ManifestSource::new(dir);
         loop {
             let result = tokio::task::block_in_place(|| source.poll());
             for e in &result.errors {
@@ -143,6 +185,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tokio::time::sleep(poll).await;
         }
     });
+}
+
+/// Runs the agent until SIGINT/SIGTERM. The datapath stays programmed after it exits.
+///
+/// # Errors
+/// Start-up failed (the datapath could not be loaded).
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let (mut syncer, outcome) = Syncer::start(&cfg)?;
+    tracing::info!(?outcome, cgroup = %cfg.cgroup_path.display(), "kpr agent started");
+    let (tx, mut rx) = mpsc::channel::<Change>(1024);
+    match &cfg.source {
+        SourceConfig::Manifests(dir) => spawn_manifests(dir.clone(), cfg.poll_interval, tx),
+        SourceConfig::Api(api) => {
+            let client = crate::kube_source::client(api).await?;
+            tracing::info!(selector = %api.label_selector(), node = %api.node_name, "watching the API server");
+            crate::kube_source::spawn(&client, api, &tx);
+        }
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("SIGTERM handler", e))?;
     let mut dirty = false;
@@ -162,7 +222,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
             }
             () = tokio::time::sleep(wait) => {
-                if dirty {
+                if !syncer.ready() {
+                    // Not listed yet: keep the datapath as found.
+                    last_full = Instant::now();
+                } else if dirty {
                     syncer.sync();
                     dirty = false;
                     last_sync = Instant::now();

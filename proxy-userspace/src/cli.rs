@@ -60,8 +60,18 @@ pub enum Output {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Directory of Service and EndpointSlice manifests (YAML or JSON), reloaded on change.
+    /// Without it kpr watches the API server (--kubeconfig, --master, or in-cluster config).
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+    /// kubeconfig file for the API server.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// API server URL (overrides the kubeconfig's).
+    #[arg(long)]
+    pub master: Option<String>,
+    /// Serve only Services labelled service.kubernetes.io/service-proxy-name=<this>.
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
     /// bpffs directory for kpr's pinned maps and links.
     #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
     pub bpf_fs_path: PathBuf,
@@ -116,8 +126,17 @@ impl RunArgs {
                 .map(|s| s.trim().to_lowercase())
                 .unwrap_or_default()
         });
+        let source = match &self.manifests {
+            Some(dir) => crate::agent::SourceConfig::Manifests(dir.clone()),
+            None => crate::agent::SourceConfig::Api(crate::kube_source::ApiConfig {
+                kubeconfig: self.kubeconfig.clone(),
+                master: self.master.clone(),
+                service_proxy_name: self.service_proxy_name.clone(),
+                node_name: name.clone(),
+            }),
+        };
         AgentConfig {
-            manifests: self.manifests.clone(),
+            source,
             bpf_fs_path: self.bpf_fs_path.clone(),
             cgroup_path: self.cgroup_path.clone(),
             node: NodeInfo {

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cli;
 pub mod conformance;
 pub mod ebpf;
+pub mod kube_source;
 pub mod model;
 pub mod source;
 pub mod store;

@@ -431,11 +431,17 @@ pub enum Change {
     ServiceDelete(ObjectRef),
     SliceUpsert(SliceInfo),
     SliceDelete(ObjectRef),
-    /// Replace everything (initial list, relist, manifests reload).
+    /// Replace everything (manifests reload).
     Reset {
         services: Vec<ServiceInfo>,
         slices: Vec<SliceInfo>,
     },
+    /// Replace all Services (an API list or relist).
+    ResetServices(Vec<ServiceInfo>),
+    /// Replace all EndpointSlices (an API list or relist).
+    ResetSlices(Vec<SliceInfo>),
+    /// This node's name, IPs or labels changed.
+    Node(crate::model::NodeInfo),
 }
 
 /// Services and EndpointSlices, indexed for the model.
@@ -472,6 +478,23 @@ impl Store {
                 true
             }
             Change::SliceDelete(id) => self.remove_slice(&id),
+            Change::ResetServices(services) => {
+                let fresh: BTreeMap<ObjectRef, ServiceInfo> =
+                    services.into_iter().map(|s| (s.id.clone(), s)).collect();
+                let changed = fresh != self.services;
+                self.services = fresh;
+                changed
+            }
+            Change::ResetSlices(slices) => {
+                let services = std::mem::take(&mut self.services);
+                let changed = self.apply(Change::Reset {
+                    services: services.into_values().collect(),
+                    slices,
+                });
+                changed
+            }
+            // The node is the agent's business, not the store's.
+            Change::Node(_) => false,
             Change::Reset { services, slices } => {
                 let mut fresh = Self::default();
                 for s in services {

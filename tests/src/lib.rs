@@ -7,6 +7,8 @@
 //! the node namespace. A packet to an address nobody in the topology owns (a Service VIP that
 //! was not translated, say) dies in the node namespace with "network unreachable"; nothing
 //! the harness runs is ever sent from, or to, the host's own namespace.
+pub mod emulator;
+
 use std::fs;
 use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
