@@ -34,6 +34,33 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
 }
 
+/// Network-programming latency: from an EndpointSlice's
+/// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that programmed it
+/// (upstream's `network_programming_duration_seconds`).
+#[derive(Clone, Debug, Default)]
+pub struct ProgrammingLatency {
+    pub count: u64,
+    pub sum_secs: f64,
+    pub max_secs: f64,
+}
+
+impl ProgrammingLatency {
+    /// Seconds from an RFC 3339 trigger time until now; `None` if unparsable or in the future.
+    #[must_use]
+    pub fn since(trigger: &str) -> Option<f64> {
+        let t: jiff::Timestamp = trigger.parse().ok()?;
+        let d = jiff::Timestamp::now().duration_since(t);
+        let secs = d.as_secs_f64();
+        (secs >= 0.0).then_some(secs)
+    }
+
+    pub fn observe(&mut self, secs: f64) {
+        self.count += 1;
+        self.sum_secs += secs;
+        self.max_secs = self.max_secs.max(secs);
+    }
+}
+
 /// Store + model + renderer over the pinned maps.
 pub struct Syncer {
     store: Store,
@@ -42,6 +69,9 @@ pub struct Syncer {
     fixed_node_ips: bool,
     services_listed: bool,
     slices_listed: bool,
+    /// `last-change-trigger-time`s of slices changed since the last sync.
+    pending_triggers: Vec<String>,
+    pub latency: ProgrammingLatency,
     proxy: ProxyConfig,
     maps: PinnedMaps,
     renderer: EbpfRenderer,
@@ -76,6 +106,8 @@ impl Syncer {
                 fixed_node_ips: !cfg.node.ips.is_empty(),
                 services_listed: false,
                 slices_listed: false,
+                pending_triggers: Vec::new(),
+                latency: ProgrammingLatency::default(),
                 proxy: cfg.proxy.clone(),
                 maps,
                 renderer,
@@ -104,15 +136,26 @@ impl Syncer {
             Change::Reset { .. } => {
                 self.services_listed = true;
                 self.slices_listed = true;
-                self.store.apply(change) || true
+                self.store.apply(change);
+                true
             }
             Change::ResetServices(_) => {
                 self.services_listed = true;
-                self.store.apply(change) || true
+                self.store.apply(change);
+                true
             }
             Change::ResetSlices(_) => {
                 self.slices_listed = true;
-                self.store.apply(change) || true
+                self.store.apply(change);
+                true
+            }
+            Change::SliceUpsert(slice) => {
+                let trigger = slice.trigger_time.clone();
+                let changed = self.store.apply(Change::SliceUpsert(slice));
+                if changed && let Some(t) = trigger {
+                    self.pending_triggers.push(t);
+                }
+                changed
             }
             other => self.store.apply(other),
         }
@@ -133,6 +176,14 @@ impl Syncer {
         let (stats, errors) = self.renderer.sync(&desired, &mut self.maps, &[]);
         for e in &errors {
             tracing::error!("sync: {e}");
+        }
+        if errors.is_empty() {
+            for t in self.pending_triggers.drain(..) {
+                if let Some(secs) = ProgrammingLatency::since(&t) {
+                    self.latency.observe(secs);
+                    tracing::info!(seconds = secs, trigger = %t, "network programming latency");
+                }
+            }
         }
         if !stats.is_noop() || !errors.is_empty() {
             tracing::info!(
@@ -243,5 +294,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProgrammingLatency;
+
+    #[test]
+    fn latency_from_trigger_time() {
+        let past = (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3)).to_string();
+        let secs = ProgrammingLatency::since(&past).expect("parsable");
+        assert!((3.0..10.0).contains(&secs), "{secs}");
+        assert_eq!(ProgrammingLatency::since("not a time"), None);
+        let mut l = ProgrammingLatency::default();
+        l.observe(1.0);
+        l.observe(3.0);
+        assert_eq!((l.count, l.sum_secs, l.max_secs), (2, 4.0, 3.0));
     }
 }

@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: watch the source, program the datapath, keep it in sync.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the frontends and backends the datapath holds (read from the pinned maps).
     Services {
         #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]

@@ -192,7 +192,8 @@ async fn watch_kind<T: Send + 'static>(
 /// Starts the watchers; changes arrive on `tx`.
 pub fn spawn(client: &kube::Client, cfg: &ApiConfig, tx: &mpsc::Sender<Change>) {
     let selector = cfg.label_selector();
-    let svc_api = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
+    let svc_api =
+        Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
     let slice_api =
         Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<EndpointSlice>(&()));
     let node_api = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<Node>(&()));

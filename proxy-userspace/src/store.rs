@@ -487,11 +487,10 @@ impl Store {
             }
             Change::ResetSlices(slices) => {
                 let services = std::mem::take(&mut self.services);
-                let changed = self.apply(Change::Reset {
+                self.apply(Change::Reset {
                     services: services.into_values().collect(),
                     slices,
-                });
-                changed
+                })
             }
             // The node is the agent's business, not the store's.
             Change::Node(_) => false,

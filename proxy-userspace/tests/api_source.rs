@@ -28,7 +28,13 @@ impl Harness {
         let c = client(&cfg).await.expect("client");
         let (tx, rx) = mpsc::channel(1024);
         spawn(&c, &cfg, &tx);
-        Self { emu, rx, store: Store::default(), node: None, resets: 0 }
+        Self {
+            emu,
+            rx,
+            store: Store::default(),
+            node: None,
+            resets: 0,
+        }
     }
 
     /// Applies incoming changes until `cond` holds (or panics after 10 s).
@@ -38,7 +44,11 @@ impl Harness {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(c)) => self.apply(c),
                 Ok(None) => panic!("source ended while waiting for {what}"),
-                Err(_) => panic!("timed out waiting for {what}; store has {} services, {} slices", self.store.service_count(), self.store.slice_count()),
+                Err(_) => panic!(
+                    "timed out waiting for {what}; store has {} services, {} slices",
+                    self.store.service_count(),
+                    self.store.slice_count()
+                ),
             }
         }
     }
@@ -68,7 +78,9 @@ impl Harness {
     }
 
     fn has_service(&self, name: &str) -> bool {
-        self.store.services().any(|s| s.id == ObjectRef::new("default", name))
+        self.store
+            .services()
+            .any(|s| s.id == ObjectRef::new("default", name))
     }
 
     fn endpoints_of(&self, svc: &str) -> Vec<String> {
@@ -85,7 +97,13 @@ impl Harness {
 async fn seeded() -> Emulator {
     let emu = Emulator::start().await;
     emu.apply(service("default", "web", "10.96.0.10", 80, json!({})));
-    emu.apply(endpoint_slice("default", "web", "web-1", &["10.0.1.2", "10.0.1.3"], 8080));
+    emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.2", "10.0.1.3"],
+        8080,
+    ));
     emu.apply(node("test-node", "192.168.0.2", "zone-a"));
     emu
 }
@@ -93,53 +111,109 @@ async fn seeded() -> Emulator {
 #[tokio::test]
 async fn initial_sync_and_changes_reach_the_store() {
     let mut h = Harness::start(seeded().await, None).await;
-    h.until("initial list", |h| h.has_service("web") && h.endpoints_of("web").len() == 2 && h.node.is_some()).await;
+    h.until("initial list", |h| {
+        h.has_service("web") && h.endpoints_of("web").len() == 2 && h.node.is_some()
+    })
+    .await;
     let n = h.node.clone().unwrap();
-    assert_eq!(n.ips, vec!["192.168.0.2".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        n.ips,
+        vec!["192.168.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(n.zone(), Some("zone-a"));
 
-    h.emu.apply(service("default", "api", "10.96.0.11", 443, json!({})));
+    h.emu
+        .apply(service("default", "api", "10.96.0.11", 443, json!({})));
     h.until("added Service", |h| h.has_service("api")).await;
-    h.emu.apply(endpoint_slice("default", "web", "web-1", &["10.0.1.2"], 8080));
-    h.until("updated slice", |h| h.endpoints_of("web") == vec!["10.0.1.2"]).await;
+    h.emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.2"],
+        8080,
+    ));
+    h.until("updated slice", |h| {
+        h.endpoints_of("web") == vec!["10.0.1.2"]
+    })
+    .await;
     h.emu.delete(Kind::Service, "default", "api");
     h.until("deleted Service", |h| !h.has_service("api")).await;
     h.emu.delete(Kind::EndpointSlice, "default", "web-1");
-    h.until("deleted slice", |h| h.endpoints_of("web").is_empty()).await;
+    h.until("deleted slice", |h| h.endpoints_of("web").is_empty())
+        .await;
 }
 
 #[tokio::test]
 async fn label_selector_follows_upstream() {
     let emu = seeded().await;
-    emu.apply(service("default", "other-proxy", "10.96.0.20", 80, json!({"service.kubernetes.io/service-proxy-name": "someone-else"})));
-    emu.apply(service("default", "headless", "10.96.0.21", 80, json!({"service.kubernetes.io/headless": ""})));
-    emu.apply(service("default", "mine", "10.96.0.22", 80, json!({"service.kubernetes.io/service-proxy-name": "kpr"})));
+    emu.apply(service(
+        "default",
+        "other-proxy",
+        "10.96.0.20",
+        80,
+        json!({"service.kubernetes.io/service-proxy-name": "someone-else"}),
+    ));
+    emu.apply(service(
+        "default",
+        "headless",
+        "10.96.0.21",
+        80,
+        json!({"service.kubernetes.io/headless": ""}),
+    ));
+    emu.apply(service(
+        "default",
+        "mine",
+        "10.96.0.22",
+        80,
+        json!({"service.kubernetes.io/service-proxy-name": "kpr"}),
+    ));
     let mut h = Harness::start(emu.clone(), None).await;
     h.until("initial list", |h| h.has_service("web")).await;
     h.quiet_for(Duration::from_millis(300)).await;
     assert!(!h.has_service("other-proxy") && !h.has_service("headless") && !h.has_service("mine"));
 
     let mut claimed = Harness::start(emu, Some("kpr")).await;
-    claimed.until("claimed Service", |h| h.has_service("mine")).await;
+    claimed
+        .until("claimed Service", |h| h.has_service("mine"))
+        .await;
     claimed.quiet_for(Duration::from_millis(300)).await;
-    assert!(!claimed.has_service("web"), "with a service-proxy-name only claimed Services are served");
+    assert!(
+        !claimed.has_service("web"),
+        "with a service-proxy-name only claimed Services are served"
+    );
 }
 
 #[tokio::test]
 async fn dropped_watches_and_410_relist_without_losing_state() {
     let mut h = Harness::start(seeded().await, None).await;
-    h.until("initial list", |h| h.has_service("web") && h.endpoints_of("web").len() == 2).await;
+    h.until("initial list", |h| {
+        h.has_service("web") && h.endpoints_of("web").len() == 2
+    })
+    .await;
 
     h.emu.drop_watches();
-    h.emu.apply(service("default", "after-drop", "10.96.0.12", 80, json!({})));
-    h.until("change after a dropped watch", |h| h.has_service("after-drop")).await;
+    h.emu.apply(service(
+        "default",
+        "after-drop",
+        "10.96.0.12",
+        80,
+        json!({}),
+    ));
+    h.until("change after a dropped watch", |h| {
+        h.has_service("after-drop")
+    })
+    .await;
     assert!(h.has_service("web"), "nothing lost across the reconnect");
 
     let resets_before = h.resets;
     h.emu.compact();
     h.emu.drop_watches();
-    h.emu.apply(service("default", "after-410", "10.96.0.13", 80, json!({})));
-    h.until("relist after 410", |h| h.has_service("after-410") && h.resets > resets_before).await;
+    h.emu
+        .apply(service("default", "after-410", "10.96.0.13", 80, json!({})));
+    h.until("relist after 410", |h| {
+        h.has_service("after-410") && h.resets > resets_before
+    })
+    .await;
     assert!(h.has_service("web") && h.has_service("after-drop"));
     assert_eq!(h.endpoints_of("web").len(), 2);
 }
@@ -149,17 +223,27 @@ async fn server_errors_and_an_unreachable_server_change_nothing() {
     let emu = seeded().await;
     emu.fail_next(4);
     let mut h = Harness::start(emu, None).await;
-    h.until("list after injected 500s", |h| h.has_service("web") && h.endpoints_of("web").len() == 2).await;
+    h.until("list after injected 500s", |h| {
+        h.has_service("web") && h.endpoints_of("web").len() == 2
+    })
+    .await;
 
     h.emu.set_hang(true);
     h.emu.drop_watches();
     let changes = h.quiet_for(Duration::from_millis(1500)).await;
-    assert_eq!(changes, 0, "an unreachable API server must not produce changes");
+    assert_eq!(
+        changes, 0,
+        "an unreachable API server must not produce changes"
+    );
     assert!(h.has_service("web") && h.endpoints_of("web").len() == 2);
 
     h.emu.set_hang(false);
-    h.emu.apply(service("default", "back", "10.96.0.14", 80, json!({})));
-    h.until("changes after the server is back", |h| h.has_service("back")).await;
+    h.emu
+        .apply(service("default", "back", "10.96.0.14", 80, json!({})));
+    h.until("changes after the server is back", |h| {
+        h.has_service("back")
+    })
+    .await;
     assert!(h.has_service("web"));
 }
 
@@ -172,7 +256,15 @@ async fn malformed_objects_are_skipped() {
     h.until("initial list", |h| h.has_service("web")).await;
     assert!(!h.has_service("bad-ip") && !h.has_service("bad-type"));
     h.emu.apply_raw(Kind::EndpointSlice, json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"namespace": "default", "name": "web-x", "labels": {"kubernetes.io/service-name": "web"}}, "addressType": "IPv4", "endpoints": [{"addresses": ["nope"]}]}));
-    h.emu.apply(service("default", "good", "10.96.0.15", 80, json!({})));
-    h.until("a good object after a malformed one", |h| h.has_service("good")).await;
-    assert_eq!(h.endpoints_of("web").len(), 2, "the malformed slice was skipped");
+    h.emu
+        .apply(service("default", "good", "10.96.0.15", 80, json!({})));
+    h.until("a good object after a malformed one", |h| {
+        h.has_service("good")
+    })
+    .await;
+    assert_eq!(
+        h.endpoints_of("web").len(),
+        2,
+        "the malformed slice was skipped"
+    );
 }

@@ -112,11 +112,14 @@ fn labels_match(selector: &str, obj: &Value) -> bool {
 }
 
 fn fields_match(selector: &str, obj: &Value) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|term| match term.split_once('=') {
-        Some(("metadata.name", v)) => obj["metadata"]["name"].as_str() == Some(v),
-        Some(("metadata.namespace", v)) => obj["metadata"]["namespace"].as_str() == Some(v),
-        _ => true,
-    })
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some(("metadata.name", v)) => obj["metadata"]["name"].as_str() == Some(v),
+            Some(("metadata.namespace", v)) => obj["metadata"]["namespace"].as_str() == Some(v),
+            _ => true,
+        })
 }
 
 impl Emulator {
@@ -124,7 +127,9 @@ impl Emulator {
     pub async fn start() -> Self {
         let (events, _) = broadcast::channel(4096);
         let (drops, _) = broadcast::channel(16);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind emulator");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind emulator");
         let addr = listener.local_addr().expect("addr");
         let emu = Self {
             inner: Arc::new(Mutex::new(Inner {
@@ -142,8 +147,18 @@ impl Emulator {
         let app = Router::new()
             .route("/api/v1/services", get(list_or_watch_services))
             .route("/api/v1/nodes", get(list_or_watch_nodes))
-            .route("/apis/discovery.k8s.io/v1/endpointslices", get(list_or_watch_slices))
-            .route("/version", get(|| async { axum::Json(json!({"major": "1", "minor": "37", "gitVersion": "v1.37.0-kpr-emulator"})) }))
+            .route(
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                get(list_or_watch_slices),
+            )
+            .route(
+                "/version",
+                get(|| async {
+                    axum::Json(
+                        json!({"major": "1", "minor": "37", "gitVersion": "v1.37.0-kpr-emulator"}),
+                    )
+                }),
+            )
             .route("/api/v1/namespaces/{ns}/services/{name}", get(get_one))
             .with_state(emu.clone());
         tokio::spawn(async move {
@@ -178,7 +193,12 @@ impl Emulator {
             } else {
                 inner.objects.insert(key, object.clone());
             }
-            let ev = WatchEvent { rv, kind, type_, object };
+            let ev = WatchEvent {
+                rv,
+                kind,
+                type_,
+                object,
+            };
             inner.history.push(ev.clone());
             ev
         };
@@ -188,7 +208,12 @@ impl Emulator {
     /// Creates or replaces an object (its `kind` says which collection).
     pub fn apply(&self, object: Value) {
         let kind = Kind::of(&object).expect("object with a supported kind");
-        let exists = self.inner.lock().unwrap().objects.contains_key(&(kind, key_of(&object)));
+        let exists = self
+            .inner
+            .lock()
+            .unwrap()
+            .objects
+            .contains_key(&(kind, key_of(&object)));
         self.record(kind, if exists { "MODIFIED" } else { "ADDED" }, object);
     }
 
@@ -263,7 +288,13 @@ impl Emulator {
         self.list(kind, &q, &labels, &fields)
     }
 
-    fn list(&self, kind: Kind, q: &BTreeMap<String, String>, labels: &str, fields: &str) -> Response {
+    fn list(
+        &self,
+        kind: Kind,
+        q: &BTreeMap<String, String>,
+        labels: &str,
+        fields: &str,
+    ) -> Response {
         let inner = self.inner.lock().unwrap();
         let all: Vec<&Value> = inner
             .objects
@@ -272,8 +303,17 @@ impl Emulator {
             .map(|(_, o)| o)
             .collect();
         let start: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-        let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
-        let page: Vec<Value> = all.iter().skip(start).take(limit).map(|o| (*o).clone()).collect();
+        let limit: usize = q
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let page: Vec<Value> = all
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|o| (*o).clone())
+            .collect();
         let next = start + page.len();
         let mut meta = json!({"resourceVersion": inner.rv.to_string()});
         if next < all.len() {
@@ -288,9 +328,21 @@ impl Emulator {
         .into_response()
     }
 
-    fn watch(&self, kind: Kind, q: &BTreeMap<String, String>, labels: String, fields: String) -> Response {
-        let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let timeout = q.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(300u64);
+    fn watch(
+        &self,
+        kind: Kind,
+        q: &BTreeMap<String, String>,
+        labels: String,
+        fields: String,
+    ) -> Response {
+        let from: u64 = q
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(300u64);
         let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
         let mut rx = self.events.subscribe();
         let mut drops = self.drops.subscribe();
@@ -307,13 +359,18 @@ impl Emulator {
         };
         let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
         tokio::spawn(async move {
-            let line = |e: &WatchEvent| format!("{}\n", json!({"type": e.type_, "object": e.object}));
+            let line =
+                |e: &WatchEvent| format!("{}\n", json!({"type": e.type_, "object": e.object}));
             if gone {
                 let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
                 let _ = tx.send(Ok(format!("{status}\n"))).await;
                 return;
             }
-            let matches = |e: &WatchEvent| e.kind == kind && labels_match(&labels, &e.object) && fields_match(&fields, &e.object);
+            let matches = |e: &WatchEvent| {
+                e.kind == kind
+                    && labels_match(&labels, &e.object)
+                    && fields_match(&fields, &e.object)
+            };
             for e in backlog.iter().filter(|e| matches(e)) {
                 if tx.send(Ok(line(e))).await.is_err() {
                     return;
@@ -344,7 +401,9 @@ impl Emulator {
                 }
             }
         });
-        let stream = futures::stream::unfold(body_rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let stream = futures::stream::unfold(body_rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
         Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from_stream(stream))
@@ -354,20 +413,39 @@ impl Emulator {
 
 fn status_response(code: u16, reason: &str, message: &str) -> Response {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
-    (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response()
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response()
 }
 
-async fn list_or_watch_services(State(e): State<Emulator>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn list_or_watch_services(
+    State(e): State<Emulator>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     e.serve(Kind::Service, q).await
 }
-async fn list_or_watch_slices(State(e): State<Emulator>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn list_or_watch_slices(
+    State(e): State<Emulator>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     e.serve(Kind::EndpointSlice, q).await
 }
-async fn list_or_watch_nodes(State(e): State<Emulator>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn list_or_watch_nodes(
+    State(e): State<Emulator>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
     e.serve(Kind::Node, q).await
 }
 async fn get_one(State(e): State<Emulator>, Path((ns, name)): Path<(String, String)>) -> Response {
-    let obj = e.inner.lock().unwrap().objects.get(&(Kind::Service, format!("{ns}/{name}"))).cloned();
+    let obj = e
+        .inner
+        .lock()
+        .unwrap()
+        .objects
+        .get(&(Kind::Service, format!("{ns}/{name}")))
+        .cloned();
     match obj {
         Some(o) => axum::Json(o).into_response(),
         None => status_response(404, "NotFound", "not found"),
@@ -385,7 +463,9 @@ pub fn service(ns: &str, name: &str, vip: &str, port: u16, labels: Value) -> Val
 pub fn endpoint_slice(ns: &str, service: &str, name: &str, ips: &[&str], port: u16) -> Value {
     let eps: Vec<Value> = ips
         .iter()
-        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "test-node"}))
+        .map(
+            |ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "test-node"}),
+        )
         .collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": service},

@@ -1,0 +1,142 @@
+//! End to end with the Kubernetes API source: `kpr run --kubeconfig` against the in-repo API
+//! server emulator (real HTTP on loopback), programming the socket-LB datapath for pods in a
+//! netns topology.
+//!
+//! Address plan: client 10.0.0.2; backends 10.0.1.2, 10.0.1.3 (:8080); Service 10.96.0.10:80.
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use kpr_testnet::emulator::{Emulator, endpoint_slice, node, service};
+use kpr_testnet::{Topology, backends_of};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn log_contains(t: &Topology, needle: &str) -> bool {
+    std::fs::read_dir(&t.workdir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains(needle)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_changes_reach_the_datapath_and_an_outage_changes_nothing() {
+    let emu = Emulator::start().await;
+    emu.apply(service("default", "web", "10.96.0.10", 80, json!({})));
+    emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.2", "10.0.1.3"],
+        8080,
+    ));
+    emu.apply(node("test-node", "192.168.0.2", "zone-a"));
+
+    let mut t = Topology::new("api");
+    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
+    t.add_pod("b0", Ipv4Addr::new(10, 0, 1, 2));
+    t.add_pod("b1", Ipv4Addr::new(10, 0, 1, 3));
+    t.serve("b0", &[8080]);
+    t.serve("b1", &[8080]);
+    let kubeconfig = t.workdir.join("kubeconfig");
+    emu.write_kubeconfig(&kubeconfig);
+    let start_agent = |t: &Topology, n: &str| {
+        let log = std::fs::File::create(t.workdir.join(format!("agent-{n}.log"))).unwrap();
+        kpr_testnet::ChildGuard(
+            std::process::Command::new(kpr_testnet::target_bin("kpr"))
+                .args(["run", "--kubeconfig"])
+                .arg(&kubeconfig)
+                .arg("--bpf-fs-path")
+                .arg(&t.bpffs)
+                .arg("--cgroup-path")
+                .arg(&t.cgroup.path)
+                .args([
+                    "--hostname-override",
+                    "test-node",
+                    "--min-sync-period",
+                    "20ms",
+                    "--sync-period",
+                    "1s",
+                ])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+
+    let mut agent = start_agent(&t, "1");
+    let both = vec!["10.0.1.2:8080".to_string(), "10.0.1.3:8080".to_string()];
+    t.wait_for_services("initial sync", WAIT, |r| {
+        backends_of(r, "10.96.0.10:80", "TCP") == Some(both.clone())
+    });
+    let seen: BTreeSet<String> = t
+        .client("client", &["tcp", "10.96.0.10:80", "60"])
+        .iter()
+        .map(|l| {
+            l["backend"]
+                .as_str()
+                .unwrap_or_else(|| panic!("failed: {l}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(seen, both.iter().cloned().collect());
+
+    emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.3"],
+        8080,
+    ));
+    t.wait_for_services("update", WAIT, |r| {
+        backends_of(r, "10.96.0.10:80", "TCP") == Some(vec!["10.0.1.3:8080".into()])
+    });
+    emu.apply(service("default", "api", "10.96.0.11", 80, json!({})));
+    t.wait_for_services("new Service", WAIT, |r| {
+        backends_of(r, "10.96.0.11:80", "TCP") == Some(vec![])
+    });
+    emu.delete(kpr_testnet::emulator::Kind::Service, "default", "api");
+    t.wait_for_services("deleted Service", WAIT, |r| {
+        backends_of(r, "10.96.0.11:80", "TCP").is_none()
+    });
+
+    // API server unreachable, agent restarted: the datapath stays exactly as it was.
+    agent.kill9();
+    emu.set_hang(true);
+    emu.drop_watches();
+    let before = t.services_json().unwrap();
+    let _agent2 = start_agent(&t, "2");
+    let started = Instant::now();
+    while !log_contains(&t, "Adopted") {
+        assert!(started.elapsed() < WAIT, "agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(2500)); // longer than --sync-period
+    assert_eq!(
+        t.services_json().unwrap(),
+        before,
+        "an unreachable API server must not change the datapath"
+    );
+    let l = t.client("client", &["tcp", "10.96.0.10:80", "5"]);
+    assert!(l.iter().all(|l| l["backend"] == "10.0.1.3:8080"), "{l:?}");
+
+    // The server comes back: the agent lists and catches up.
+    emu.set_hang(false);
+    emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.2", "10.0.1.3"],
+        8080,
+    ));
+    t.wait_for_services("catch-up after the outage", WAIT, |r| {
+        backends_of(r, "10.96.0.10:80", "TCP") == Some(both.clone())
+    });
+}
