@@ -18,7 +18,17 @@ pub mod map_names {
     pub const BACKENDS: &str = "KPR_BACKENDS";
     pub const REVNAT: &str = "KPR_REVNAT";
     pub const SOCK_REVNAT: &str = "KPR_SOCK_REVNAT";
-    pub const ALL: [&str; 5] = [SERVICES, BACKEND_SLOTS, BACKENDS, REVNAT, SOCK_REVNAT];
+    pub const CONNTRACK: &str = "KPR_CT";
+    pub const CONFIG: &str = "KPR_CONFIG";
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        REVNAT,
+        SOCK_REVNAT,
+        CONNTRACK,
+        CONFIG,
+    ];
 }
 
 /// Map capacities. Sized for 64k frontends with 1M backend slots in total.
@@ -28,6 +38,7 @@ pub mod map_sizes {
     pub const BACKENDS: usize = 262_144;
     pub const REVNAT: usize = 65_536;
     pub const SOCK_REVNAT: usize = 262_144;
+    pub const CONNTRACK: usize = 524_288;
 }
 
 /// IP protocol numbers as used in keys.
@@ -51,6 +62,12 @@ pub mod service_flags {
     pub const CLUSTER_IP: u32 = 1 << 0;
     /// sessionAffinity: ClientIP.
     pub const AFFINITY_CLIENT_IP: u32 = 1 << 1;
+    /// No usable endpoint and the policy says drop (a Local policy without local
+    /// endpoints), not reject.
+    pub const DROP: u32 = 1 << 2;
+    /// Traffic from outside to this (external-scope) frontend is masqueraded to the node
+    /// (externalTrafficPolicy Cluster).
+    pub const EXTERNAL_MASQ: u32 = 1 << 3;
 }
 
 /// A frontend: the address, port and protocol a client connects to.
@@ -132,6 +149,66 @@ pub struct SockRevNatValue {
     pub service_id: u32,
 }
 
+/// What a conntrack entry translates (`CtKey::kind`). Destination rewrites happen at ingress
+/// (before routing), source rewrites at egress (after routing), like netfilter's
+/// PREROUTING DNAT / POSTROUTING SNAT split, so the kernel never sees a local address as the
+/// source of a packet it receives.
+pub mod ct_kind {
+    /// client -> frontend, seen at ingress: rewrite the destination to the backend.
+    pub const FORWARD: u8 = 1;
+    /// client -> backend, seen at egress: rewrite the source to the node (masquerade).
+    pub const SNAT: u8 = 2;
+    /// backend -> node, seen at ingress: rewrite the destination back to the client.
+    pub const REPLY_DNAT: u8 = 3;
+    /// backend -> client, seen at egress: rewrite the source back to the frontend.
+    pub const REPLY_SNAT: u8 = 4;
+}
+
+/// Flags in `CtValue::flags`.
+pub mod ct_flags {
+    /// The forward flow is masqueraded.
+    pub const MASQ: u8 = 1 << 0;
+}
+
+/// A conntrack key: the packet's tuple as seen where the entry is used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub kind: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A conntrack value: the address and port to write, and the backend the flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    /// The backend's generation when the flow was created: a mismatch means stale.
+    pub generation: u32,
+    pub service_id: u32,
+}
+
+/// Node-wide settings the TC programs need (`KPR_CONFIG`, one entry at index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// The address masqueraded traffic leaves with (IPv4-mapped).
+    pub snat_v4: [u8; 16],
+    pub snat_v6: [u8; 16],
+}
+
 /// `::ffff:a.b.c.d` for an IPv4 address given as its four octets.
 #[inline(always)]
 #[must_use]
@@ -162,8 +239,8 @@ pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-        SockRevNatValue,
+        Backend, BackendSlotKey, CtKey, CtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
+        SockRevNatKey, SockRevNatValue,
     };
 
     macro_rules! pod {
@@ -182,7 +259,10 @@ mod user {
         Backend,
         RevNatValue,
         SockRevNatKey,
-        SockRevNatValue
+        SockRevNatValue,
+        CtKey,
+        CtValue,
+        NodeConfig
     );
 }
 
@@ -201,6 +281,9 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 16 + 2 + 2);
         assert_eq!(size_of::<SockRevNatKey>(), 8 + 16 + 2 + 6);
         assert_eq!(size_of::<SockRevNatValue>(), 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<CtKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtValue>(), 16 + 2 + 1 + 1 + 4 + 4 + 4);
+        assert_eq!(size_of::<NodeConfig>(), 32);
     }
 
     #[test]

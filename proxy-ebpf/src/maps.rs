@@ -1,12 +1,12 @@
 //! The maps every kpr program shares. Pinned by name under the agent's versioned bpffs
 //! directory, so they outlive the agent and are adopted by the next one.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::{Array, HashMap, LruHashMap},
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
-    map_sizes,
+    Backend, BackendSlotKey, CtKey, CtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, map_sizes,
 };
 
 #[btf_map(pin_by_name)]
@@ -25,3 +25,9 @@ pub static KPR_REVNAT: HashMap<u32, RevNatValue, { map_sizes::REVNAT }> = HashMa
 #[btf_map(pin_by_name)]
 pub static KPR_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { map_sizes::SOCK_REVNAT }> =
     LruHashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_CT: LruHashMap<CtKey, CtValue, { map_sizes::CONNTRACK }> = LruHashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_CONFIG: Array<NodeConfig, 1> = Array::new();

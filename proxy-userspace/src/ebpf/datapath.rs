@@ -18,8 +18,8 @@ use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use proxy_common::{
-    Backend, BackendSlotKey, MAP_LAYOUT_VERSION, RevNatValue, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, map_names,
+    Backend, BackendSlotKey, CtKey, CtValue, MAP_LAYOUT_VERSION, NodeConfig, RevNatValue,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
 };
 
 use super::render::{LbMaps, MapsSnapshot};
@@ -158,6 +158,22 @@ pub struct PinnedMaps {
     backends: BpfHashMap<MapData, u32, Backend>,
     revnat: BpfHashMap<MapData, u32, RevNatValue>,
     sock_revnat: BpfHashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    config: aya::maps::Array<MapData, NodeConfig>,
+}
+
+/// Loads the eBPF object with its maps pinned (or reused) under `layout`, without loading
+/// or attaching any program.
+///
+/// # Errors
+/// The kernel refused a map.
+pub fn load_object(layout: &PinLayout) -> Result<aya::Ebpf> {
+    let dir = layout.maps_dir();
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::bpf(format!("loading the eBPF object: {e}")))
 }
 
 fn open_hash<K: aya::Pod, V: aya::Pod>(
@@ -192,7 +208,36 @@ impl PinnedMaps {
             backends: open_hash(layout, map_names::BACKENDS, false)?,
             revnat: open_hash(layout, map_names::REVNAT, false)?,
             sock_revnat: open_hash(layout, map_names::SOCK_REVNAT, true)?,
+            conntrack: open_hash(layout, map_names::CONNTRACK, true)?,
+            config: {
+                let path = layout.map(map_names::CONFIG);
+                let data = MapData::from_pin(&path)
+                    .map_err(|e| Error::bpf(format!("opening {}: {e}", path.display())))?;
+                aya::maps::Array::try_from(Map::Array(data))
+                    .map_err(|e| Error::bpf(format!("map {}: {e}", map_names::CONFIG)))?
+            },
         })
+    }
+
+    /// Sets the address masqueraded traffic leaves with.
+    ///
+    /// # Errors
+    /// The kernel refused the write.
+    pub fn set_node_config(&mut self, cfg: &NodeConfig) -> Result<()> {
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| map_err(map_names::CONFIG, "set", e))
+    }
+
+    /// Every conntrack entry (for `kpr conntrack`-style inspection and tests).
+    ///
+    /// # Errors
+    /// The kernel refused a read.
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        self.conntrack
+            .iter()
+            .map(|r| r.map_err(|e| Error::bpf(format!("reading {}: {e}", map_names::CONNTRACK))))
+            .collect()
     }
 
     /// Reads every load-balancing map.

@@ -18,7 +18,7 @@ use crate::model::{DesiredState, FrontendKey, FrontendKind, Targets};
 use crate::{Error, Result};
 
 /// Flag in `ServiceValue::flags`: no usable endpoint and the policy says drop, not reject.
-pub const FLAG_DROP: u32 = 1 << 8;
+pub const FLAG_DROP: u32 = service_flags::DROP;
 
 /// Writes to the load-balancing maps. Implemented by the pinned kernel maps and, for tests,
 /// by [`MapsSnapshot`] itself.
@@ -154,8 +154,12 @@ fn wanted(
     kind: FrontendKind,
     affinity: Option<u32>,
     frontend: SocketAddr,
+    external_masq: bool,
 ) -> WantedService {
     let mut flags = 0;
+    if external_masq {
+        flags |= service_flags::EXTERNAL_MASQ;
+    }
     if kind == FrontendKind::ClusterIp {
         flags |= service_flags::CLUSTER_IP;
     }
@@ -181,12 +185,24 @@ fn wanted_entries(desired: &DesiredState) -> BTreeMap<ServiceKey, WantedService>
         let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
         out.insert(
             key_for(fe_key, scope::INTERNAL),
-            wanted(&fe.internal, fe.kind, fe.affinity_timeout_secs, frontend),
+            wanted(
+                &fe.internal,
+                fe.kind,
+                fe.affinity_timeout_secs,
+                frontend,
+                false,
+            ),
         );
         if fe.kind != FrontendKind::ClusterIp {
             out.insert(
                 key_for(fe_key, scope::EXTERNAL),
-                wanted(&fe.external, fe.kind, fe.affinity_timeout_secs, frontend),
+                wanted(
+                    &fe.external,
+                    fe.kind,
+                    fe.affinity_timeout_secs,
+                    frontend,
+                    !fe.external_policy_local,
+                ),
             );
         }
     }

@@ -1,0 +1,503 @@
+//! TC programs for traffic that does not start on this node: NodePort, ExternalIPs and
+//! LoadBalancer IPs reached from outside.
+//!
+//! `kpr_tc_ingress` rewrites destinations (before routing): a new flow to an EXTERNAL-scope
+//! frontend picks a backend, records conntrack entries and is DNATed; established flows follow
+//! their entry; replies to masqueraded flows get the client back as destination.
+//! `kpr_tc_egress` rewrites sources (after routing): masquerade towards the backend, and the
+//! frontend address on replies towards the client. Splitting it this way keeps the kernel's
+//! own routing and forwarding in charge, and never shows the stack a packet whose source is a
+//! local address. Parsing uses direct packet access; writes use the checksum-aware helpers.
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{bpf_get_prandom_u32, bpf_redirect},
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{
+    BackendSlotKey, CtKey, CtValue, ServiceKey, ct_flags, ct_kind, proto, scope, service_flags,
+    v4_mapped,
+};
+
+use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, KPR_SLOTS};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+const OK: i32 = TC_ACT_OK as i32;
+/// Internal verdict of `new_flow`: answer with a TCP RST (done by the caller, so the RST
+/// builder's stack frame never stacks on top of `new_flow`'s).
+const REJECT: i32 = -1;
+const SHOT: i32 = TC_ACT_SHOT as i32;
+
+/// The fields of an IPv4 TCP/UDP packet the programs need.
+struct Packet {
+    l4_off: usize,
+    proto: u8,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+    /// UDP with checksum 0 (none): leave the checksum alone.
+    udp_no_csum: bool,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    // SAFETY: bounds checked against data_end just above.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+    let vhl = read::<u8>(ctx, ETH_HLEN)?;
+    let ihl = usize::from(vhl & 0x0f);
+    if vhl >> 4 != 4 || ihl < 5 {
+        return None;
+    }
+    // Non-first fragments carry no ports.
+    if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff != 0 {
+        return None;
+    }
+    let proto = read::<u8>(ctx, ETH_HLEN + 9)?;
+    if proto != proto::TCP && proto != proto::UDP {
+        return None;
+    }
+    let l4_off = ETH_HLEN + ihl * 4;
+    let ports = read::<[u8; 4]>(ctx, l4_off)?;
+    let udp_no_csum = proto == proto::UDP && read::<u16>(ctx, l4_off + 6)? == 0;
+    Some(Packet {
+        l4_off,
+        proto,
+        saddr: read::<[u8; 4]>(ctx, IP_SRC_OFF)?,
+        daddr: read::<[u8; 4]>(ctx, IP_DST_OFF)?,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        udp_no_csum,
+    })
+}
+
+#[inline(always)]
+fn l4_csum_off(p: &Packet) -> usize {
+    if p.proto == proto::TCP {
+        p.l4_off + 16
+    } else {
+        p.l4_off + 6
+    }
+}
+
+#[inline(always)]
+fn l4_flags(p: &Packet) -> u64 {
+    if p.proto == proto::UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    }
+}
+
+/// Rewrites the source (`src`) or destination address and port to `addr`:`port`, fixing the
+/// IPv4 and L4 checksums. Out of line (shared by every path, small stack of its own).
+#[inline(never)]
+fn rewrite(ctx: &TcContext, p: &Packet, src: bool, addr: &[u8; 16], port: u16) -> i32 {
+    let (ip_off, old_ip, port_off, old_port) = if src {
+        (IP_SRC_OFF, p.saddr, p.l4_off, p.sport)
+    } else {
+        (IP_DST_OFF, p.daddr, p.l4_off + 2, p.dport)
+    };
+    let new_ip = [addr[12], addr[13], addr[14], addr[15]];
+    let from = u64::from(u32::from_ne_bytes(old_ip));
+    let to = u64::from(u32::from_ne_bytes(new_ip));
+    if !p.udp_no_csum {
+        let csum = l4_csum_off(p);
+        if ctx
+            .l4_csum_replace(
+                csum,
+                from,
+                to,
+                u64::from(BPF_F_PSEUDO_HDR) | l4_flags(p) | 4,
+            )
+            .is_err()
+            || ctx
+                .l4_csum_replace(
+                    csum,
+                    u64::from(old_port.to_be()),
+                    u64::from(port.to_be()),
+                    l4_flags(p) | 2,
+                )
+                .is_err()
+        {
+            return SHOT;
+        }
+    }
+    if ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).is_err()
+        || ctx.store(ip_off, &new_ip, 0).is_err()
+        || ctx.store(port_off, &port.to_be(), 0).is_err()
+    {
+        return SHOT;
+    }
+    OK
+}
+
+#[inline(always)]
+fn rewrite_dst(ctx: &TcContext, p: &Packet, addr: &[u8; 16], port: u16) -> i32 {
+    rewrite(ctx, p, false, addr, port)
+}
+
+#[inline(always)]
+fn rewrite_src(ctx: &TcContext, p: &Packet, addr: &[u8; 16], port: u16) -> i32 {
+    rewrite(ctx, p, true, addr, port)
+}
+
+#[inline(always)]
+fn ct_key(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8, kind: u8) -> CtKey {
+    CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        kind,
+        _pad: [0; 2],
+    }
+}
+
+/// A conntrack entry is stale when its backend is gone or was replaced (generation).
+#[inline(always)]
+fn backend_current(ct: &CtValue) -> bool {
+    match KPR_BACKENDS.get_ptr(&ct.backend_id) {
+        // SAFETY: as in `ct_get`.
+        Some(b) => unsafe { (*b).generation == ct.generation },
+        None => false,
+    }
+}
+
+#[classifier]
+fn kpr_tc_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx)
+}
+
+#[classifier]
+fn kpr_tc_egress(ctx: TcContext) -> i32 {
+    egress(&ctx)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return OK;
+    };
+    // An established flow to a frontend (its backend still current), or a reply to a
+    // masqueraded flow. Map values are used in place, not copied to the stack.
+    let mut key = ct_key(
+        v4_mapped(p.saddr),
+        v4_mapped(p.daddr),
+        p.sport,
+        p.dport,
+        p.proto,
+        ct_kind::FORWARD,
+    );
+    if let Some(ct) = KPR_CT.get_ptr(&key) {
+        // SAFETY: a value pointer from a successful lookup, valid for this program run.
+        let ct = unsafe { &*ct };
+        if backend_current(ct) {
+            return rewrite_dst(ctx, &p, &ct.addr, ct.port);
+        }
+    }
+    key.kind = ct_kind::REPLY_DNAT;
+    if let Some(ct) = KPR_CT.get_ptr(&key) {
+        // SAFETY: as above.
+        let ct = unsafe { &*ct };
+        return rewrite_dst(ctx, &p, &ct.addr, ct.port);
+    }
+    match new_flow(ctx, &p) {
+        REJECT => reject_tcp(ctx, &p),
+        verdict => verdict,
+    }
+}
+
+// Out of line: keeps the stack of the hot (established / miss) path small. One key and one
+// value are reused for every entry to stay well inside the 512-byte stack.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, p: &Packet) -> i32 {
+    let mut key = CtKey {
+        saddr: v4_mapped(p.daddr),
+        daddr: [0; 16],
+        sport: p.dport,
+        dport: 0,
+        proto: p.proto,
+        kind: 0,
+        _pad: [0; 2],
+    };
+    // The frontend lookup reuses the key's first bytes as a ServiceKey.
+    let skey = ServiceKey {
+        addr: key.saddr,
+        port: p.dport,
+        proto: p.proto,
+        scope: scope::EXTERNAL,
+    };
+    let Some(svc) = KPR_SERVICES.get_ptr(&skey) else {
+        return OK;
+    };
+    // SAFETY: a value pointer from a successful lookup, read field by field at once.
+    let (svc_id, count, revision, svc_flags) = unsafe {
+        (
+            (*svc).id,
+            (*svc).backend_count,
+            (*svc).revision,
+            (*svc).flags,
+        )
+    };
+    if count == 0 {
+        if svc_flags & service_flags::DROP != 0 || p.proto != proto::TCP {
+            return SHOT;
+        }
+        return REJECT;
+    }
+    let slot_key = BackendSlotKey {
+        service_id: svc_id,
+        revision,
+        // SAFETY: plain helper call.
+        slot: unsafe { bpf_get_prandom_u32() } % count,
+    };
+    let Some(backend_id) = KPR_SLOTS.get_ptr(&slot_key) else {
+        return OK;
+    };
+    // SAFETY: as above.
+    let backend_id = unsafe { *backend_id };
+    let Some(backend) = KPR_BACKENDS.get_ptr(&backend_id) else {
+        return OK;
+    };
+    let mut val = CtValue {
+        // SAFETY: as above.
+        addr: unsafe { (*backend).addr },
+        port: unsafe { (*backend).port },
+        flags: 0,
+        _pad: 0,
+        backend_id,
+        generation: unsafe { (*backend).generation },
+        service_id: svc_id,
+    };
+    let (backend_addr, backend_port) = (val.addr, val.port);
+    let client = v4_mapped(p.saddr);
+    // Masquerade (eTP=Cluster): to the node address, keeping the client's port unless another
+    // flow to this backend already owns it.
+    let mut snat_port = p.sport;
+    let mut masq = false;
+    if svc_flags & service_flags::EXTERNAL_MASQ != 0
+        && let Some(cfg) = KPR_CONFIG.get(0)
+        && cfg.snat_v4[10] == 0xff
+    {
+        masq = true;
+        key.saddr = backend_addr;
+        key.sport = backend_port;
+        key.daddr = cfg.snat_v4;
+        key.kind = ct_kind::REPLY_DNAT;
+        let mut attempt = 0;
+        while attempt < 4 {
+            key.dport = snat_port;
+            match KPR_CT.get_ptr(&key) {
+                // SAFETY: as above.
+                Some(other) if unsafe { (*other).addr != client || (*other).port != p.sport } => {
+                    // SAFETY: plain helper call.
+                    snat_port = 32768 + (unsafe { bpf_get_prandom_u32() } % 28_000) as u16;
+                }
+                _ => break,
+            }
+            attempt += 1;
+        }
+    }
+    // client -> frontend (ingress): to the backend.
+    key.saddr = client;
+    key.daddr = v4_mapped(p.daddr);
+    key.sport = p.sport;
+    key.dport = p.dport;
+    key.kind = ct_kind::FORWARD;
+    if masq {
+        val.flags = ct_flags::MASQ;
+    }
+    if KPR_CT.insert(&key, &val, 0).is_err() {
+        return SHOT;
+    }
+    if masq {
+        let Some(cfg) = KPR_CONFIG.get(0) else {
+            return SHOT;
+        };
+        // client -> backend (egress): from the node.
+        key.daddr = backend_addr;
+        key.dport = backend_port;
+        key.kind = ct_kind::SNAT;
+        val.addr = cfg.snat_v4;
+        val.port = snat_port;
+        if KPR_CT.insert(&key, &val, 0).is_err() {
+            return SHOT;
+        }
+        // backend -> node (ingress): back to the client.
+        key.saddr = backend_addr;
+        key.sport = backend_port;
+        key.daddr = cfg.snat_v4;
+        key.dport = snat_port;
+        key.kind = ct_kind::REPLY_DNAT;
+        val.addr = client;
+        val.port = p.sport;
+        if KPR_CT.insert(&key, &val, 0).is_err() {
+            return SHOT;
+        }
+    }
+    // backend -> client (egress): from the frontend.
+    key.saddr = backend_addr;
+    key.sport = backend_port;
+    key.daddr = client;
+    key.dport = p.sport;
+    key.kind = ct_kind::REPLY_SNAT;
+    val.addr = v4_mapped(p.daddr);
+    val.port = p.dport;
+    if KPR_CT.insert(&key, &val, 0).is_err() {
+        return SHOT;
+    }
+    rewrite_dst(ctx, p, &backend_addr, backend_port)
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> i32 {
+    let Some(p) = parse(ctx) else {
+        return OK;
+    };
+    let mut key = ct_key(
+        v4_mapped(p.saddr),
+        v4_mapped(p.daddr),
+        p.sport,
+        p.dport,
+        p.proto,
+        ct_kind::SNAT,
+    );
+    if let Some(ct) = KPR_CT.get_ptr(&key) {
+        // SAFETY: a value pointer from a successful lookup, valid for this program run.
+        let ct = unsafe { &*ct };
+        return rewrite_src(ctx, &p, &ct.addr, ct.port);
+    }
+    key.kind = ct_kind::REPLY_SNAT;
+    if let Some(ct) = KPR_CT.get_ptr(&key) {
+        // SAFETY: as above.
+        let ct = unsafe { &*ct };
+        return rewrite_src(ctx, &p, &ct.addr, ct.port);
+    }
+    OK
+}
+
+/// One's-complement sum of big-endian 16-bit words, folded.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Turns a TCP segment to a frontend without endpoints into a RST sent back out of the
+/// interface it came in on (upstream's REJECT: the client learns at once).
+#[inline(never)]
+fn reject_tcp(ctx: &TcContext, p: &Packet) -> i32 {
+    const LEN: usize = ETH_HLEN + 20 + 20;
+    let Some(eth) = read::<[u8; 12]>(ctx, 0) else {
+        return SHOT;
+    };
+    let Some(tot_len) = read::<u16>(ctx, ETH_HLEN + 2) else {
+        return SHOT;
+    };
+    let Some(hdr) = read::<[u8; 14]>(ctx, p.l4_off) else {
+        return SHOT;
+    };
+    let flags = hdr[13];
+    if flags & TCP_RST != 0 {
+        return SHOT;
+    }
+    let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let doff = usize::from(hdr[12] >> 4) * 4;
+    let payload =
+        usize::from(u16::from_be(tot_len)).saturating_sub(p.l4_off - ETH_HLEN + doff) as u32;
+    let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
+        (ack, 0u32, TCP_RST)
+    } else {
+        let syn_fin = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+        (
+            0u32,
+            seq.wrapping_add(payload).wrapping_add(syn_fin),
+            TCP_RST | TCP_ACK,
+        )
+    };
+    if ctx.change_tail(LEN as u32, 0).is_err() {
+        return SHOT;
+    }
+    let mut out = [0u8; LEN];
+    // Ethernet: swap MACs.
+    out[..6].copy_from_slice(&eth[6..12]);
+    out[6..12].copy_from_slice(&eth[..6]);
+    out[12] = 0x08;
+    // IPv4
+    let ip = ETH_HLEN;
+    out[ip] = 0x45;
+    out[ip + 2..ip + 4].copy_from_slice(&40u16.to_be_bytes());
+    out[ip + 8] = 64;
+    out[ip + 9] = proto::TCP;
+    out[ip + 12..ip + 16].copy_from_slice(&p.daddr);
+    out[ip + 16..ip + 20].copy_from_slice(&p.saddr);
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([out[ip + i], out[ip + i + 1]]));
+        i += 2;
+    }
+    out[ip + 10..ip + 12].copy_from_slice(&fold(sum).to_be_bytes());
+    // TCP
+    let t = ETH_HLEN + 20;
+    out[t..t + 2].copy_from_slice(&p.dport.to_be_bytes());
+    out[t + 2..t + 4].copy_from_slice(&p.sport.to_be_bytes());
+    out[t + 4..t + 8].copy_from_slice(&new_seq.to_be_bytes());
+    out[t + 8..t + 12].copy_from_slice(&new_ack.to_be_bytes());
+    out[t + 12] = 5 << 4;
+    out[t + 13] = new_flags;
+    let mut sum = u32::from(u16::from_be_bytes([p.daddr[0], p.daddr[1]]))
+        + u32::from(u16::from_be_bytes([p.daddr[2], p.daddr[3]]))
+        + u32::from(u16::from_be_bytes([p.saddr[0], p.saddr[1]]))
+        + u32::from(u16::from_be_bytes([p.saddr[2], p.saddr[3]]))
+        + u32::from(proto::TCP)
+        + 20;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([out[t + i], out[t + i + 1]]));
+        i += 2;
+    }
+    out[t + 16..t + 18].copy_from_slice(&fold(sum).to_be_bytes());
+    if ctx.store(0, &out, 0).is_err() {
+        return SHOT;
+    }
+    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
+    unsafe {
+        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
+        bpf_redirect(ifindex, 0) as i32
+    }
+}
