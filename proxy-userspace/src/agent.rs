@@ -32,6 +32,7 @@ pub struct AgentConfig {
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     pub poll_interval: Duration,
+    pub tc_interfaces: datapath::TcInterfaces,
 }
 
 /// Network-programming latency: from an EndpointSlice's
@@ -72,6 +73,9 @@ pub struct Syncer {
     /// `last-change-trigger-time`s of slices changed since the last sync.
     pending_triggers: Vec<String>,
     pub latency: ProgrammingLatency,
+    tc_interfaces: datapath::TcInterfaces,
+    /// What KPR_CONFIG holds.
+    node_config: Option<proxy_common::NodeConfig>,
     proxy: ProxyConfig,
     maps: PinnedMaps,
     renderer: EbpfRenderer,
@@ -92,6 +96,10 @@ impl Syncer {
         for k in &stale {
             let _ = maps.del_slot(k);
         }
+        let attached = datapath::sync_tc_links(&layout, &cfg.tc_interfaces)?;
+        if !attached.is_empty() {
+            tracing::info!(interfaces = ?attached, "TC programs attached");
+        }
         tracing::info!(
             outcome = ?outcome,
             frontends = snapshot.services.len(),
@@ -108,6 +116,8 @@ impl Syncer {
                 slices_listed: false,
                 pending_triggers: Vec::new(),
                 latency: ProgrammingLatency::default(),
+                tc_interfaces: cfg.tc_interfaces.clone(),
+                node_config: None,
                 proxy: cfg.proxy.clone(),
                 maps,
                 renderer,
@@ -169,9 +179,48 @@ impl Syncer {
         self.services_listed && self.slices_listed
     }
 
+    /// Attaches the TC programs to interfaces that appeared since the last call.
+    pub fn sync_interfaces(&mut self) {
+        match datapath::sync_tc_links(&self.layout, &self.tc_interfaces) {
+            Ok(attached) if !attached.is_empty() => {
+                tracing::info!(interfaces = ?attached, "TC programs attached");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("attaching TC programs: {e}"),
+        }
+    }
+
+    /// Writes the masquerade address (the first node IP of each family) when it changed.
+    fn sync_node_config(&mut self) {
+        let v4 = self
+            .node
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4())
+            .map_or([0; 16], |ip| crate::ebpf::addr16(*ip));
+        let v6 = self
+            .node
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv6())
+            .map_or([0; 16], |ip| crate::ebpf::addr16(*ip));
+        let cfg = proxy_common::NodeConfig {
+            snat_v4: v4,
+            snat_v6: v6,
+        };
+        if self.node_config == Some(cfg) {
+            return;
+        }
+        match self.maps.set_node_config(&cfg) {
+            Ok(()) => self.node_config = Some(cfg),
+            Err(e) => tracing::error!("writing the node configuration: {e}"),
+        }
+    }
+
     /// Computes the desired state and applies the difference.
     pub fn sync(&mut self) {
         let started = Instant::now();
+        self.sync_node_config();
         let desired = model::compute(&self.store, &self.node, &self.proxy);
         let (stats, errors) = self.renderer.sync(&desired, &mut self.maps, &[]);
         for e in &errors {
@@ -256,6 +305,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut interfaces = tokio::time::interval(Duration::from_secs(2));
     let mut dirty = false;
     let mut last_sync = Instant::now() - cfg.min_sync_period;
     let mut last_full = Instant::now();
@@ -285,6 +335,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     last_full = Instant::now();
                 }
             }
+            _ = interfaces.tick() => syncer.sync_interfaces(),
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted; the datapath stays programmed");
                 return Ok(());

@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Minimum time between syncs (bursts of changes are coalesced), e.g. "1s", "100ms".
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub min_sync_period: Duration,
+    /// Interfaces for the TC programs (NodePort, ExternalIPs, LoadBalancer from outside):
+    /// "all" (every interface but lo, rescanned), "none", or a comma-separated list.
+    #[arg(long, default_value = "all")]
+    pub tc_interfaces: String,
     /// Full resync period.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
@@ -152,6 +156,13 @@ impl RunArgs {
             min_sync_period: self.min_sync_period,
             sync_period: self.sync_period,
             poll_interval: Duration::from_millis(200),
+            tc_interfaces: match self.tc_interfaces.as_str() {
+                "all" => crate::ebpf::datapath::TcInterfaces::All,
+                "none" | "" => crate::ebpf::datapath::TcInterfaces::None,
+                list => crate::ebpf::datapath::TcInterfaces::Named(
+                    list.split(',').map(|s| s.trim().to_string()).collect(),
+                ),
+            },
         }
     }
 }

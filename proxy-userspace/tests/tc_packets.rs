@@ -59,26 +59,32 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns,
     )
 }
 
+/// A private bpffs directory, removed on drop (also when loading fails).
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A loaded TC datapath with its maps pinned in a private bpffs directory.
 struct Datapath {
     ebpf: aya::Ebpf,
     maps: PinnedMaps,
     renderer: EbpfRenderer,
-    root: PathBuf,
-}
-
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
+    _root: PinDir,
 }
 
 impl Datapath {
     fn new(tag: &str) -> Self {
         kpr_testnet::require_root();
         kpr_testnet::ensure_bpffs();
-        let root = PathBuf::from(format!("/sys/fs/bpf/{}", kpr_testnet::unique(tag)));
-        let layout = PinLayout::new(&root);
+        let root = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            kpr_testnet::unique(tag)
+        )));
+        let layout = PinLayout::new(&root.0);
         let mut ebpf = load_object(&layout).expect("load object");
         for name in ["kpr_tc_ingress", "kpr_tc_egress"] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();

@@ -272,6 +272,54 @@ impl Topology {
         idx
     }
 
+    /// Adds a host outside the cluster: its own namespace with `client_ip`, linked to the node
+    /// namespace, where the node owns `node_ip` on that link. The outside host's default route
+    /// points at the node (which has no route out), so nothing it sends can leave the topology.
+    pub fn add_external(&mut self, name: &str, client_ip: Ipv4Addr, node_ip: Ipv4Addr) -> usize {
+        let ns = NetNs::new(&format!("{}-{name}", self.prefix));
+        let idx = self.pods.len();
+        let node_if = format!("x{idx}");
+        let (c, n) = (client_ip.to_string(), node_ip.to_string());
+        self.node.ip(&[
+            "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        self.node
+            .ip(&["addr", "add", &format!("{n}/32"), "dev", &node_if]);
+        self.node.ip(&["link", "set", &node_if, "up"]);
+        self.node
+            .ip(&["route", "add", &format!("{c}/32"), "dev", &node_if]);
+        ns.ip(&["addr", "add", &format!("{c}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", &n, "dev", "eth0"]);
+        ns.ip(&["route", "add", "default", "via", &n, "dev", "eth0"]);
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip: client_ip,
+            ns,
+        });
+        idx
+    }
+
+    /// Runs the test client in `pod` *outside* the client cgroup (no socket load balancing:
+    /// what an outside host sees).
+    pub fn outside_client(&self, pod: &str, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = self
+            .command_in(pod, &target_bin("kpr-netns-helper"), args, false)
+            .output()
+            .expect("run client");
+        assert!(
+            out.status.success(),
+            "client {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
@@ -350,9 +398,35 @@ impl Topology {
             .expect("spawn client")
     }
 
-    /// The `kpr run` command for this topology (the agent runs in the host namespace: it only
-    /// touches BPF maps).
+    /// The `kpr run` command for this topology. The agent runs in the host namespace (it only
+    /// touches BPF maps and the test cgroup) with `--tc-interfaces none`: TC programs are never
+    /// attached to the host's own interfaces.
     pub fn agent_command(&self, manifests: &Path, extra: &[&str]) -> Command {
+        let mut cmd = self.agent_command_base(manifests, extra);
+        cmd.args(["--tc-interfaces", "none"]);
+        cmd
+    }
+
+    /// `kpr run` inside the node namespace, with the TC programs on every interface there
+    /// (and nowhere else).
+    pub fn agent_command_in_node(&self, manifests: &Path, extra: &[&str]) -> Command {
+        let mut cmd = self.agent_command_base(manifests, extra);
+        cmd.args(["--tc-interfaces", "all"]);
+        let ns_path = self.node.path();
+        // SAFETY: only async-signal-safe calls (open, setns, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let f = fs::File::open(&ns_path)?;
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn agent_command_base(&self, manifests: &Path, extra: &[&str]) -> Command {
         let mut cmd = Command::new(target_bin("kpr"));
         cmd.args(["run", "--manifests"])
             .arg(manifests)
@@ -372,13 +446,21 @@ impl Topology {
 
     /// Starts the agent; its log goes to `<workdir>/agent-N.log`.
     pub fn start_agent(&self, manifests: &Path) -> ChildGuard {
+        self.spawn_agent(self.agent_command(manifests, &[]))
+    }
+
+    /// Starts the agent inside the node namespace (TC programs on the node's interfaces).
+    pub fn start_agent_in_node(&self, manifests: &Path, extra: &[&str]) -> ChildGuard {
+        self.spawn_agent(self.agent_command_in_node(manifests, extra))
+    }
+
+    fn spawn_agent(&self, mut cmd: Command) -> ChildGuard {
         static N: AtomicU32 = AtomicU32::new(0);
         let log = self
             .workdir
             .join(format!("agent-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let f = fs::File::create(&log).expect("agent log");
-        let child = self
-            .agent_command(manifests, &[])
+        let child = cmd
             .stdout(f.try_clone().expect("dup"))
             .stderr(f)
             .spawn()

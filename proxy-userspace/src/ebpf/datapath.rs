@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 use aya::EbpfLoader;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::links::LinkOrder;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::tc::{SchedClassifierLink, TcAttach};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use proxy_common::{
     Backend, BackendSlotKey, CtKey, CtValue, MAP_LAYOUT_VERSION, NodeConfig, RevNatValue,
     ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
@@ -40,7 +42,142 @@ pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
     ("kpr_getpeername6", "getpeername6"),
 ];
 
+/// The TC programs: (program name in the object, pin name of the program).
+pub const TC_PROGRAMS: [(&str, &str); 2] = [
+    ("kpr_tc_ingress", "tc_ingress"),
+    ("kpr_tc_egress", "tc_egress"),
+];
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `tc-<ifindex>-<ifname>-<direction>` -> direction.
+fn tc_link_direction(pin_name: &str) -> Option<&'static str> {
+    if !pin_name.starts_with("tc-") {
+        return None;
+    }
+    if pin_name.ends_with("-ingress") {
+        Some("ingress")
+    } else if pin_name.ends_with("-egress") {
+        Some("egress")
+    } else {
+        None
+    }
+}
+
+/// The network interfaces of the current network namespace: (ifindex, name).
+#[must_use]
+pub fn interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns a NULL-terminated array we free with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*p).if_index, name));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Which interfaces get the TC programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TcInterfaces {
+    /// Every interface of the agent's network namespace but loopback (rescanned, so pod
+    /// interfaces created later are covered).
+    All,
+    /// Only these names.
+    Named(Vec<String>),
+    /// No TC programs (socket load balancing only).
+    None,
+}
+
+/// Attaches this build's pinned TC programs (ingress and egress, tcx) to every selected
+/// interface that lacks them, pins the links, and forgets links of interfaces that are gone.
+/// Returns the interfaces newly attached.
+///
+/// # Errors
+/// The pinned programs cannot be opened. Per-interface failures are logged and skipped.
+pub fn sync_tc_links(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<String>> {
+    if *select == TcInterfaces::None {
+        return Ok(Vec::new());
+    }
+    let dir = layout.links_dir(&object_hash());
+    let ifaces = interfaces();
+    // Links of vanished interfaces: unpin (the kernel already detached them).
+    for entry in fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if tc_link_direction(&name).is_none() {
+            continue;
+        }
+        let alive = ifaces
+            .iter()
+            .any(|(idx, ifname)| name.starts_with(&format!("tc-{idx}-{ifname}-")));
+        if !alive {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let mut programs = Vec::new();
+    for (_, pin) in TC_PROGRAMS {
+        let path = dir.join(pin);
+        programs.push(
+            SchedClassifier::from_pin(&path)
+                .map_err(|e| Error::bpf(format!("opening {}: {e}", path.display())))?,
+        );
+    }
+    let mut attached = Vec::new();
+    for (idx, name) in ifaces {
+        let wanted = match select {
+            TcInterfaces::All => name != "lo",
+            TcInterfaces::Named(names) => names.contains(&name),
+            TcInterfaces::None => false,
+        };
+        if !wanted {
+            continue;
+        }
+        for (i, direction, attach_type) in [
+            (0, "ingress", TcAttachType::Ingress),
+            (1, "egress", TcAttachType::Egress),
+        ] {
+            let prog = &mut programs[i];
+            let pin = dir.join(format!("tc-{idx}-{name}-{direction}"));
+            if pin.exists() {
+                continue;
+            }
+            let result = prog
+                .attach(
+                    idx,
+                    TcAttach::Tcx {
+                        attach_type,
+                        order: LinkOrder::default(),
+                    },
+                )
+                .map_err(|e| Error::bpf(format!("attaching TC {direction} to {name}: {e}")))
+                .and_then(|id| prog.take_link(id).map_err(|e| Error::bpf(e.to_string())))
+                .and_then(|link| FdLink::try_from(link).map_err(|e| Error::bpf(e.to_string())))
+                .and_then(|fd| {
+                    fd.pin(&pin)
+                        .map(|_| ())
+                        .map_err(|e| Error::bpf(format!("pinning {}: {e}", pin.display())))
+                });
+            match result {
+                Ok(()) => attached.push(format!("{name}/{direction}")),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+    Ok(attached)
+}
 
 /// FNV-1a of the embedded object: names the directory of this build's links.
 #[must_use]
@@ -339,6 +476,7 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
     let maps_present = map_names::ALL.iter().all(|m| layout.map(m).exists());
     let links_present = SOCK_PROGRAMS
         .iter()
+        .chain(TC_PROGRAMS.iter())
         .all(|(_, pin)| links_dir.join(pin).exists());
     if maps_present && links_present {
         return Ok(LoadOutcome::Adopted);
@@ -398,8 +536,62 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
             let _ = fs::remove_file(old);
         }
     }
+    for (prog_name, pin) in TC_PROGRAMS {
+        let target = links_dir.join(pin);
+        if target.exists() {
+            continue;
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(prog_name)
+            .ok_or_else(|| Error::bpf(format!("program {prog_name} missing from the object")))?
+            .try_into()
+            .map_err(|e| Error::bpf(format!("program {prog_name}: {e}")))?;
+        prog.load()
+            .map_err(|e| Error::bpf(format!("verifier rejected {prog_name}: {e}")))?;
+        prog.pin(&target)
+            .map_err(|e| Error::bpf(format!("pinning {}: {e}", target.display())))?;
+    }
+    // TC links of an older build: swap this build's programs in, keep them attached.
+    for old in &old_dirs {
+        for entry in fs::read_dir(old).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(attach) = tc_link_direction(&name) else {
+                continue;
+            };
+            let target = links_dir.join(&name);
+            let prog_pin = links_dir.join(if attach == "ingress" {
+                TC_PROGRAMS[0].1
+            } else {
+                TC_PROGRAMS[1].1
+            });
+            let migrated = (|| -> Result<()> {
+                let mut prog = SchedClassifier::from_pin(&prog_pin)
+                    .map_err(|e| Error::bpf(format!("{}: {e}", prog_pin.display())))?;
+                let fd_link: FdLink = PinnedLink::from_pin(entry.path())
+                    .map_err(|e| Error::bpf(e.to_string()))?
+                    .into();
+                let link = SchedClassifierLink::try_from(fd_link)
+                    .map_err(|e| Error::bpf(e.to_string()))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|e| Error::bpf(e.to_string()))?;
+                let link = prog.take_link(id).map_err(|e| Error::bpf(e.to_string()))?;
+                FdLink::try_from(link)
+                    .map_err(|e| Error::bpf(e.to_string()))?
+                    .pin(&target)
+                    .map_err(|e| Error::bpf(e.to_string()))?;
+                Ok(())
+            })();
+            if let Err(e) = migrated {
+                tracing::warn!(
+                    "could not upgrade TC link {name} in place ({e}); it will be re-attached"
+                );
+            }
+            upgraded = true;
+        }
+    }
     for d in old_dirs {
-        let _ = fs::remove_dir(d);
+        let _ = fs::remove_dir_all(d);
     }
     Ok(if upgraded {
         LoadOutcome::Upgraded

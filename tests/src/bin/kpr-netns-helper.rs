@@ -39,8 +39,13 @@ fn serve(addrs: &[SocketAddr]) {
             for conn in tcp.incoming().flatten() {
                 std::thread::spawn(move || {
                     let me = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let peer = conn
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
                     let mut w = conn.try_clone().expect("clone");
-                    if writeln!(w, "{me}").is_err() {
+                    // First line: who answered, and the source address it saw.
+                    if writeln!(w, "{me} {peer}").is_err() {
                         return;
                     }
                     // Echo lines until the client closes.
@@ -59,7 +64,7 @@ fn serve(addrs: &[SocketAddr]) {
             let mut buf = [0u8; 1500];
             loop {
                 if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(me.as_bytes(), from);
+                    let _ = udp.send_to(format!("{me} {}", from.ip()).as_bytes(), from);
                 }
             }
         }));
@@ -81,7 +86,10 @@ fn tcp_once(to: SocketAddr) -> String {
             while s.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
                 line.push(byte[0] as char);
             }
-            format!("{{\"backend\":\"{line}\",\"peer\":\"{peer}\"}}")
+            let mut words = line.split(' ');
+            let backend = words.next().unwrap_or("");
+            let seen = words.next().unwrap_or("");
+            format!("{{\"backend\":\"{backend}\",\"seen_src\":\"{seen}\",\"peer\":\"{peer}\"}}")
         }
         Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
     }
@@ -98,10 +106,13 @@ fn udp_once(to: SocketAddr) -> String {
     }
     let mut buf = [0u8; 256];
     match sock.recv_from(&mut buf) {
-        Ok((n, from)) => format!(
-            "{{\"backend\":\"{}\",\"peer\":\"{from}\"}}",
-            String::from_utf8_lossy(&buf[..n])
-        ),
+        Ok((n, from)) => {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let mut words = text.split(' ');
+            let backend = words.next().unwrap_or("");
+            let seen = words.next().unwrap_or("");
+            format!("{{\"backend\":\"{backend}\",\"seen_src\":\"{seen}\",\"peer\":\"{from}\"}}")
+        }
         Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
     }
 }
@@ -118,7 +129,10 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     let mut reader = BufReader::new(s.try_clone().expect("clone"));
     let mut hello = String::new();
     let _ = reader.read_line(&mut hello);
-    println!("{{\"connected\":\"{}\"}}", hello.trim());
+    println!(
+        "{{\"connected\":\"{}\"}}",
+        hello.split(' ').next().unwrap_or("").trim()
+    );
     let _ = std::io::stdout().flush();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut n = 0;

@@ -1,0 +1,113 @@
+//! End to end for traffic from outside the cluster (TC programs in the node namespace):
+//! NodePort and LoadBalancer IPs, masquerade under eTP=Cluster, client IP kept under
+//! eTP=Local, REJECT (TCP RST) without endpoints.
+//!
+//! Address plan (all inside the test's namespaces):
+//!   outside host 203.0.113.2, linked to the node, which owns 192.168.0.2 on that link
+//!   backend pod  10.180.0.1 (:80 TCP+UDP), on this node
+//!   Service np    NodePort 3001 (TCP) / 3053 (UDP), eTP=Cluster
+//!   Service lb    LoadBalancer 1.2.3.4:80, NodePort 3002, eTP=Local
+//!   Service empty NodePort 3003, no endpoints
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use kpr_testnet::{Topology, backends_of, write_manifest};
+
+const MANIFESTS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: np}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.41
+  ports:
+  - {name: t, port: 80, targetPort: 80, nodePort: 3001, protocol: TCP}
+  - {name: u, port: 80, targetPort: 80, nodePort: 3053, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: np-1, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+endpoints: [{addresses: [10.180.0.1], conditions: {ready: true}, nodeName: test-node}]
+ports: [{name: t, port: 80, protocol: TCP}, {name: u, port: 80, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.42
+  externalTrafficPolicy: Local
+  ports: [{name: t, port: 80, targetPort: 80, nodePort: 3002, protocol: TCP}]
+status: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: lb-1, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+endpoints: [{addresses: [10.180.0.1], conditions: {ready: true}, nodeName: test-node}]
+ports: [{name: t, port: 80, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: empty}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.43
+  ports: [{name: t, port: 80, targetPort: 80, nodePort: 3003, protocol: TCP}]
+";
+
+#[test]
+fn outside_traffic_to_nodeport_and_lb_ip() {
+    let mut t = Topology::new("np");
+    t.add_external(
+        "outside",
+        Ipv4Addr::new(203, 0, 113, 2),
+        Ipv4Addr::new(192, 168, 0, 2),
+    );
+    t.add_pod("backend", Ipv4Addr::new(10, 180, 0, 1));
+    t.serve("backend", &[80]);
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "all.yaml", MANIFESTS);
+    let _agent = t.start_agent_in_node(&dir, &["--node-ip", "192.168.0.2"]);
+    t.wait_for_services("frontends", Duration::from_secs(15), |rows| {
+        backends_of(rows, "192.168.0.2:3001", "TCP").is_some()
+    });
+    // The TC programs attach on the next interface scan.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let np = t.outside_client("outside", &["tcp", "192.168.0.2:3001", "5"]);
+    for l in &np {
+        assert_eq!(l["backend"], "10.180.0.1:80", "{l}");
+        assert_eq!(
+            l["seen_src"], "192.168.0.2",
+            "eTP=Cluster is masqueraded to the node: {l}"
+        );
+        assert_eq!(l["peer"], "192.168.0.2:3001", "{l}");
+    }
+    let udp = t.outside_client("outside", &["udp", "192.168.0.2:3053", "3"]);
+    for l in &udp {
+        assert_eq!(l["backend"], "10.180.0.1:80", "{l}");
+        assert_eq!(
+            l["peer"], "192.168.0.2:3053",
+            "replies come from the NodePort: {l}"
+        );
+    }
+    let lb = t.outside_client("outside", &["tcp", "1.2.3.4:80", "5"]);
+    for l in &lb {
+        assert_eq!(l["backend"], "10.180.0.1:80", "{l}");
+        assert_eq!(
+            l["seen_src"], "203.0.113.2",
+            "eTP=Local keeps the client address: {l}"
+        );
+        assert_eq!(l["peer"], "1.2.3.4:80", "{l}");
+    }
+    let refused = t.outside_client("outside", &["tcp", "192.168.0.2:3003", "2"]);
+    for l in &refused {
+        assert_eq!(
+            l["error"], "ECONNREFUSED",
+            "no endpoints: TCP RST at once: {l}"
+        );
+    }
+}
