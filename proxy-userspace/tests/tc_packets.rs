@@ -101,7 +101,7 @@ impl Datapath {
             ebpf,
             maps,
             renderer: EbpfRenderer::default(),
-            root,
+            _root: root,
         }
     }
 
