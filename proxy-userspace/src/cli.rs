@@ -44,6 +44,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = crate::conformance::ProxyMode::Ebpf)]
         proxy_mode: crate::conformance::ProxyMode,
     },
+    /// Test workloads for netns topologies (servers and clients); used by the conformance
+    /// runner and the tests.
+    #[command(hide = true)]
+    Workload {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Remove every program, link and map kpr pinned.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]

@@ -11,6 +11,7 @@ pub mod kube_source;
 pub mod model;
 pub mod source;
 pub mod store;
+pub mod testnet;
 
 use std::path::PathBuf;
 

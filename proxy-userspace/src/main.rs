@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Workload { args } => kpr::testnet::workload::run(&args),
         Command::Cleanup { bpf_fs_path } => {
             let report = kpr::ebpf::datapath::cleanup(&bpf_fs_path)?;
             println!(

@@ -1,16 +1,17 @@
-//! Test workloads run inside the test topology's namespaces: servers that answer with their
-//! own address, and clients that report which backend answered and what address the socket
-//! API showed them. One JSON line per attempt on stdout.
+//! Test workloads run inside a test topology's namespaces (`kpr workload ...`, hidden): servers
+//! that answer with their own address and the source address they saw, and clients that report
+//! which backend answered and what address the socket API showed them. One JSON line per attempt
+//! on stdout.
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: kpr-netns-helper serve ADDR...            (tcp+udp on each ADDR)\n\
-         \x20      kpr-netns-helper tcp ADDR COUNT [DELAY_MS]\n\
-         \x20      kpr-netns-helper udp ADDR COUNT [DELAY_MS]\n\
-         \x20      kpr-netns-helper hold ADDR SECS INTERVAL_MS"
+        "usage: kpr workload serve ADDR...            (tcp+udp on each ADDR)\n\
+         \x20      kpr workload tcp ADDR COUNT [DELAY_MS] [BIND_IP]\n\
+         \x20      kpr workload udp ADDR COUNT [DELAY_MS] [BIND_IP]\n\
+         \x20      kpr workload hold ADDR SECS INTERVAL_MS"
     );
     std::process::exit(2)
 }
@@ -76,8 +77,24 @@ fn serve(addrs: &[SocketAddr]) {
     }
 }
 
-fn tcp_once(to: SocketAddr) -> String {
-    match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+/// A TCP connection from `bind` (any address when `None`) to `to`.
+fn tcp_connect(to: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind else {
+        return TcpStream::connect_timeout(&to, Duration::from_secs(1));
+    };
+    let domain = if to.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(ip, 0).into())?;
+    sock.connect_timeout(&to.into(), Duration::from_secs(1))?;
+    Ok(sock.into())
+}
+
+fn tcp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
+    match tcp_connect(to, bind) {
         Ok(mut s) => {
             let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             s.set_read_timeout(Some(Duration::from_secs(2))).ok();
@@ -95,10 +112,9 @@ fn tcp_once(to: SocketAddr) -> String {
     }
 }
 
-fn udp_once(to: SocketAddr) -> String {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .unwrap();
+fn udp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
+    let any: IpAddr = if to.is_ipv4() { "0.0.0.0" } else { "::" }.parse().unwrap();
+    let bind = SocketAddr::new(bind.unwrap_or(any), 0);
     let sock = UdpSocket::bind(bind).expect("bind udp client");
     sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
     if let Err(e) = sock.send_to(b"x", to) {
@@ -118,7 +134,7 @@ fn udp_once(to: SocketAddr) -> String {
 }
 
 fn hold(to: SocketAddr, secs: u64, interval: Duration) {
-    let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+    let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
         Ok(s) => s,
         Err(e) => {
             println!("{{\"error\":\"{}\"}}", errno_name(&e));
@@ -151,8 +167,8 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// Runs a workload; `args` are what follows `kpr workload`.
+pub fn run(args: &[String]) {
     let addr = |i: usize| -> SocketAddr {
         args.get(i)
             .and_then(|a| a.parse().ok())
@@ -164,11 +180,12 @@ fn main() {
         Some(mode @ ("tcp" | "udp")) => {
             let to = addr(1);
             let delay = Duration::from_millis(num(3, 0));
+            let bind: Option<IpAddr> = args.get(4).and_then(|a| a.parse().ok());
             for _ in 0..num(2, 1) {
                 let line = if mode == "tcp" {
-                    tcp_once(to)
+                    tcp_once(to, bind)
                 } else {
-                    udp_once(to)
+                    udp_once(to, bind)
                 };
                 println!("{line}");
                 let _ = std::io::stdout().flush();

@@ -1,0 +1,618 @@
+//! Throwaway "clusters" made of network namespaces and veth
+//! pairs, a child cgroup for the client processes, a private bpffs directory, and the kpr
+//! agent as a child process. Every resource is a guard that undoes itself in `Drop`, so a
+//! failing test leaves nothing behind.
+//!
+//! Network safety: the node namespace has no uplink and no default route. Pods route only to
+//! the node namespace. A packet to an address nobody in the topology owns (a Service VIP that
+//! was not translated, say) dies in the node namespace with "network unreachable"; nothing
+//! the harness runs is ever sent from, or to, the host's own namespace.
+pub mod workload;
+
+use std::fs;
+use std::io::{BufRead as _, BufReader};
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Panics with a clear message unless running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (network namespaces, cgroups, BPF): run `cargo xtask test` as root"
+    );
+}
+
+/// Runs a command, panicking with its output on failure.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A name unique to this process and call, short enough for netns and cgroup names.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "kt{}-{}-{tag}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The cgroup v2 mount point (from /proc/self/mountinfo).
+pub fn cgroup2_root() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    for line in info.lines() {
+        let mut halves = line.split(" - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return PathBuf::from(mp);
+        }
+    }
+    panic!("no cgroup v2 filesystem is mounted")
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there.
+pub fn ensure_bpffs() {
+    let mounted = fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+        });
+    if !mounted {
+        fs::create_dir_all("/sys/fs/bpf").ok();
+        sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(name: &str) -> Self {
+        sh(&["ip", "netns", "add", name]);
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        Self {
+            name: name.to_string(),
+        }
+    }
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.name))
+    }
+    /// `ip -n <ns> <args...>`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A child cgroup (v2) for the client processes, removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Self {
+        let path = cgroup2_root().join(name);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Kill anything still inside, then remove the directory.
+        if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: sending a signal to a pid we placed in our own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for _ in 0..50 {
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A child process killed on drop.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A pod: its own network namespace with one veth to the node namespace.
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: NetNs,
+}
+
+/// The throwaway cluster: one node namespace, pods around it, a client cgroup, a bpffs dir.
+pub struct Topology {
+    /// Children first: they must die before the cgroup and namespaces go.
+    children: Vec<ChildGuard>,
+    pub pods: Vec<Pod>,
+    pub node: NetNs,
+    pub cgroup: Cgroup,
+    pub bpffs: PathBuf,
+    pub prefix: String,
+    pub workdir: PathBuf,
+}
+
+/// The `kpr` binary: this process when it is `kpr` (the conformance runner), else the one
+/// `cargo build` put next to the test executable.
+pub fn kpr_bin() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe()
+        && exe.file_name().is_some_and(|n| n == "kpr")
+    {
+        return exe;
+    }
+    target_bin("kpr")
+}
+
+/// Where `cargo build` put the binaries (next to the test executable's `deps/`).
+pub fn target_bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("KPR_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not found: build the binaries first (`cargo build --workspace --bins`, done by `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+impl Topology {
+    /// A node namespace with forwarding on and no route out, a client cgroup, a bpffs dir.
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        ensure_bpffs();
+        let prefix = unique(tag);
+        let node = NetNs::new(&format!("{prefix}-node"));
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]);
+        let cgroup = Cgroup::new(&prefix);
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
+        let workdir = std::env::temp_dir().join(&prefix);
+        fs::create_dir_all(&workdir).expect("workdir");
+        Self {
+            children: Vec::new(),
+            pods: Vec::new(),
+            node,
+            cgroup,
+            bpffs,
+            prefix,
+            workdir,
+        }
+    }
+
+    /// Adds a pod with `ip`, routed through the node namespace.
+    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> usize {
+        let ns = NetNs::new(&format!("{}-{name}", self.prefix));
+        let idx = self.pods.len();
+        let host_if = format!("p{idx}");
+        let ip_s = ip.to_string();
+        self.node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        self.node
+            .ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if]);
+        self.node.ip(&["link", "set", &host_if, "up"]);
+        self.node
+            .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if]);
+        ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip,
+            ns,
+        });
+        idx
+    }
+
+    /// Adds a host outside the cluster: its own namespace with `client_ip`, linked to the node
+    /// namespace, where the node owns `node_ip` on that link. The outside host's default route
+    /// points at the node (which has no route out), so nothing it sends can leave the topology.
+    pub fn add_external(&mut self, name: &str, client_ip: Ipv4Addr, node_ip: Ipv4Addr) -> usize {
+        let ns = NetNs::new(&format!("{}-{name}", self.prefix));
+        let idx = self.pods.len();
+        let node_if = format!("x{idx}");
+        let (c, n) = (client_ip.to_string(), node_ip.to_string());
+        self.node.ip(&[
+            "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        self.node
+            .ip(&["addr", "add", &format!("{n}/32"), "dev", &node_if]);
+        self.node.ip(&["link", "set", &node_if, "up"]);
+        self.node
+            .ip(&["route", "add", &format!("{c}/32"), "dev", &node_if]);
+        ns.ip(&["addr", "add", &format!("{c}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", &n, "dev", "eth0"]);
+        ns.ip(&["route", "add", "default", "via", &n, "dev", "eth0"]);
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip: client_ip,
+            ns,
+        });
+        idx
+    }
+
+    /// Runs the test client in `pod` *outside* the client cgroup (no socket load balancing:
+    /// what an outside host sees).
+    pub fn outside_client(&self, pod: &str, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = self
+            .workload_in(pod, args, false)
+            .output()
+            .expect("run client");
+        assert!(
+            out.status.success(),
+            "client {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// A command that runs inside `pod`'s namespace, in the client cgroup when `client`.
+    pub fn command_in(&self, pod: &str, program: &Path, args: &[&str], client: bool) -> Command {
+        self.command_in_ns(&self.pod(pod).ns.path(), program, args, client)
+    }
+
+    /// `kpr workload <args>` inside `pod`'s namespace.
+    pub fn workload_in(&self, pod: &str, args: &[&str], client: bool) -> Command {
+        let mut full = vec!["workload"];
+        full.extend_from_slice(args);
+        self.command_in(pod, &kpr_bin(), &full, client)
+    }
+
+    /// A command inside the namespace at `ns_path`, in the client cgroup when `client`.
+    pub fn command_in_ns(
+        &self,
+        ns_path: &Path,
+        program: &Path,
+        args: &[&str],
+        client: bool,
+    ) -> Command {
+        let ns_path = ns_path.to_path_buf();
+        let procs = self.cgroup.path.join("cgroup.procs");
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: only async-signal-safe calls (open, write, setns, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if client {
+                    fs::write(&procs, b"0")?;
+                }
+                let f = fs::File::open(&ns_path)?;
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Starts test servers in a pod on each `ip:port`, waiting until they listen.
+    pub fn serve(&mut self, pod: &str, ports: &[u16]) {
+        let ip = self.pod(pod).ip;
+        let addrs: Vec<String> = ports.iter().map(|p| format!("{ip}:{p}")).collect();
+        let mut args = vec!["serve"];
+        args.extend(addrs.iter().map(String::as_str));
+        let mut child = self
+            .workload_in(pod, &args, false)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("server start line");
+        assert!(
+            line.contains("serving"),
+            "server in {pod} did not start: {line}"
+        );
+        self.children.push(ChildGuard(child));
+    }
+
+    /// Runs the test client in `pod` (inside the client cgroup) and parses its JSON lines.
+    pub fn client(&self, pod: &str, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = self
+            .workload_in(pod, args, true)
+            .output()
+            .expect("run client");
+        assert!(
+            out.status.success(),
+            "client {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Starts a long-running client; its stdout is piped.
+    pub fn spawn_client(&mut self, pod: &str, args: &[&str]) -> Child {
+        self.workload_in(pod, args, true)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client")
+    }
+
+    /// The `kpr run` command for this topology. The agent runs in the host namespace (it only
+    /// touches BPF maps and the test cgroup) with `--tc-interfaces none`: TC programs are never
+    /// attached to the host's own interfaces.
+    pub fn agent_command(&self, manifests: &Path, extra: &[&str]) -> Command {
+        let mut cmd = self.agent_command_base(manifests, extra);
+        cmd.args(["--tc-interfaces", "none"]);
+        cmd
+    }
+
+    /// `kpr run` inside the node namespace, with the TC programs on every interface there
+    /// (and nowhere else).
+    pub fn agent_command_in_node(&self, manifests: &Path, extra: &[&str]) -> Command {
+        let mut cmd = self.agent_command_base(manifests, extra);
+        cmd.args(["--tc-interfaces", "all"]);
+        let ns_path = self.node.path();
+        // SAFETY: only async-signal-safe calls (open, setns, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let f = fs::File::open(&ns_path)?;
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn agent_command_base(&self, manifests: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(kpr_bin());
+        cmd.args(["run", "--manifests"])
+            .arg(manifests)
+            .arg("--bpf-fs-path")
+            .arg(&self.bpffs)
+            .arg("--cgroup-path")
+            .arg(&self.cgroup.path)
+            .args([
+                "--hostname-override",
+                "test-node",
+                "--min-sync-period",
+                "20ms",
+            ])
+            .args(extra);
+        cmd
+    }
+
+    /// Starts the agent; its log goes to `<workdir>/agent-N.log`.
+    pub fn start_agent(&self, manifests: &Path) -> ChildGuard {
+        self.spawn_agent(self.agent_command(manifests, &[]))
+    }
+
+    /// Starts the agent inside the node namespace (TC programs on the node's interfaces).
+    pub fn start_agent_in_node(&self, manifests: &Path, extra: &[&str]) -> ChildGuard {
+        self.spawn_agent(self.agent_command_in_node(manifests, extra))
+    }
+
+    fn spawn_agent(&self, mut cmd: Command) -> ChildGuard {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let log = self
+            .workdir
+            .join(format!("agent-{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let f = fs::File::create(&log).expect("agent log");
+        let child = cmd
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn kpr run");
+        ChildGuard(child)
+    }
+
+    /// Runs `kpr <args>` against this topology's bpffs dir.
+    pub fn kpr(&self, args: &[&str]) -> std::process::Output {
+        Command::new(kpr_bin())
+            .args(args)
+            .arg("--bpf-fs-path")
+            .arg(&self.bpffs)
+            .output()
+            .expect("run kpr")
+    }
+
+    /// Frontends as `kpr services -o json` reports them.
+    pub fn services_json(&self) -> Option<Vec<serde_json::Value>> {
+        let out = self.kpr(&["services", "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until `cond` holds for the datapath's frontends, or panics after `timeout`.
+    pub fn wait_for_services(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&[serde_json::Value]) -> bool,
+    ) {
+        let start = Instant::now();
+        loop {
+            if let Some(rows) = self.services_json()
+                && cond(&rows)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; datapath holds: {:?}\nagent logs in {}",
+                self.services_json(),
+                self.workdir.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The backends of `frontend` (e.g. "10.96.0.10:80") with `proto`, as the datapath holds them.
+pub fn backends_of(rows: &[serde_json::Value], frontend: &str, proto: &str) -> Option<Vec<String>> {
+    rows.iter()
+        .find(|r| r["frontend"] == frontend && r["protocol"] == proto && r["scope"] == "internal")
+        .map(|r| {
+            let mut v: Vec<String> = r["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_str().map(str::to_string))
+                .collect();
+            v.sort();
+            v
+        })
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.children.clear();
+        // Unpin everything this topology's agent pinned: links detach, maps are freed.
+        let _ = fs::remove_dir_all(&self.bpffs);
+        if std::env::var_os("KPR_KEEP_LOGS").is_none() && !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.workdir);
+        }
+    }
+}
+
+/// Writes a manifest file atomically (write + rename), so the agent never reads half a file.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text).expect("write manifest");
+    fs::rename(&tmp, dir.join(name)).expect("rename manifest");
+}
+
+/// A ClusterIP Service manifest with one TCP and one UDP port.
+pub fn service_yaml(name: &str, vip: &str, port: u16, target: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: default, name: {name}}}\nspec:\n  clusterIP: {vip}\n  ports:\n  - {{name: tcp, port: {port}, targetPort: {target}, protocol: TCP}}\n  - {{name: udp, port: {port}, targetPort: {target}, protocol: UDP}}\n"
+    )
+}
+
+/// An EndpointSlice manifest for `service_yaml`'s Service with `ips` ready.
+pub fn slice_yaml(name: &str, ips: &[Ipv4Addr], target: u16) -> String {
+    let eps: String = ips
+        .iter()
+        .map(|ip| {
+            format!(
+                "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: test-node}}\n"
+            )
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        "  []\n".to_string()
+    } else {
+        eps
+    };
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: default, name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nendpoints:\n{eps}ports:\n- {{name: tcp, port: {target}, protocol: TCP}}\n- {{name: udp, port: {target}, protocol: UDP}}\n"
+    )
+}
+
+/// Reading a piped child's JSON lines to the end.
+pub trait JsonLines {
+    fn wait_with_output_lines(self) -> Vec<serde_json::Value>;
+}
+
+impl JsonLines for Child {
+    fn wait_with_output_lines(self) -> Vec<serde_json::Value> {
+        let out = self.wait_with_output().expect("wait for client");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
