@@ -22,6 +22,9 @@ use crate::{Error, Result};
 pub enum Level {
     /// The pure model: which backends, verdict and masquerade each flow gets.
     Model,
+    /// Real connections through a netns topology per fixture, kpr's datapath in between
+    /// (root).
+    Datapath,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -154,8 +157,18 @@ fn default_namespace() -> String {
 pub struct FlowResult {
     pub fixture: String,
     pub flow: String,
-    /// `None` when it passed; otherwise what went wrong.
+    /// `None` when it passed; otherwise what went wrong (or, starting with "skipped:", why
+    /// it could not be checked here).
     pub failure: Option<String>,
+}
+
+impl FlowResult {
+    #[must_use]
+    pub fn skipped(&self) -> bool {
+        self.failure
+            .as_deref()
+            .is_some_and(|f| f.starts_with("skipped:"))
+    }
 }
 
 /// All fixtures' results.
@@ -172,8 +185,12 @@ impl Report {
         self.results.iter().filter(|r| r.failure.is_none()).count()
     }
     #[must_use]
+    pub fn skipped(&self) -> usize {
+        self.results.iter().filter(|r| r.skipped()).count()
+    }
+    #[must_use]
     pub fn failed(&self) -> usize {
-        self.results.len() - self.passed() + self.broken.len()
+        self.results.len() - self.passed() - self.skipped() + self.broken.len()
     }
 }
 
@@ -198,7 +215,7 @@ fn node_port_addresses(values: &[String], mode: ProxyMode) -> Result<NodePortAdd
         .map(NodePortAddresses::Cidrs)
 }
 
-fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
+pub(crate) fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
     let cluster_cidrs = if c.cluster_cidr.is_empty() {
         Vec::new()
     } else {
@@ -369,7 +386,6 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode) -> Result<Vec<FlowResult>> {
 /// # Errors
 /// The directory cannot be read.
 pub fn run_dir(dir: &Path, level: Level, mode: ProxyMode) -> Result<Report> {
-    let Level::Model = level;
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .flatten()
@@ -394,7 +410,12 @@ pub fn run_dir(dir: &Path, level: Level, mode: ProxyMode) -> Result<Report> {
                 continue;
             }
         };
-        match run_fixture(&fx, mode) {
+        let index = report.results.len() + report.broken.len();
+        let run = match level {
+            Level::Model => run_fixture(&fx, mode),
+            Level::Datapath => crate::conformance_datapath::run_fixture(&fx, mode, index),
+        };
+        match run {
             Ok(r) => report.results.extend(r),
             Err(e) => report.broken.push((path, e.to_string())),
         }
@@ -411,15 +432,25 @@ pub fn format_report(report: &Report) -> String {
         let _ = writeln!(out, "FAIL {}: fixture not usable: {e}", path.display());
     }
     for r in &report.results {
-        if let Some(f) = &r.failure {
-            let _ = writeln!(out, "FAIL {} / {:?}: {f}", r.fixture, r.flow);
+        match &r.failure {
+            Some(f) if r.skipped() => {
+                let _ = writeln!(out, "SKIP {} / {:?}: {f}", r.fixture, r.flow);
+            }
+            Some(f) => {
+                let _ = writeln!(out, "FAIL {} / {:?}: {f}", r.fixture, r.flow);
+            }
+            None => {}
         }
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{} passed, {} failed",
         report.passed(),
         report.failed()
     );
+    if report.skipped() > 0 {
+        let _ = write!(out, ", {} skipped", report.skipped());
+    }
+    out.push('\n');
     out
 }

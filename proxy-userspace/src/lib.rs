@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cli;
 pub mod conformance;
+pub mod conformance_datapath;
 pub mod ebpf;
 pub mod kube_source;
 pub mod model;

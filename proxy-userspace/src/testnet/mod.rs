@@ -463,13 +463,11 @@ impl Topology {
             .arg(&self.bpffs)
             .arg("--cgroup-path")
             .arg(&self.cgroup.path)
-            .args([
-                "--hostname-override",
-                "test-node",
-                "--min-sync-period",
-                "20ms",
-            ])
+            .args(["--min-sync-period", "20ms"])
             .args(extra);
+        if !extra.contains(&"--hostname-override") {
+            cmd.args(["--hostname-override", "test-node"]);
+        }
         cmd
     }
 

@@ -1,0 +1,461 @@
+//! The conformance runner's datapath level: real connections through a netns topology built
+//! from each fixture's address plan, with kpr's agent programming the eBPF datapath.
+//!
+//! Per fixture: a node namespace that owns the node IPs; one pod namespace per endpoint address
+//! (serving TCP and UDP on every endpoint port) and per pod-address flow source, all routed
+//! through the node; one outside namespace per outside source address, linked to the node; the
+//! client cgroup for pod and node clients (socket load balancing); `kpr run` inside the node
+//! namespace (TC programs on the node's interfaces). Objects are written to a manifests
+//! directory; before checking flows the runner waits until the pinned maps hold exactly what
+//! the model asks for. Each flow then makes real connections and checks which backends
+//! answered and which source address they saw.
+//!
+//! Known, intended difference for the ebpf mode: a pod reaching itself through a Service
+//! (hairpin) is not masqueraded, since socket-level load balancing rewrites no packet; such
+//! flows check the backend only.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::conformance::{Expect, Fixture, FixtureFlow, FlowResult, ProxyMode, proxy_config};
+use crate::ebpf::datapath::{PinLayout, PinnedMaps};
+use crate::ebpf::render::{EbpfRenderer, FrontendView, MapsSnapshot, view};
+use crate::model::{NodeInfo, ProxyConfig, SourceClass, classify_source, compute};
+use crate::source::objects_from_values;
+use crate::store::{Change, Store};
+use crate::testnet::{ChildGuard, Topology};
+use crate::{Error, Result};
+
+/// Whether this kernel can create SCTP sockets.
+fn kernel_has_sctp() -> bool {
+    // SAFETY: socket/close with constant arguments.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP);
+        if fd >= 0 {
+            libc::close(fd);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The objects in effect, by (kind, namespace, name), as manifests.
+type Objects = BTreeMap<(String, String, String), serde_json::Value>;
+
+fn object_key(v: &serde_json::Value) -> (String, String, String) {
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let ns = s("/metadata/namespace");
+    (
+        s("/kind"),
+        if ns.is_empty() { "default".into() } else { ns },
+        s("/metadata/name"),
+    )
+}
+
+fn write_objects(dir: &Path, objects: &Objects) -> Result<()> {
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+    {
+        let _ = std::fs::remove_file(entry.path());
+    }
+    for (i, obj) in objects.values().enumerate() {
+        let tmp = dir.join(format!(".{i}.tmp"));
+        std::fs::write(&tmp, obj.to_string()).map_err(|e| Error::io(&tmp, e))?;
+        let path = dir.join(format!("{i:03}.json"));
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// (frontend, protocol, scope, verdict, backends): what must match between the model and maps.
+type Row = (String, String, String, String, Vec<String>);
+
+fn rows(views: Vec<FrontendView>) -> BTreeSet<Row> {
+    views
+        .into_iter()
+        .map(|v| {
+            let mut b = v.backends;
+            b.sort();
+            (v.frontend, v.protocol, v.scope, v.verdict, b)
+        })
+        .collect()
+}
+
+fn expected_rows(
+    objects: &Objects,
+    node: &NodeInfo,
+    config: &ProxyConfig,
+) -> Result<BTreeSet<Row>> {
+    let values: Vec<serde_json::Value> = objects.values().cloned().collect();
+    let objs = objects_from_values(&values)?;
+    let mut store = Store::default();
+    store.apply(Change::Reset {
+        services: objs.services,
+        slices: objs.slices,
+    });
+    let desired = compute(&store, node, config);
+    let mut snapshot = MapsSnapshot::default();
+    let (_, errors) = EbpfRenderer::default().sync(&desired, &mut snapshot, &[]);
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    Ok(rows(view(&snapshot)))
+}
+
+fn wait_programmed(layout: &PinLayout, want: &BTreeSet<Row>) -> Result<()> {
+    let start = Instant::now();
+    let mut last = BTreeSet::new();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(maps) = PinnedMaps::open(layout)
+            && let Ok(snapshot) = maps.snapshot()
+        {
+            last = rows(view(&snapshot));
+            if &last == want {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Error::invalid(format!(
+        "the datapath never held the model's state: want {want:?}, have {last:?}"
+    )))
+}
+
+/// Where a flow's client runs.
+enum Client {
+    /// A pod namespace (in the client cgroup).
+    Pod(String),
+    /// The node namespace, bound to the source address (in the client cgroup).
+    Node(IpAddr),
+    /// An outside host's namespace (not in the cgroup).
+    Outside(String),
+}
+
+struct Plan {
+    topology: Topology,
+    clients: BTreeMap<IpAddr, Client>,
+    node: NodeInfo,
+    config: ProxyConfig,
+}
+
+/// Every endpoint address of the fixture (objects and steps) with the ports it serves.
+fn endpoint_ports(fx: &Fixture) -> BTreeMap<Ipv4Addr, BTreeSet<u16>> {
+    let mut out: BTreeMap<Ipv4Addr, BTreeSet<u16>> = BTreeMap::new();
+    let all = fx
+        .objects
+        .iter()
+        .chain(fx.steps.iter().flat_map(|s| s.apply.iter()));
+    for obj in all.filter(|o| o["kind"] == "EndpointSlice") {
+        let ports: Vec<u16> = obj["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["port"].as_u64().and_then(|p| u16::try_from(p).ok()))
+            .collect();
+        for ep in obj["endpoints"].as_array().into_iter().flatten() {
+            if let Some(ip) = ep["addresses"][0]
+                .as_str()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            {
+                out.entry(ip).or_default().extend(ports.iter().copied());
+            }
+        }
+    }
+    out
+}
+
+fn all_flows(fx: &Fixture) -> impl Iterator<Item = &FixtureFlow> {
+    fx.flows
+        .iter()
+        .chain(fx.steps.iter().flat_map(|s| s.flows.iter()))
+}
+
+fn build(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Plan> {
+    let node = NodeInfo {
+        name: fx.node.name.clone(),
+        ips: fx.node.ips.clone(),
+        labels: fx.node.labels.clone(),
+    };
+    let config = proxy_config(&fx.config, mode)?;
+    let mut t = Topology::new(&format!("cf{index}"));
+    let node_v4: Vec<Ipv4Addr> = node.ips.iter().filter_map(|ip| v4(*ip)).collect();
+    let primary = *node_v4
+        .first()
+        .ok_or_else(|| Error::invalid("the node has no IPv4 address"))?;
+    for ip in &node_v4 {
+        t.node
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+    let mut clients = BTreeMap::new();
+    let endpoints = endpoint_ports(fx);
+    for (i, (ip, ports)) in endpoints.iter().enumerate() {
+        let name = format!("e{i}");
+        t.add_pod(&name, *ip);
+        let ports: Vec<u16> = ports.iter().copied().collect();
+        t.serve(&name, &ports);
+        clients.insert(IpAddr::V4(*ip), Client::Pod(name));
+    }
+    let sources: BTreeSet<IpAddr> = all_flows(fx).map(|f| f.src).collect();
+    for (i, src) in sources.iter().enumerate() {
+        if clients.contains_key(src) {
+            continue;
+        }
+        let Some(src4) = v4(*src) else { continue };
+        let client = match classify_source(*src, &node, &config) {
+            SourceClass::Node => Client::Node(*src),
+            SourceClass::Pod => {
+                let name = format!("c{i}");
+                t.add_pod(&name, src4);
+                Client::Pod(name)
+            }
+            SourceClass::External => {
+                let name = format!("o{i}");
+                t.add_external(&name, src4, primary);
+                Client::Outside(name)
+            }
+        };
+        clients.insert(*src, client);
+    }
+    Ok(Plan {
+        topology: t,
+        clients,
+        node,
+        config,
+    })
+}
+
+fn attempts(expect: &Expect) -> usize {
+    match &expect.backends {
+        Some(b) => (b.len() * 12).max(3),
+        None => 2,
+    }
+}
+
+fn run_flow(plan: &Plan, flow: &FixtureFlow, expect: &Expect) -> Option<String> {
+    let client = plan.clients.get(&flow.src)?;
+    let proto = flow.proto.as_deref().unwrap_or("TCP");
+    let mode = if proto == "UDP" { "udp" } else { "tcp" };
+    let dst = SocketAddr::new(flow.dst, flow.dport).to_string();
+    let n = attempts(expect).to_string();
+    let t = &plan.topology;
+    let out = match client {
+        Client::Pod(pod) => t.workload_in(pod, &[mode, &dst, &n], true).output(),
+        Client::Outside(pod) => t.workload_in(pod, &[mode, &dst, &n], false).output(),
+        Client::Node(ip) => {
+            let ip = ip.to_string();
+            let args = ["workload", mode, &dst, &n, "0", &ip];
+            t.command_in_ns(&t.node.path(), &crate::testnet::kpr_bin(), &args, true)
+                .output()
+        }
+    };
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            return Some(format!(
+                "client failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        Err(e) => return Some(format!("client did not run: {e}")),
+    };
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    judge(plan, flow, expect, &lines)
+}
+
+fn judge(
+    plan: &Plan,
+    flow: &FixtureFlow,
+    expect: &Expect,
+    lines: &[serde_json::Value],
+) -> Option<String> {
+    let errors: Vec<&str> = lines.iter().filter_map(|l| l["error"].as_str()).collect();
+    let answered: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["backend"].as_str().is_some_and(|b| !b.is_empty()))
+        .collect();
+    if let Some(verdict) = &expect.verdict {
+        let ok = match verdict.as_str() {
+            "REJECT" => errors.len() == lines.len() && errors.iter().all(|e| *e == "ECONNREFUSED"),
+            "DROP" => errors.len() == lines.len() && errors.iter().all(|e| *e == "ETIMEDOUT"),
+            "NONE" => answered.is_empty(),
+            "ACCEPT" => errors.is_empty() && answered.is_empty(),
+            other => return Some(format!("unknown verdict {other}")),
+        };
+        return (!ok).then(|| format!("expected {verdict}, got {lines:?}"));
+    }
+    let want: BTreeSet<String> = expect
+        .backends
+        .iter()
+        .flatten()
+        .filter_map(|b| b.parse::<SocketAddr>().ok().map(|a| a.to_string()))
+        .collect();
+    if !errors.is_empty() {
+        return Some(format!(
+            "expected backends {want:?}, some attempts failed: {errors:?}"
+        ));
+    }
+    let got: BTreeSet<String> = answered
+        .iter()
+        .filter_map(|l| l["backend"].as_str().map(str::to_string))
+        .collect();
+    if got != want {
+        return Some(format!("expected backends {want:?}, reached {got:?}"));
+    }
+    if let Some(masq) = expect.masq {
+        for l in &answered {
+            let seen: Option<IpAddr> = l["seen_src"].as_str().and_then(|s| s.parse().ok());
+            let backend_ip = l["backend"]
+                .as_str()
+                .and_then(|b| b.parse::<SocketAddr>().ok())
+                .map(|a| a.ip());
+            if backend_ip == Some(flow.src) {
+                continue; // hairpin: see the module docs
+            }
+            let is_node = seen.is_some_and(|s| plan.node.ips.contains(&s));
+            let ok = if masq {
+                is_node
+            } else {
+                seen == Some(flow.src)
+            };
+            if !ok {
+                return Some(format!(
+                    "expected the backend to see {} as source, it saw {:?}",
+                    if masq {
+                        "a node IP".to_string()
+                    } else {
+                        flow.src.to_string()
+                    },
+                    l["seen_src"]
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Runs one fixture against the real datapath of `mode`.
+///
+/// # Errors
+/// The mode is not implemented at this level, or the topology could not be built.
+pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<FlowResult>> {
+    if mode != ProxyMode::Ebpf {
+        return Err(Error::invalid(format!(
+            "--level datapath is implemented for the ebpf mode only (not {})",
+            mode.as_str()
+        )));
+    }
+    let sctp = kernel_has_sctp();
+    let plan = build(fx, mode, index)?;
+    let dir = plan.topology.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut objects: Objects = fx
+        .objects
+        .iter()
+        .map(|o| (object_key(o), o.clone()))
+        .collect();
+    write_objects(&dir, &objects)?;
+    let mut args: Vec<String> = vec![
+        "--hostname-override".into(),
+        plan.node.name.clone(),
+        "--node-ip".into(),
+        plan.node
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    ];
+    if !plan.config.cluster_cidrs.is_empty() {
+        args.push("--cluster-cidr".into());
+        args.push(
+            plan.config
+                .cluster_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    if plan.config.masquerade_all {
+        args.push("--masquerade-all".into());
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _agent: ChildGuard = plan.topology.start_agent_in_node(&dir, &arg_refs);
+    let layout = PinLayout::new(&plan.topology.bpffs);
+    let overrides = fx.modes.get(mode.as_str());
+    let mut results = Vec::new();
+    let mut check = |objects: &Objects, flows: &[FixtureFlow]| -> Result<()> {
+        wait_programmed(&layout, &expected_rows(objects, &plan.node, &plan.config)?)?;
+        // The TC programs attach on the agent's interface scan (every 2 s).
+        std::thread::sleep(Duration::from_millis(100));
+        for f in flows {
+            let expect = overrides.and_then(|o| o.get(&f.name)).unwrap_or(&f.expect);
+            let failure = if f.proto.as_deref() == Some("SCTP") && !sctp {
+                Some("skipped: this kernel has no SCTP".to_string())
+            } else if f.src.is_ipv6() || f.dst.is_ipv6() {
+                Some("skipped: IPv6 flows are not built into the test topology yet".to_string())
+            } else {
+                run_flow(&plan, f, expect)
+            };
+            results.push(FlowResult {
+                fixture: fx.id.clone(),
+                flow: f.name.clone(),
+                failure,
+            });
+        }
+        Ok(())
+    };
+    wait_for_tc(&plan.topology);
+    check(&objects, &fx.flows)?;
+    for step in &fx.steps {
+        for d in &step.delete {
+            objects.remove(&(d.kind.clone(), d.namespace.clone(), d.name.clone()));
+        }
+        for o in &step.apply {
+            objects.insert(object_key(o), o.clone());
+        }
+        write_objects(&dir, &objects)?;
+        check(&objects, &step.flows)?;
+    }
+    Ok(results)
+}
+
+/// Waits until the agent has pinned a TC link for every node interface.
+fn wait_for_tc(t: &Topology) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let links = std::fs::read_dir(
+            t.bpffs
+                .join(format!("v{}", proxy_common::MAP_LAYOUT_VERSION)),
+        )
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+        .count();
+        // ingress + egress per pod/outside link
+        if links >= 2 * t.pods.len() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
