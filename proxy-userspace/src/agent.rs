@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub sync_period: Duration,
     pub poll_interval: Duration,
     pub tc_interfaces: datapath::TcInterfaces,
+    pub healthz_bind: Option<std::net::SocketAddr>,
+    pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
 /// Network-programming latency: from an EndpointSlice's
@@ -76,6 +78,9 @@ pub struct Syncer {
     tc_interfaces: datapath::TcInterfaces,
     /// What KPR_CONFIG holds.
     node_config: Option<proxy_common::NodeConfig>,
+    pub status: crate::serve::SharedStatus,
+    /// Health-check ports of eTP=Local Services, from the last sync.
+    pub health_checks: std::collections::BTreeMap<crate::store::ObjectRef, (u16, usize)>,
     proxy: ProxyConfig,
     maps: PinnedMaps,
     renderer: EbpfRenderer,
@@ -118,6 +123,11 @@ impl Syncer {
                 latency: ProgrammingLatency::default(),
                 tc_interfaces: cfg.tc_interfaces.clone(),
                 node_config: None,
+                status: std::sync::Arc::new(std::sync::Mutex::new(crate::serve::AgentStatus {
+                    sync_period: cfg.sync_period,
+                    ..Default::default()
+                })),
+                health_checks: std::collections::BTreeMap::new(),
                 proxy: cfg.proxy.clone(),
                 maps,
                 renderer,
@@ -234,6 +244,18 @@ impl Syncer {
                 }
             }
         }
+        self.health_checks = desired.health_checks.clone();
+        if let Ok(mut st) = self.status.lock() {
+            st.last_sync = Some(Instant::now());
+            st.syncs += 1;
+            st.sync_errors += u64::from(!errors.is_empty());
+            st.last_sync_secs = started.elapsed().as_secs_f64();
+            st.frontends = desired.frontends.len();
+            st.services = self.store.service_count();
+            st.endpoint_slices = self.store.slice_count();
+            st.latency_count = self.latency.count;
+            st.latency_sum_secs = self.latency.sum_secs;
+        }
         if !stats.is_noop() || !errors.is_empty() {
             tracing::info!(
                 services = self.store.service_count(),
@@ -305,6 +327,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("SIGTERM handler", e))?;
+    crate::serve::start(cfg.healthz_bind, cfg.metrics_bind, syncer.status.clone()).await;
+    let mut health = crate::serve::HealthChecks::default();
     let mut interfaces = tokio::time::interval(Duration::from_secs(2));
     let mut dirty = false;
     let mut last_sync = Instant::now() - cfg.min_sync_period;
@@ -330,9 +354,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     syncer.sync();
                     dirty = false;
                     last_sync = Instant::now();
+                    health.sync(&syncer.health_checks).await;
                 } else {
                     syncer.resync();
                     last_full = Instant::now();
+                    health.sync(&syncer.health_checks).await;
                 }
             }
             _ = interfaces.tick() => syncer.sync_interfaces(),

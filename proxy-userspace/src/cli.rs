@@ -105,6 +105,12 @@ pub struct RunArgs {
     /// "all" (every interface but lo, rescanned), "none", or a comma-separated list.
     #[arg(long, default_value = "all")]
     pub tc_interfaces: String,
+    /// healthz server address (/healthz, /livez); "" disables it.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// metrics server address (/metrics, /proxyMode); "" disables it.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
     /// Full resync period.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
@@ -163,6 +169,8 @@ impl RunArgs {
             min_sync_period: self.min_sync_period,
             sync_period: self.sync_period,
             poll_interval: Duration::from_millis(200),
+            healthz_bind: self.healthz_bind_address.parse().ok(),
+            metrics_bind: self.metrics_bind_address.parse().ok(),
             tc_interfaces: match self.tc_interfaces.as_str() {
                 "all" => crate::ebpf::datapath::TcInterfaces::All,
                 "none" | "" => crate::ebpf::datapath::TcInterfaces::None,

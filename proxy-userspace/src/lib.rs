@@ -10,6 +10,7 @@ pub mod conformance_datapath;
 pub mod ebpf;
 pub mod kube_source;
 pub mod model;
+pub mod serve;
 pub mod source;
 pub mod store;
 pub mod testnet;

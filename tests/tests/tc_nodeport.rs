@@ -38,6 +38,7 @@ spec:
   type: LoadBalancer
   clusterIP: 172.30.0.42
   externalTrafficPolicy: Local
+  healthCheckNodePort: 30000
   ports: [{name: t, port: 80, targetPort: 80, nodePort: 3002, protocol: TCP}]
 status: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}
 ---
@@ -46,6 +47,24 @@ kind: EndpointSlice
 metadata: {namespace: ns, name: lb-1, labels: {kubernetes.io/service-name: lb}}
 addressType: IPv4
 endpoints: [{addresses: [10.180.0.1], conditions: {ready: true}, nodeName: test-node}]
+ports: [{name: t, port: 80, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: remote-only}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.44
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30001
+  ports: [{name: t, port: 81, targetPort: 80, nodePort: 3004, protocol: TCP}]
+status: {loadBalancer: {ingress: [{ip: 1.2.3.5}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: remote-only-1, labels: {kubernetes.io/service-name: remote-only}}
+addressType: IPv4
+endpoints: [{addresses: [10.180.2.1], conditions: {ready: true}, nodeName: node2}]
 ports: [{name: t, port: 80, protocol: TCP}]
 ---
 apiVersion: v1
@@ -110,4 +129,71 @@ fn outside_traffic_to_nodeport_and_lb_ip() {
             "no endpoints: TCP RST at once: {l}"
         );
     }
+}
+
+#[test]
+fn health_check_node_ports_healthz_and_metrics() {
+    let mut t = Topology::new("hc");
+    t.add_external(
+        "outside",
+        Ipv4Addr::new(203, 0, 113, 2),
+        Ipv4Addr::new(192, 168, 0, 2),
+    );
+    t.add_pod("backend", Ipv4Addr::new(10, 180, 0, 1));
+    t.serve("backend", &[80]);
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "all.yaml", MANIFESTS);
+    let _agent = t.start_agent_in_node(&dir, &["--node-ip", "192.168.0.2"]);
+    t.wait_for_services("frontends", Duration::from_secs(15), |rows| {
+        backends_of(rows, "192.168.0.2:3001", "TCP").is_some()
+    });
+    let get = |addr: &str, path: &str| -> serde_json::Value {
+        let start = std::time::Instant::now();
+        loop {
+            let l = t.outside_client("outside", &["http", addr, path]).remove(0);
+            if l["status"].as_u64().is_some_and(|s| s != 0)
+                || start.elapsed() > Duration::from_secs(10)
+            {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let ok = get("192.168.0.2:30000", "/");
+    assert_eq!(ok["status"], 200, "{ok}");
+    let body: serde_json::Value = serde_json::from_str(ok["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["service"]["namespace"], "ns");
+    assert_eq!(body["service"]["name"], "lb");
+    assert_eq!(body["localEndpoints"], 1);
+    let none = get("192.168.0.2:30001", "/");
+    assert_eq!(none["status"], 503, "no local endpoint: {none}");
+    assert!(
+        none["body"]
+            .as_str()
+            .unwrap()
+            .contains("\"localEndpoints\":0"),
+        "{none}"
+    );
+    let healthz = get("192.168.0.2:10256", "/healthz");
+    assert_eq!(healthz["status"], 200, "{healthz}");
+    // Metrics listen on the node's loopback only.
+    let out = t
+        .command_in_ns(
+            &t.node.path(),
+            &kpr_testnet::kpr_bin(),
+            &["workload", "http", "127.0.0.1:10249", "/metrics"],
+            false,
+        )
+        .output()
+        .unwrap();
+    let l: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(l["status"], 200);
+    assert!(
+        l["body"]
+            .as_str()
+            .unwrap()
+            .contains("kpr_sync_proxy_rules_total"),
+        "{l}"
+    );
 }

@@ -432,7 +432,13 @@ impl Topology {
     /// attached to the host's own interfaces.
     pub fn agent_command(&self, manifests: &Path, extra: &[&str]) -> Command {
         let mut cmd = self.agent_command_base(manifests, extra);
-        cmd.args(["--tc-interfaces", "none"]);
+        // Ephemeral ports: agents of parallel tests share the host namespace.
+        cmd.args(["--tc-interfaces", "none"]).args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ]);
         cmd
     }
 

@@ -167,6 +167,27 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     }
 }
 
+/// One HTTP/1.0 GET; prints {"status": N, "body": "..."} or {"error": ...}.
+fn http_get(to: SocketAddr, path: &str) {
+    let line = match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n");
+            let mut resp = String::new();
+            let _ = s.read_to_string(&mut resp);
+            let status: u16 = resp
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            serde_json::json!({"status": status, "body": body}).to_string()
+        }
+        Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
+    };
+    println!("{line}");
+}
+
 /// Runs a workload; `args` are what follows `kpr workload`.
 pub fn run(args: &[String]) {
     let addr = |i: usize| -> SocketAddr {
@@ -193,6 +214,7 @@ pub fn run(args: &[String]) {
             }
         }
         Some("hold") => hold(addr(1), num(2, 5), Duration::from_millis(num(3, 200))),
+        Some("http") => http_get(addr(1), args.get(2).map_or("/", String::as_str)),
         _ => usage(),
     }
 }
