@@ -20,7 +20,9 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "KPR_SOCK_REVNAT";
     pub const CONNTRACK: &str = "KPR_CT";
     pub const CONFIG: &str = "KPR_CONFIG";
-    pub const ALL: [&str; 7] = [
+    pub const AFFINITY: &str = "KPR_AFFINITY";
+    pub const SRC_RANGES: &str = "KPR_SRC_RANGES";
+    pub const ALL: [&str; 9] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -28,6 +30,8 @@ pub mod map_names {
         SOCK_REVNAT,
         CONNTRACK,
         CONFIG,
+        AFFINITY,
+        SRC_RANGES,
     ];
 }
 
@@ -39,7 +43,12 @@ pub mod map_sizes {
     pub const REVNAT: usize = 65_536;
     pub const SOCK_REVNAT: usize = 262_144;
     pub const CONNTRACK: usize = 524_288;
+    pub const AFFINITY: usize = 262_144;
+    pub const SRC_RANGES: usize = 65_536;
 }
+
+/// Slots of a Maglev lookup table (a prime; up to ~100 backends spread evenly).
+pub const MAGLEV_TABLE_SIZE: u32 = 1021;
 
 /// IP protocol numbers as used in keys.
 pub mod proto {
@@ -68,7 +77,37 @@ pub mod service_flags {
     /// Traffic from outside to this (external-scope) frontend is masqueraded to the node
     /// (externalTrafficPolicy Cluster).
     pub const EXTERNAL_MASQ: u32 = 1 << 3;
+    /// The backend slots are a Maglev table: pick by flow hash, not at random, so every node
+    /// picks the same backend for a flow.
+    pub const MAGLEV: u32 = 1 << 4;
+    /// loadBalancerSourceRanges: only sources in `KPR_SRC_RANGES` for this service id may
+    /// use this frontend; others are dropped.
+    pub const SOURCE_RANGES: u32 = 1 << 5;
 }
+
+/// sessionAffinity ClientIP: which backend a client was sent to, and when last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityKey {
+    /// The client: its IP (TC), or its network namespace cookie in the first 8 bytes with
+    /// byte 15 = 1 (socket load balancing, where the source IP is not known yet).
+    pub client: [u8; 16],
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub generation: u32,
+    /// bpf_ktime_get_ns() of the last use.
+    pub last_used_ns: u64,
+}
+
+/// `KPR_SRC_RANGES` key data: service id (big endian, so prefixes match bit by bit) and a
+/// 16-byte address; the prefix length counts 32 bits of service id plus the address prefix.
+pub type SrcRangeData = [u8; 20];
 
 /// A frontend: the address, port and protocol a client connects to.
 #[repr(C)]
@@ -239,8 +278,8 @@ pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Backend, BackendSlotKey, CtKey, CtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
-        SockRevNatKey, SockRevNatValue,
+        AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, NodeConfig,
+        RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
     };
 
     macro_rules! pod {
@@ -262,7 +301,9 @@ mod user {
         SockRevNatValue,
         CtKey,
         CtValue,
-        NodeConfig
+        NodeConfig,
+        AffinityKey,
+        AffinityValue
     );
 }
 
@@ -284,6 +325,8 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 16 + 2 + 1 + 1 + 4 + 4 + 4);
         assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 4);
+        assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod select;
+#[cfg(target_arch = "bpf")]
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;

@@ -1,12 +1,12 @@
 //! The maps every kpr program shares. Pinned by name under the agent's versioned bpffs
 //! directory, so they outlive the agent and are adopted by the next one.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap},
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendSlotKey, CtKey, CtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, map_sizes,
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, NodeConfig, RevNatValue,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, map_sizes,
 };
 
 #[btf_map(pin_by_name)]
@@ -31,3 +31,10 @@ pub static KPR_CT: LruHashMap<CtKey, CtValue, { map_sizes::CONNTRACK }> = LruHas
 
 #[btf_map(pin_by_name)]
 pub static KPR_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { map_sizes::AFFINITY }> =
+    LruHashMap::new();
+
+#[btf_map(pin_by_name)]
+pub static KPR_SRC_RANGES: LpmTrie<SrcRangeData, u8, { map_sizes::SRC_RANGES }> = LpmTrie::new();

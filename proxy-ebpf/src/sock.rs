@@ -2,16 +2,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Backend, BackendSlotKey, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto,
-    scope, v4_mapped,
+    Backend, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto, scope, v4_mapped,
 };
 
-use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SLOTS, KPR_SOCK_REVNAT};
+use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SOCK_REVNAT};
+use crate::select::{self, select_backend};
 
 /// Let the syscall go on (translated or not).
 const ALLOW: i32 = 1;
@@ -111,9 +113,9 @@ enum Pick {
     Backend(Backend, u32),
 }
 
-/// Looks the frontend up and picks one of its backends at random.
+/// Looks the frontend up and picks one of its backends (affinity, Maglev or random).
 #[inline(always)]
-fn pick_backend(dst: &SockAddr, proto: u8) -> Pick {
+fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Pick {
     let key = ServiceKey {
         addr: dst.addr,
         port: dst.port,
@@ -123,23 +125,22 @@ fn pick_backend(dst: &SockAddr, proto: u8) -> Pick {
     let Some(svc) = KPR_SERVICES.get_ptr(&key) else {
         return Pick::NotService;
     };
-    // SAFETY: a map value pointer from a successful lookup; read by value at once.
-    let svc = unsafe { *svc };
+    // SAFETY: a value pointer from a successful lookup, valid for this program run.
+    let svc = unsafe { &*svc };
     if svc.backend_count == 0 {
         return Pick::NoEndpoints;
     }
-    // SAFETY: plain helper call.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count;
-    let slot_key = BackendSlotKey {
-        service_id: svc.id,
-        revision: svc.revision,
-        slot,
-    };
-    let Some(backend_id) = KPR_SLOTS.get_ptr(&slot_key) else {
+    // The client of socket-level balancing is its network namespace: the source address is
+    // not chosen yet at connect().
+    // SAFETY: plain helper calls on our own context.
+    let (cookie, hash) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_get_prandom_u32()) };
+    let mut client = [0u8; 16];
+    client[..8].copy_from_slice(&cookie.to_ne_bytes());
+    client[15] = 1;
+    let backend_id = select_backend(svc, &client, hash);
+    if backend_id == select::NONE {
         return Pick::NotService;
-    };
-    // SAFETY: as above.
-    let backend_id = unsafe { *backend_id };
+    }
     let Some(backend) = KPR_BACKENDS.get_ptr(&backend_id) else {
         return Pick::NotService;
     };
@@ -156,7 +157,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     }
     let dst = if v6 { read_v6(sa) } else { read_v4(sa) };
-    match pick_backend(&dst, proto) {
+    match pick_backend(ctx, &dst, proto) {
         Pick::NotService => ALLOW,
         Pick::NoEndpoints => {
             // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).

@@ -10,6 +10,7 @@
 //! local address. Parsing uses direct packet access; writes use the checksum-aware helpers.
 use core::mem::size_of;
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -18,11 +19,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BackendSlotKey, CtKey, CtValue, ServiceKey, ct_flags, ct_kind, proto, scope, service_flags,
-    v4_mapped,
+    CtKey, CtValue, ServiceKey, ct_flags, ct_kind, proto, scope, service_flags, v4_mapped,
 };
 
-use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, KPR_SLOTS};
+use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, KPR_SRC_RANGES};
+use crate::select::{self, flow_hash, select_backend};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -35,8 +36,8 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 const OK: i32 = TC_ACT_OK as i32;
-/// Internal verdict of `new_flow`: answer with a TCP RST (done by the caller, so the RST
-/// builder's stack frame never stacks on top of `new_flow`'s).
+/// Internal verdict of `choose`: answer with a TCP RST (done by the caller, so the RST
+/// builder's stack frame never stacks on top of `choose`'s).
 const REJECT: i32 = -1;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
@@ -233,28 +234,40 @@ fn ingress(ctx: &TcContext) -> i32 {
         let ct = unsafe { &*ct };
         return rewrite_dst(ctx, &p, &ct.addr, ct.port);
     }
-    match new_flow(ctx, &p) {
+    let mut choice = Choice::default();
+    match choose(&p, &mut choice) {
+        CHOSEN => create_flow(ctx, &p, &choice),
         REJECT => reject_tcp(ctx, &p),
         verdict => verdict,
     }
 }
 
-// Out of line: keeps the stack of the hot (established / miss) path small. One key and one
-// value are reused for every entry to stay well inside the 512-byte stack.
+/// loadBalancerSourceRanges: is `client` inside one of the service's ranges?
 #[inline(never)]
-fn new_flow(ctx: &TcContext, p: &Packet) -> i32 {
-    let mut key = CtKey {
-        saddr: v4_mapped(p.daddr),
-        daddr: [0; 16],
-        sport: p.dport,
-        dport: 0,
-        proto: p.proto,
-        kind: 0,
-        _pad: [0; 2],
-    };
-    // The frontend lookup reuses the key's first bytes as a ServiceKey.
+fn source_allowed(service_id: u32, client: &[u8; 16]) -> bool {
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&service_id.to_be_bytes());
+    data[4..].copy_from_slice(client);
+    KPR_SRC_RANGES.get(&Key::new(160, data)).is_some()
+}
+
+/// What `choose` picked for a new flow.
+#[derive(Default)]
+struct Choice {
+    backend_id: u32,
+    service_id: u32,
+    service_flags: u32,
+}
+
+/// Internal verdict of `choose`: `Choice` is filled in, go on with `create_flow`.
+const CHOSEN: i32 = -2;
+
+// Out of line, like `create_flow`: the two run one after the other from `ingress`, so their
+// stack frames never add up (the verifier allows 512 bytes along any call chain).
+#[inline(never)]
+fn choose(p: &Packet, out: &mut Choice) -> i32 {
     let skey = ServiceKey {
-        addr: key.saddr,
+        addr: v4_mapped(p.daddr),
         port: p.dport,
         proto: p.proto,
         scope: scope::EXTERNAL,
@@ -262,37 +275,55 @@ fn new_flow(ctx: &TcContext, p: &Packet) -> i32 {
     let Some(svc) = KPR_SERVICES.get_ptr(&skey) else {
         return OK;
     };
-    // SAFETY: a value pointer from a successful lookup, read field by field at once.
-    let (svc_id, count, revision, svc_flags) = unsafe {
-        (
-            (*svc).id,
-            (*svc).backend_count,
-            (*svc).revision,
-            (*svc).flags,
-        )
-    };
-    if count == 0 {
-        if svc_flags & service_flags::DROP != 0 || p.proto != proto::TCP {
+    // SAFETY: a value pointer from a successful lookup, valid for this program run.
+    let svc = unsafe { &*svc };
+    let client = v4_mapped(p.saddr);
+    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.id, &client) {
+        return SHOT;
+    }
+    if svc.backend_count == 0 {
+        if svc.flags & service_flags::DROP != 0 || p.proto != proto::TCP {
             return SHOT;
         }
         return REJECT;
     }
-    let slot_key = BackendSlotKey {
-        service_id: svc_id,
-        revision,
-        // SAFETY: plain helper call.
-        slot: unsafe { bpf_get_prandom_u32() } % count,
-    };
-    let Some(backend_id) = KPR_SLOTS.get_ptr(&slot_key) else {
+    let hash = flow_hash(
+        u32::from_ne_bytes(p.saddr),
+        u32::from_ne_bytes(p.daddr),
+        (u32::from(p.sport) << 16) | u32::from(p.dport),
+        u32::from(p.proto),
+    );
+    let backend_id = select_backend(svc, &client, hash);
+    if backend_id == select::NONE {
         return OK;
-    };
-    // SAFETY: as above.
-    let backend_id = unsafe { *backend_id };
+    }
+    out.backend_id = backend_id;
+    out.service_id = svc.id;
+    out.service_flags = svc.flags;
+    CHOSEN
+}
+
+/// Records the conntrack entries of a new flow and DNATs its first packet. One key and one
+/// value are reused for every entry to stay well inside the stack limit.
+#[inline(never)]
+fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
+    let backend_id = choice.backend_id;
+    let (svc_id, svc_flags) = (choice.service_id, choice.service_flags);
+    let client = v4_mapped(p.saddr);
     let Some(backend) = KPR_BACKENDS.get_ptr(&backend_id) else {
         return OK;
     };
+    let mut key = CtKey {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        proto: p.proto,
+        kind: 0,
+        _pad: [0; 2],
+    };
     let mut val = CtValue {
-        // SAFETY: as above.
+        // SAFETY: a value pointer from a successful lookup, valid for this program run.
         addr: unsafe { (*backend).addr },
         port: unsafe { (*backend).port },
         flags: 0,
@@ -302,7 +333,6 @@ fn new_flow(ctx: &TcContext, p: &Packet) -> i32 {
         service_id: svc_id,
     };
     let (backend_addr, backend_port) = (val.addr, val.port);
-    let client = v4_mapped(p.saddr);
     // Masquerade (eTP=Cluster): to the node address, keeping the client's port unless another
     // flow to this backend already owns it.
     let mut snat_port = p.sport;
