@@ -248,6 +248,30 @@ pub struct NodeConfig {
     pub snat_v6: [u8; 16],
 }
 
+/// The flow hash Maglev services pick by: a 32-bit mix (murmur3 steps) of (source address,
+/// destination address, source port << 16 | destination port, protocol), IPv4 addresses as
+/// their native-endian u32 of the network-order bytes. Shared by the TC program and the agent,
+/// so both compute the same value, on every node.
+#[inline(always)]
+#[must_use]
+pub fn flow_hash(a: u32, b: u32, c: u32, d: u32) -> u32 {
+    let mut h: u32 = 0x9747_b28c;
+    let words = [a, b, c, d];
+    let mut i = 0;
+    while i < 4 {
+        let mut k = words[i].wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// `::ffff:a.b.c.d` for an IPv4 address given as its four octets.
 #[inline(always)]
 #[must_use]

@@ -1,29 +1,13 @@
 //! Backend selection shared by the socket and TC programs: session affinity, Maglev
 //! (flow-hash into a consistent table) or random.
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+pub use proxy_common::flow_hash;
 use proxy_common::{AffinityKey, AffinityValue, BackendSlotKey, ServiceValue, service_flags};
 
 use crate::maps::{KPR_AFFINITY, KPR_BACKENDS, KPR_SLOTS};
 
 /// No backend (a lookup raced an update): the caller leaves the packet alone.
 pub const NONE: u32 = u32::MAX;
-
-/// A 32-bit mix of four words (murmur3 finalizer per step); the same on every node.
-#[inline(always)]
-pub fn flow_hash(a: u32, b: u32, c: u32, d: u32) -> u32 {
-    let mut h: u32 = 0x9747_b28c;
-    for w in [a, b, c, d] {
-        let mut k = w.wrapping_mul(0xcc9e_2d51);
-        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-        h ^= k;
-        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
-    }
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
 
 /// Picks a backend id for a new connection of `client` to `svc`. `hash` is the flow hash
 /// (used by Maglev services). Out of line: one copy shared by every program.

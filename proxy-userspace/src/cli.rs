@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// Pod CIDRs: traffic from them is pod traffic.
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<ipnet::IpNet>,
+    /// Backend selection for Services without a kpr.io/lb-algorithm annotation: "random" or
+    /// "maglev" (consistent hashing: every node picks the same backend for a flow).
+    #[arg(long, default_value = "random", value_parser = ["random", "maglev"])]
+    pub lb_algorithm: String,
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -164,6 +168,7 @@ impl RunArgs {
             proxy: ProxyConfig {
                 cluster_cidrs: self.cluster_cidr.clone(),
                 masquerade_all: self.masquerade_all,
+                maglev_default: self.lb_algorithm == "maglev",
                 ..ProxyConfig::default()
             },
             min_sync_period: self.min_sync_period,

@@ -232,6 +232,7 @@ pub(crate) fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyCo
         cluster_cidrs,
         service_cidrs: c.service_cidrs.clone(),
         masquerade_all: c.masquerade_all,
+        maglev_default: false,
         node_port_addresses: node_port_addresses(&c.node_port_addresses, mode)?,
         localhost_node_ports: c.localhost_node_ports,
     })

@@ -50,6 +50,8 @@ pub struct ProxyConfig {
     pub cluster_cidrs: Vec<IpNet>,
     pub service_cidrs: Vec<IpNet>,
     pub masquerade_all: bool,
+    /// Maglev for Services without a `kpr.io/lb-algorithm` annotation.
+    pub maglev_default: bool,
     pub node_port_addresses: NodePortAddresses,
     pub localhost_node_ports: bool,
 }
@@ -60,6 +62,7 @@ impl Default for ProxyConfig {
             cluster_cidrs: Vec::new(),
             service_cidrs: Vec::new(),
             masquerade_all: false,
+            maglev_default: false,
             node_port_addresses: NodePortAddresses::All,
             localhost_node_ports: true,
         }
@@ -127,6 +130,10 @@ pub struct Frontend {
     pub external: Targets,
     pub external_policy_local: bool,
     pub affinity_timeout_secs: Option<u32>,
+    /// Pick backends by Maglev (consistent across nodes) instead of at random.
+    pub maglev: bool,
+    /// loadBalancerSourceRanges (LoadBalancer frontends only; empty: everyone).
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// The desired state: every frontend on this node.
@@ -404,6 +411,12 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
                         external: same_family(external, &ip),
                         external_policy_local: svc.external_policy_local,
                         affinity_timeout_secs: svc.affinity_timeout_secs,
+                        maglev: svc.maglev.unwrap_or(config.maglev_default),
+                        source_ranges: if kind == FrontendKind::LoadBalancer {
+                            svc.load_balancer_source_ranges.clone()
+                        } else {
+                            Vec::new()
+                        },
                     },
                 );
             };
@@ -606,6 +619,7 @@ mod tests {
                 internal_policy_local: false,
                 health_check_node_port: None,
                 affinity_timeout_secs: None,
+                maglev: None,
                 publish_not_ready_addresses: false,
                 traffic_distribution: None,
             })

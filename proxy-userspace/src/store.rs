@@ -125,7 +125,9 @@ pub struct ServiceInfo {
     pub external_ips: Vec<IpAddr>,
     /// LoadBalancer ingress IPs with ipMode VIP or unset.
     pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<String>,
+    pub load_balancer_source_ranges: Vec<ipnet::IpNet>,
+    /// `kpr.io/lb-algorithm` annotation: Some(true) for "maglev", Some(false) for "random".
+    pub maglev: Option<bool>,
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
     pub health_check_node_port: Option<u16>,
@@ -174,6 +176,8 @@ pub struct SliceInfo {
 }
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Per-Service backend selection: "maglev" or "random" (the node's `--lb-algorithm` otherwise).
+pub const LB_ALGORITHM_ANNOTATION: &str = "kpr.io/lb-algorithm";
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 fn parse_ip(s: &str, what: &str) -> Result<IpAddr> {
@@ -301,6 +305,22 @@ impl ServiceInfo {
             Some("PreferSameNode") => Some(TrafficDistribution::PreferSameNode),
             _ => None,
         };
+        let load_balancer_source_ranges = spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .map(|r| {
+                r.trim()
+                    .parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        Error::invalid(format!(
+                            "spec.loadBalancerSourceRanges entry {r:?} is not a CIDR"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(ctx)?;
         Ok(Self {
             id,
             type_,
@@ -308,10 +328,17 @@ impl ServiceInfo {
             ports,
             external_ips,
             load_balancer_ips,
-            load_balancer_source_ranges: spec
-                .load_balancer_source_ranges
-                .clone()
-                .unwrap_or_default(),
+            load_balancer_source_ranges,
+            maglev: match meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+                .map(String::as_str)
+            {
+                Some("maglev") => Some(true),
+                Some("random") => Some(false),
+                _ => None,
+            },
             external_policy_local: externally_reachable
                 && spec.external_traffic_policy.as_deref() == Some("Local"),
             internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),

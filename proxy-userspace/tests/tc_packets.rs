@@ -387,3 +387,127 @@ fn stale_flows_repick_when_their_backend_goes_away() {
     );
     assert_checksums(&fwd);
 }
+
+const POLICIES: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: sticky}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.51
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  ports: [{name: p, port: 80, targetPort: 80, nodePort: 3101, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: mag, annotations: {kpr.io/lb-algorithm: maglev}}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.52
+  ports: [{name: p, port: 80, targetPort: 80, nodePort: 3102, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: ranged}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.53
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{name: p, port: 80, targetPort: 80, nodePort: 3103, protocol: TCP}]
+status: {loadBalancer: {ingress: [{ip: 1.2.3.9}]}}
+";
+
+fn policy_slices() -> String {
+    ["sticky", "mag", "ranged"]
+        .iter()
+        .map(|svc| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nendpoints:\n- {{addresses: [10.180.0.1], conditions: {{ready: true}}, nodeName: test-node}}\n- {{addresses: [10.180.0.2], conditions: {{ready: true}}, nodeName: test-node}}\n- {{addresses: [10.180.0.3], conditions: {{ready: true}}, nodeName: test-node}}\nports: [{{name: p, port: 80, protocol: TCP}}]\n"
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn session_affinity_sends_a_client_to_one_backend() {
+    let mut dp = Datapath::new("tcaff");
+    dp.program(&format!("{POLICIES}{}", policy_slices()));
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 20000..20040u16 {
+        let (rc, fwd) = dp.run(
+            "kpr_tc_ingress",
+            &packet(CLIENT, sport, NODE, 3101, Some(0x02), &[]),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        seen.insert(dst(&fwd).0);
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "40 new flows of one client must reach one backend: {seen:?}"
+    );
+    // Without affinity the same client spreads (the Maglev service hashes ports too).
+    let mut spread = std::collections::BTreeSet::new();
+    for sport in 20000..20040u16 {
+        let (_, fwd) = dp.run(
+            "kpr_tc_ingress",
+            &packet(CLIENT, sport, NODE, 3102, Some(0x02), &[]),
+        );
+        spread.insert(dst(&fwd).0);
+    }
+    assert!(spread.len() > 1, "{spread:?}");
+}
+
+#[test]
+fn maglev_picks_the_same_backend_on_every_node() {
+    let yaml = format!("{POLICIES}{}", policy_slices());
+    let mut node_a = Datapath::new("tcmaga");
+    let mut node_b = Datapath::new("tcmagb");
+    node_a.program(&yaml);
+    node_b.program(&yaml);
+    let backends: Vec<std::net::SocketAddr> = ["10.180.0.1:80", "10.180.0.2:80", "10.180.0.3:80"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let table = kpr::ebpf::maglev::table(&backends, proxy_common::MAGLEV_TABLE_SIZE);
+    for sport in 30000..30060u16 {
+        let syn = packet(CLIENT, sport, NODE, 3102, Some(0x02), &[]);
+        let (_, a) = node_a.run("kpr_tc_ingress", &syn);
+        let (_, b) = node_b.run("kpr_tc_ingress", &syn);
+        assert_eq!(dst(&a), dst(&b), "flow from port {sport}: both nodes agree");
+        let hash = proxy_common::flow_hash(
+            u32::from_ne_bytes(CLIENT),
+            u32::from_ne_bytes(NODE),
+            (u32::from(sport) << 16) | 3102,
+            6,
+        );
+        let want = table[(hash % proxy_common::MAGLEV_TABLE_SIZE) as usize];
+        let (ip, port) = dst(&a);
+        assert_eq!(
+            std::net::SocketAddr::from((ip, port)),
+            want,
+            "the agent's table and the datapath agree"
+        );
+    }
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_sources() {
+    let mut dp = Datapath::new("tcrng");
+    dp.program(&format!("{POLICIES}{}", policy_slices()));
+    let inside = packet(CLIENT, 40100, [1, 2, 3, 9], 80, Some(0x02), &[]);
+    let (rc, fwd) = dp.run("kpr_tc_ingress", &inside);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_ne!(dst(&fwd).0, [1, 2, 3, 9], "an allowed source is translated");
+    let outside = packet([198, 51, 100, 7], 40101, [1, 2, 3, 9], 80, Some(0x02), &[]);
+    assert_eq!(
+        dp.run("kpr_tc_ingress", &outside).0,
+        TC_ACT_SHOT,
+        "other sources are dropped"
+    );
+    let nodeport = packet([198, 51, 100, 7], 40102, NODE, 3103, Some(0x02), &[]);
+    let (rc, fwd) = dp.run("kpr_tc_ingress", &nodeport);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_ne!(dst(&fwd).0, NODE, "the NodePort is not restricted");
+}

@@ -323,3 +323,28 @@ fn cleanup_removes_every_pin_and_attachment() {
         after[0]
     );
 }
+
+#[test]
+fn session_affinity_at_the_socket_level() {
+    let t = cluster("aff");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let svc = service_yaml("web", VIP, 80, 8080).replace(
+        "spec:\n",
+        "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}\n",
+    );
+    write_manifest(&dir, "svc.yaml", &svc);
+    write_manifest(&dir, "slice.yaml", &slice_yaml("web", &BACKENDS, 8080));
+    let _agent = t.start_agent(&dir);
+    t.wait_for_services("3 backends", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "TCP") == Some(expected(&BACKENDS))
+    });
+    let first = backends_seen(&t.client("client1", &["tcp", &format!("{VIP}:80"), "40"]));
+    assert_eq!(
+        first.len(),
+        1,
+        "one client (network namespace) sticks to one backend: {first:?}"
+    );
+    let again = backends_seen(&t.client("client1", &["tcp", &format!("{VIP}:80"), "10"]));
+    assert_eq!(first, again, "and keeps it across processes");
+}

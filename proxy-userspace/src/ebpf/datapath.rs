@@ -21,7 +21,7 @@ use aya::programs::tc::{SchedClassifierLink, TcAttach};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use proxy_common::{
     Backend, BackendSlotKey, CtKey, CtValue, MAP_LAYOUT_VERSION, NodeConfig, RevNatValue,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, map_names,
 };
 
 use super::render::{LbMaps, MapsSnapshot};
@@ -297,6 +297,38 @@ pub struct PinnedMaps {
     sock_revnat: BpfHashMap<MapData, SockRevNatKey, SockRevNatValue>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     config: aya::maps::Array<MapData, NodeConfig>,
+    src_ranges: aya::maps::LpmTrie<MapData, SrcRangeData, u8>,
+}
+
+/// The `KPR_SRC_RANGES` key of (service id, range).
+fn src_range_key(service_id: u32, range: &ipnet::IpNet) -> aya::maps::lpm_trie::Key<SrcRangeData> {
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&service_id.to_be_bytes());
+    data[4..].copy_from_slice(&super::addr16(range.network()));
+    let bits = match range {
+        ipnet::IpNet::V4(n) => 96 + u32::from(n.prefix_len()),
+        ipnet::IpNet::V6(n) => u32::from(n.prefix_len()),
+    };
+    aya::maps::lpm_trie::Key::new(32 + bits, data)
+}
+
+/// The inverse of `src_range_key`.
+fn src_range_of(key: &aya::maps::lpm_trie::Key<SrcRangeData>) -> Option<(u32, ipnet::IpNet)> {
+    let data = key.data();
+    let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+    let mut addr = [0u8; 16];
+    addr.copy_from_slice(&data[4..]);
+    let ip = super::ip_from16(addr);
+    let bits = key.prefix_len().checked_sub(32)?;
+    let net = match ip {
+        std::net::IpAddr::V4(v4) => ipnet::IpNet::V4(
+            ipnet::Ipv4Net::new(v4, u8::try_from(bits.checked_sub(96)?).ok()?).ok()?,
+        ),
+        std::net::IpAddr::V6(v6) => {
+            ipnet::IpNet::V6(ipnet::Ipv6Net::new(v6, u8::try_from(bits).ok()?).ok()?)
+        }
+    };
+    Some((id, net))
 }
 
 /// Loads the eBPF object with its maps pinned (or reused) under `layout`, without loading
@@ -353,6 +385,13 @@ impl PinnedMaps {
                 aya::maps::Array::try_from(Map::Array(data))
                     .map_err(|e| Error::bpf(format!("map {}: {e}", map_names::CONFIG)))?
             },
+            src_ranges: {
+                let path = layout.map(map_names::SRC_RANGES);
+                let data = MapData::from_pin(&path)
+                    .map_err(|e| Error::bpf(format!("opening {}: {e}", path.display())))?;
+                aya::maps::LpmTrie::try_from(Map::LpmTrie(data))
+                    .map_err(|e| Error::bpf(format!("map {}: {e}", map_names::SRC_RANGES)))?
+            },
         })
     }
 
@@ -395,6 +434,11 @@ impl PinnedMaps {
             slots: collect(&self.slots, map_names::BACKEND_SLOTS)?,
             backends: collect(&self.backends, map_names::BACKENDS)?,
             revnat: collect(&self.revnat, map_names::REVNAT)?,
+            src_ranges: self
+                .src_ranges
+                .keys()
+                .filter_map(|k| k.ok().and_then(|k| src_range_of(&k)))
+                .collect(),
             slot_capacity: None,
         })
     }
@@ -411,6 +455,16 @@ fn map_err(name: &str, op: &str, e: aya::maps::MapError) -> Error {
 }
 
 impl LbMaps for PinnedMaps {
+    fn put_src_range(&mut self, service_id: u32, range: &ipnet::IpNet) -> Result<()> {
+        self.src_ranges
+            .insert(&src_range_key(service_id, range), &1, 0)
+            .map_err(|e| map_err(map_names::SRC_RANGES, "insert", e))
+    }
+    fn del_src_range(&mut self, service_id: u32, range: &ipnet::IpNet) -> Result<()> {
+        self.src_ranges
+            .remove(&src_range_key(service_id, range))
+            .map_err(|e| map_err(map_names::SRC_RANGES, "delete", e))
+    }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
         self.services
             .insert(key, value, 0)

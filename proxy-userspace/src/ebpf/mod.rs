@@ -1,6 +1,7 @@
 //! The eBPF mode: loading and pinning the programs ([`datapath`]) and applying the desired
 //! state to the maps as a diff ([`render`]).
 pub mod datapath;
+pub mod maglev;
 pub mod render;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -14,8 +14,9 @@ use proxy_common::{
 };
 
 use super::{addr16, sockaddr_from16};
-use crate::model::{DesiredState, FrontendKey, FrontendKind, Targets};
+use crate::model::{DesiredState, Frontend, FrontendKey, FrontendKind, Targets};
 use crate::{Error, Result};
+use ipnet::IpNet;
 
 /// Flag in `ServiceValue::flags`: no usable endpoint and the policy says drop, not reject.
 pub const FLAG_DROP: u32 = service_flags::DROP;
@@ -31,6 +32,8 @@ pub trait LbMaps {
     fn del_backend(&mut self, id: u32) -> Result<()>;
     fn put_revnat(&mut self, id: u32, value: &RevNatValue) -> Result<()>;
     fn del_revnat(&mut self, id: u32) -> Result<()>;
+    fn put_src_range(&mut self, service_id: u32, range: &IpNet) -> Result<()>;
+    fn del_src_range(&mut self, service_id: u32, range: &IpNet) -> Result<()>;
 }
 
 /// Everything the load-balancing maps hold, read back from the kernel (or an in-memory
@@ -41,6 +44,8 @@ pub struct MapsSnapshot {
     pub slots: BTreeMap<BackendSlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub revnat: BTreeMap<u32, RevNatValue>,
+    /// loadBalancerSourceRanges by service id.
+    pub src_ranges: BTreeSet<(u32, IpNet)>,
     /// Test hook: refuse inserts beyond this many slots, like a full kernel map.
     pub slot_capacity: Option<usize>,
 }
@@ -84,12 +89,22 @@ impl LbMaps for MapsSnapshot {
         self.revnat.remove(&id);
         Ok(())
     }
+    fn put_src_range(&mut self, service_id: u32, range: &IpNet) -> Result<()> {
+        self.src_ranges.insert((service_id, *range));
+        Ok(())
+    }
+    fn del_src_range(&mut self, service_id: u32, range: &IpNet) -> Result<()> {
+        self.src_ranges.remove(&(service_id, *range));
+        Ok(())
+    }
 }
 
 /// One map entry set the renderer wants for a service key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct WantedService {
+    /// Slot order: the backends, or a Maglev table of them.
     backends: Vec<SocketAddr>,
+    source_ranges: Vec<IpNet>,
     flags: u32,
     affinity_timeout_secs: u32,
     frontend: SocketAddr,
@@ -100,6 +115,7 @@ struct WantedService {
 struct Programmed {
     value: ServiceValue,
     backends: Vec<u32>,
+    source_ranges: Vec<IpNet>,
 }
 
 /// Counts of what a sync wrote, for logs and metrics.
@@ -149,30 +165,38 @@ fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
     }
 }
 
-fn wanted(
-    targets: &Targets,
-    kind: FrontendKind,
-    affinity: Option<u32>,
-    frontend: SocketAddr,
-    external_masq: bool,
-) -> WantedService {
+fn wanted(fe: &Frontend, targets: &Targets, frontend: SocketAddr, external: bool) -> WantedService {
     let mut flags = 0;
-    if external_masq {
+    if external && !fe.external_policy_local {
         flags |= service_flags::EXTERNAL_MASQ;
     }
-    if kind == FrontendKind::ClusterIp {
+    if fe.kind == FrontendKind::ClusterIp {
         flags |= service_flags::CLUSTER_IP;
     }
-    if affinity.is_some() {
+    if fe.affinity_timeout_secs.is_some() {
         flags |= service_flags::AFFINITY_CLIENT_IP;
     }
     if matches!(targets, Targets::Drop) {
         flags |= FLAG_DROP;
     }
+    let mut backends = targets.backends().to_vec();
+    if fe.maglev && !backends.is_empty() {
+        flags |= service_flags::MAGLEV;
+        backends = super::maglev::table(&backends, proxy_common::MAGLEV_TABLE_SIZE);
+    }
+    let source_ranges = if external {
+        fe.source_ranges.clone()
+    } else {
+        Vec::new()
+    };
+    if !source_ranges.is_empty() {
+        flags |= service_flags::SOURCE_RANGES;
+    }
     WantedService {
-        backends: targets.backends().to_vec(),
+        backends,
+        source_ranges,
         flags,
-        affinity_timeout_secs: affinity.unwrap_or(0),
+        affinity_timeout_secs: fe.affinity_timeout_secs.unwrap_or(0),
         frontend,
     }
 }
@@ -185,24 +209,12 @@ fn wanted_entries(desired: &DesiredState) -> BTreeMap<ServiceKey, WantedService>
         let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
         out.insert(
             key_for(fe_key, scope::INTERNAL),
-            wanted(
-                &fe.internal,
-                fe.kind,
-                fe.affinity_timeout_secs,
-                frontend,
-                false,
-            ),
+            wanted(fe, &fe.internal, frontend, false),
         );
         if fe.kind != FrontendKind::ClusterIp {
             out.insert(
                 key_for(fe_key, scope::EXTERNAL),
-                wanted(
-                    &fe.external,
-                    fe.kind,
-                    fe.affinity_timeout_secs,
-                    frontend,
-                    !fe.external_policy_local,
-                ),
+                wanted(fe, &fe.external, frontend, true),
             );
         }
     }
@@ -238,11 +250,18 @@ impl EbpfRenderer {
                 }
             }
             r.next_service_id = r.next_service_id.max(value.id + 1);
+            let source_ranges = snapshot
+                .src_ranges
+                .iter()
+                .filter(|(id, _)| *id == value.id)
+                .map(|(_, r)| *r)
+                .collect();
             r.services.insert(
                 *key,
                 Programmed {
                     value: *value,
                     backends,
+                    source_ranges,
                 },
             );
         }
@@ -393,6 +412,7 @@ impl EbpfRenderer {
         if let Some(old) = &old
             && old.value.flags == want.flags
             && old.value.affinity_timeout_secs == want.affinity_timeout_secs
+            && old.source_ranges == want.source_ranges
             && self.backend_addrs(&old.backends) == want.backends
         {
             return Ok(());
@@ -416,6 +436,10 @@ impl EbpfRenderer {
                 maps.put_slot(&sk, backend_id)?;
                 written.push(sk);
                 stats.slots_written += 1;
+            }
+            // Source ranges go in before the service entry that turns their check on.
+            for r in &want.source_ranges {
+                maps.put_src_range(id, r)?;
             }
             if new_service {
                 maps.put_revnat(
@@ -445,6 +469,13 @@ impl EbpfRenderer {
                 stats.services_written += 1;
                 // 3. retire the old revision
                 if let Some(old) = old {
+                    for r in old
+                        .source_ranges
+                        .iter()
+                        .filter(|r| !want.source_ranges.contains(r))
+                    {
+                        let _ = maps.del_src_range(id, r);
+                    }
                     for slot in 0..old.value.backend_count {
                         let sk = BackendSlotKey {
                             service_id: id,
@@ -464,6 +495,7 @@ impl EbpfRenderer {
                     Programmed {
                         value,
                         backends: ids,
+                        source_ranges: want.source_ranges.clone(),
                     },
                 );
                 Ok(())
@@ -475,6 +507,10 @@ impl EbpfRenderer {
                 }
                 for b in ids {
                     self.release_backend(b, maps, stats);
+                }
+                let kept = old.as_ref().map_or(&[][..], |o| o.source_ranges.as_slice());
+                for r in want.source_ranges.iter().filter(|r| !kept.contains(r)) {
+                    let _ = maps.del_src_range(id, r);
                 }
                 if new_service {
                     let _ = maps.del_revnat(id);
@@ -507,6 +543,9 @@ impl EbpfRenderer {
             }
         }
         let _ = maps.del_revnat(old.value.id);
+        for r in &old.source_ranges {
+            let _ = maps.del_src_range(old.value.id, r);
+        }
         self.free_service_ids.insert(old.value.id);
         for b in old.backends {
             self.release_backend(b, maps, stats);
@@ -524,6 +563,9 @@ pub struct FrontendView {
     pub id: u32,
     pub revision: u32,
     pub verdict: String,
+    /// "random" or "maglev".
+    pub algorithm: String,
+    /// The distinct backends (a Maglev table lists each many times).
     pub backends: Vec<String>,
 }
 
@@ -543,7 +585,10 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
                     })
                 })
                 .filter_map(|id| snapshot.backends.get(id))
-                .map(|b| sockaddr_from16(b.addr, b.port).to_string())
+                .map(|b| sockaddr_from16(b.addr, b.port))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|a| a.to_string())
                 .collect();
             let verdict = if v.backend_count > 0 {
                 "forward"
@@ -565,6 +610,12 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
                 id: v.id,
                 revision: v.revision,
                 verdict: verdict.to_string(),
+                algorithm: if v.flags & service_flags::MAGLEV != 0 {
+                    "maglev"
+                } else {
+                    "random"
+                }
+                .to_string(),
                 backends,
             }
         })
@@ -574,7 +625,7 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Frontend, FrontendKey};
+    use crate::model::FrontendKey;
     use crate::store::{ObjectRef, Protocol};
 
     fn sa(s: &str) -> SocketAddr {
@@ -599,6 +650,8 @@ mod tests {
                     external: targets.clone(),
                     external_policy_local: false,
                     affinity_timeout_secs: None,
+                    maglev: false,
+                    source_ranges: Vec::new(),
                 },
             );
         }
@@ -803,5 +856,41 @@ mod tests {
         // Once there is room, the next sync succeeds.
         sync(&mut r, &bigger, &mut m);
         assert_eq!(frontend_backends(&m, "10.96.0.10:80").len(), 3);
+    }
+
+    #[test]
+    fn maglev_frontends_get_a_table_and_ranges_come_and_go() {
+        let mut d = state(&[(
+            "1.2.3.4:80",
+            Protocol::Tcp,
+            backends(&["10.0.1.2:80", "10.0.1.3:80"]),
+        )]);
+        for fe in d.frontends.values_mut() {
+            fe.kind = FrontendKind::LoadBalancer;
+            fe.maglev = true;
+            fe.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+        }
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        // internal + external keys, each a full table
+        assert_eq!(m.slots.len(), 2 * proxy_common::MAGLEV_TABLE_SIZE as usize);
+        assert_eq!(m.backends.len(), 2, "table slots share backend entries");
+        let ext = view(&m)
+            .into_iter()
+            .find(|v| v.scope == "external")
+            .unwrap();
+        assert_eq!((ext.algorithm.as_str(), ext.backends.len()), ("maglev", 2));
+        assert_eq!(m.src_ranges.len(), 1, "ranges only on the external key");
+        assert!(sync(&mut r, &d, &mut m).is_noop());
+        for fe in d.frontends.values_mut() {
+            fe.source_ranges.clear();
+        }
+        sync(&mut r, &d, &mut m);
+        assert!(m.src_ranges.is_empty());
+        let (mut adopted, _) = EbpfRenderer::adopt(&m);
+        assert!(adopted.sync(&d, &mut m, &[]).0.is_noop());
+        sync(&mut r, &DesiredState::default(), &mut m);
+        assert!(m.slots.is_empty() && m.backends.is_empty());
     }
 }
