@@ -44,6 +44,24 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = crate::conformance::ProxyMode::Ebpf)]
         proxy_mode: crate::conformance::ProxyMode,
     },
+    /// Where would this packet go? Runs it through the loaded TC programs on a copy of the
+    /// live state (BPF_PROG_TEST_RUN) and prints the decision.
+    Trace {
+        #[arg(long)]
+        src: IpAddr,
+        #[arg(long, default_value_t = 40000)]
+        sport: u16,
+        #[arg(long)]
+        dst: IpAddr,
+        #[arg(long)]
+        dport: u16,
+        #[arg(long, default_value = "TCP")]
+        proto: String,
+        #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
+        bpf_fs_path: PathBuf,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Test workloads for netns topologies (servers and clients); used by the conformance
     /// runner and the tests.
     #[command(hide = true)]

@@ -14,6 +14,7 @@ pub mod serve;
 pub mod source;
 pub mod store;
 pub mod testnet;
+pub mod trace;
 
 use std::path::PathBuf;
 

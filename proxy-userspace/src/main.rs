@@ -37,6 +37,22 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Trace {
+            src,
+            sport,
+            dst,
+            dport,
+            proto,
+            bpf_fs_path,
+            output,
+        } => {
+            let proto = kpr::store::Protocol::parse(Some(&proto.to_uppercase()))?;
+            let r = kpr::trace::trace(&bpf_fs_path, src, sport, dst, dport, proto)?;
+            match output {
+                kpr::cli::Output::Table => println!("{}", r.lines.join("\n")),
+                kpr::cli::Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+            }
+        }
         Command::Workload { args } => kpr::testnet::workload::run(&args),
         Command::Cleanup { bpf_fs_path } => {
             let report = kpr::ebpf::datapath::cleanup(&bpf_fs_path)?;

@@ -405,6 +405,40 @@ impl PinnedMaps {
             .map_err(|e| map_err(map_names::CONFIG, "set", e))
     }
 
+    /// What KPR_CONFIG holds.
+    ///
+    /// # Errors
+    /// The kernel refused the read.
+    pub fn node_config(&self) -> Result<Option<NodeConfig>> {
+        match self.config.get(&0, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONFIG, "read", e)),
+        }
+    }
+
+    /// One conntrack entry.
+    ///
+    /// # Errors
+    /// The kernel refused the read.
+    pub fn conntrack_get(&self, key: &CtKey) -> Result<Option<CtValue>> {
+        match self.conntrack.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CONNTRACK, "read", e)),
+        }
+    }
+
+    /// Writes one conntrack entry.
+    ///
+    /// # Errors
+    /// The kernel refused the write.
+    pub fn conntrack_put(&mut self, key: &CtKey, value: &CtValue) -> Result<()> {
+        self.conntrack
+            .insert(key, value, 0)
+            .map_err(|e| map_err(map_names::CONNTRACK, "insert", e))
+    }
+
     /// Every conntrack entry (for `kpr conntrack`-style inspection and tests).
     ///
     /// # Errors
