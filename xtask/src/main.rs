@@ -1,4 +1,5 @@
 //! `cargo xtask <setup|demo|test>`: everything a fresh machine needs, pinned.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -18,6 +19,8 @@ enum Cmd {
     Setup,
     /// Build kpr and show it load-balancing a throwaway network-namespace cluster.
     Demo,
+    /// Measure kpr against shared/PERFORMANCE.md's targets (root; prints a report).
+    Bench,
     /// Run every test (unit, conformance, privileged end-to-end) and print a summary line.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -32,6 +35,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup::ensure()?;
             demo::run()
+        }
+        Cmd::Bench => {
+            setup::ensure()?;
+            bench::run()
         }
         Cmd::Test { args } => {
             setup::ensure()?;

@@ -337,6 +337,7 @@ fn src_range_of(key: &aya::maps::lpm_trie::Key<SrcRangeData>) -> Option<(u32, ip
 /// # Errors
 /// The kernel refused a map.
 pub fn load_object(layout: &PinLayout) -> Result<aya::Ebpf> {
+    check_object()?;
     let dir = layout.maps_dir();
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     EbpfLoader::new()
@@ -541,6 +542,16 @@ impl LbMaps for PinnedMaps {
     }
 }
 
+/// Fails clearly when this binary was built without the eBPF object.
+fn check_object() -> Result<()> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(Error::bpf(
+            "this kpr was built without its eBPF programs (bpf-linker was missing): run `cargo xtask setup` and rebuild",
+        ));
+    }
+    Ok(())
+}
+
 /// How `ensure_loaded` found the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoadOutcome {
@@ -558,6 +569,7 @@ pub enum LoadOutcome {
 /// # Errors
 /// No bpffs, an unusable cgroup path, or the kernel refused to load or attach.
 pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
+    check_object()?;
     check_bpffs(&layout.root)?;
     let hash = object_hash();
     let links_dir = layout.links_dir(&hash);

@@ -167,6 +167,36 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     }
 }
 
+/// `count` rounds of connect + read the server's first line + close; prints the latency
+/// percentiles in microseconds.
+fn bench(to: SocketAddr, count: usize) {
+    let mut samples = Vec::with_capacity(count);
+    let mut failures = 0;
+    for _ in 0..count {
+        let start = Instant::now();
+        match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(mut s) => {
+                let mut byte = [0u8; 1];
+                let _ = s.read(&mut byte);
+                drop(s);
+                samples.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "{}",
+        serde_json::json!({"n": samples.len(), "failures": failures, "p50_us": pct(0.5), "p90_us": pct(0.9)})
+    );
+}
+
 /// One HTTP/1.0 GET; prints {"status": N, "body": "..."} or {"error": ...}.
 fn http_get(to: SocketAddr, path: &str) {
     let line = match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
@@ -214,6 +244,7 @@ pub fn run(args: &[String]) {
             }
         }
         Some("hold") => hold(addr(1), num(2, 5), Duration::from_millis(num(3, 200))),
+        Some("bench") => bench(addr(1), usize::try_from(num(2, 1000)).unwrap_or(1000)),
         Some("http") => http_get(addr(1), args.get(2).map_or("/", String::as_str)),
         _ => usage(),
     }

@@ -1,0 +1,264 @@
+//! `cargo xtask bench`: measures kpr against the targets in shared/PERFORMANCE.md and prints a
+//! report (numbers, not pass/fail: timings are never asserted in tests).
+//! - TC program cost per packet (BPF_PROG_TEST_RUN): miss, established, new flow;
+//! - programming: cold start of N Services x 10 endpoints into the real maps; one Service
+//!   change at N;
+//! - ClusterIP connect latency through socket LB vs a direct connection, at N Services
+//!   (netns topology, interleaved rounds, medians);
+//! - agent RSS at 10k Services / 100k endpoints.
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use kpr::ebpf::datapath::{PinLayout, PinnedMaps, load_object};
+use kpr::ebpf::render::EbpfRenderer;
+use kpr::model::{DesiredState, Frontend, FrontendKey, FrontendKind, Targets};
+use kpr::store::{ObjectRef, Protocol};
+use kpr_testnet::Topology;
+
+struct PinDir(PathBuf);
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// N ClusterIP frontends 10.96.x.y:80 with `eps` endpoints each, plus extra.
+fn desired(n: usize, eps: usize) -> DesiredState {
+    let mut d = DesiredState::default();
+    for i in 0..n {
+        let ip = Ipv4Addr::new(10, 96 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        let backends: Vec<SocketAddr> = (0..eps)
+            .map(|j| {
+                SocketAddr::from((
+                    [10, 200 + (j % 50) as u8, (i >> 8) as u8, i as u8],
+                    8080 + (j / 50) as u16,
+                ))
+            })
+            .collect();
+        d.frontends.insert(
+            FrontendKey {
+                ip: IpAddr::V4(ip),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            Frontend {
+                service: ObjectRef::new("bench", &format!("s{i}")),
+                port_name: String::new(),
+                kind: FrontendKind::ClusterIp,
+                internal: Targets::Backends(backends.clone()),
+                external: Targets::Backends(backends),
+                external_policy_local: false,
+                affinity_timeout_secs: None,
+                maglev: false,
+                source_ranges: Vec::new(),
+            },
+        );
+    }
+    d
+}
+
+fn tc_packet(sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 54];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&40u16.to_be_bytes());
+    p[22] = 64;
+    p[23] = 6;
+    p[26..30].copy_from_slice(&[203, 0, 113, 2]);
+    p[30..34].copy_from_slice(&[192, 168, 0, 2]);
+    p[34..36].copy_from_slice(&sport.to_be_bytes());
+    p[36..38].copy_from_slice(&dport.to_be_bytes());
+    p[46] = 0x50;
+    p[47] = 0x02;
+    p
+}
+
+fn bench_tc() -> anyhow::Result<()> {
+    let root = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/kpr-bench-{}",
+        std::process::id()
+    )));
+    let layout = PinLayout::new(&root.0);
+    let mut ebpf = load_object(&layout)?;
+    let prog: &mut SchedClassifier = ebpf.program_mut("kpr_tc_ingress").unwrap().try_into()?;
+    prog.load()?;
+    let mut maps = PinnedMaps::open(&layout)?;
+    let mut d = desired(1000, 3);
+    let np = FrontendKey {
+        ip: "192.168.0.2".parse()?,
+        port: 3001,
+        protocol: Protocol::Tcp,
+    };
+    let mut fe = d.frontends.values().next().unwrap().clone();
+    fe.kind = FrontendKind::NodePort;
+    fe.external_policy_local = true;
+    d.frontends.insert(np, fe);
+    let (_, errors) = EbpfRenderer::default().sync(&d, &mut maps, &[]);
+    anyhow::ensure!(errors.is_empty(), "{errors:?}");
+    let prog: &SchedClassifier = ebpf.program("kpr_tc_ingress").unwrap().try_into()?;
+    let mut out = vec![0u8; 256];
+    let mut run = |pkt: &[u8], repeat: u32| -> anyhow::Result<f64> {
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })?;
+        Ok(r.duration.as_nanos() as f64)
+    };
+    let miss = run(&tc_packet(40000, 22), 1_000_000)?;
+    run(&tc_packet(40000, 3001), 1)?;
+    let est = run(&tc_packet(40000, 3001), 1_000_000)?;
+    let mut new_flow = Vec::new();
+    for sport in 1000..21000u16 {
+        new_flow.push(run(&tc_packet(sport, 3001), 1)?);
+    }
+    new_flow.sort_by(f64::total_cmp);
+    println!("TC ingress (BPF_PROG_TEST_RUN, ns/packet incl. ~33 ns harness):");
+    println!("  miss (not a Service)      {miss:>6.0}");
+    println!("  established flow          {est:>6.0}");
+    println!(
+        "  new flow (median of 20k)  {:>6.0}   target <= 150 above the harness",
+        new_flow[new_flow.len() / 2]
+    );
+    Ok(())
+}
+
+fn bench_programming() -> anyhow::Result<()> {
+    let root = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/kpr-bench-p-{}",
+        std::process::id()
+    )));
+    let layout = PinLayout::new(&root.0);
+    let _ebpf = load_object(&layout)?;
+    let mut maps = PinnedMaps::open(&layout)?;
+    println!("Programming the maps (one element at a time):");
+    for n in [10_000usize, 50_000] {
+        let _ = std::fs::remove_dir_all(&root.0);
+        let _ebpf = load_object(&layout)?;
+        maps = PinnedMaps::open(&layout)?;
+        let d = desired(n, 10);
+        let mut r = EbpfRenderer::default();
+        let t = Instant::now();
+        let (_, errors) = r.sync(&d, &mut maps, &[]);
+        let cold = t.elapsed();
+        anyhow::ensure!(errors.is_empty(), "{errors:?}");
+        let mut d2 = d.clone();
+        let first = d2.frontends.values_mut().next().unwrap();
+        first.internal = Targets::Backends(first.internal.backends()[..9].to_vec());
+        let t = Instant::now();
+        let (stats, _) = r.sync(&d2, &mut maps, &[]);
+        let one = t.elapsed();
+        println!(
+            "  {n:>6} Services x 10 endpoints: cold {:>7.1} ms (target < 500 ms at 50k); one Service changed: {:>7.1} us, {} map writes (target <= 50 us)",
+            cold.as_secs_f64() * 1e3,
+            one.as_secs_f64() * 1e6,
+            stats.services_written + stats.slots_written + stats.slots_deleted
+        );
+    }
+    drop(maps);
+    Ok(())
+}
+
+fn bench_connect() -> anyhow::Result<()> {
+    let mut t = Topology::new("bench");
+    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
+    t.add_pod("backend", Ipv4Addr::new(10, 0, 1, 2));
+    t.serve("backend", &[8080]);
+    kpr::ebpf::datapath::ensure_loaded(&PinLayout::new(&t.bpffs), &t.cgroup.path)?;
+    let layout = PinLayout::new(&t.bpffs);
+    let mut maps = PinnedMaps::open(&layout)?;
+    let mut r = EbpfRenderer::default();
+    println!("ClusterIP connect+read+close, p50 in us (interleaved rounds of 300):");
+    for n in [10usize, 1000, 10_000, 50_000] {
+        let mut d = desired(n, 10);
+        let vip = FrontendKey {
+            ip: "10.255.0.10".parse()?,
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut fe = d.frontends.values().next().unwrap().clone();
+        fe.internal = Targets::Backends(vec!["10.0.1.2:8080".parse()?]);
+        d.frontends.insert(vip, fe);
+        let (_, errors) = r.sync(&d, &mut maps, &[]);
+        anyhow::ensure!(errors.is_empty(), "{errors:?}");
+        let (mut via, mut direct) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            for (dst, acc) in [("10.255.0.10:80", &mut via), ("10.0.1.2:8080", &mut direct)] {
+                let l = t.client("client", &["bench", dst, "300"]);
+                acc.push(l[0]["p50_us"].as_f64().unwrap_or(0.0));
+            }
+        }
+        via.sort_by(f64::total_cmp);
+        direct.sort_by(f64::total_cmp);
+        let (v, dd) = (via[2], direct[2]);
+        println!(
+            "  {n:>6} Services: via ClusterIP {v:>7.1}  direct {dd:>7.1}  ratio {:.3} (target <= 1.02)",
+            v / dd
+        );
+    }
+    Ok(())
+}
+
+fn bench_rss() -> anyhow::Result<()> {
+    let t = Topology::new("rss");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir)?;
+    let mut yaml = String::new();
+    for i in 0..10_000usize {
+        let ip = format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 255, i & 255);
+        yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{namespace: bench, name: s{i}}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80, targetPort: 8080}}]}}\n"));
+        yaml.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: bench, name: s{i}-1, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n"));
+        for j in 0..10 {
+            yaml.push_str(&format!(
+                "- {{addresses: [10.{}.{}.{}], conditions: {{ready: true}}}}\n",
+                200 + j,
+                (i >> 8) & 255,
+                i & 255
+            ));
+        }
+    }
+    std::fs::write(dir.join("all.yaml"), yaml)?;
+    let start = Instant::now();
+    let agent = t.start_agent(&dir);
+    let mut synced = None;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Some(rows) = t.services_json()
+            && rows.len() >= 10_000
+        {
+            synced = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?")
+        .to_string();
+    println!(
+        "Agent at 10k Services / 100k endpoints (manifests): programmed after {:.1} s; {} (target < 64 MiB)",
+        synced.map_or(f64::NAN, |d| d.as_secs_f64()),
+        rss.trim_start_matches("VmRSS:").trim()
+    );
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    kpr_testnet::require_root();
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--workspace", "--bins"])
+        .current_dir(crate::setup::root())
+        .status()?;
+    anyhow::ensure!(status.success(), "build failed");
+    // SAFETY: set before any thread reads it.
+    unsafe { std::env::set_var("KPR_BIN_DIR", crate::setup::root().join("target/debug")) };
+    bench_tc()?;
+    bench_programming()?;
+    bench_connect()?;
+    bench_rss()?;
+    Ok(())
+}
