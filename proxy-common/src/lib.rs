@@ -35,11 +35,12 @@ pub mod map_names {
     ];
 }
 
-/// Map capacities. Sized for 64k frontends with 1M backend slots in total.
+/// Map capacities: 128k frontend keys, 1M backends, 2M backend slots. The large hash maps
+/// are not preallocated (BPF_F_NO_PREALLOC): kernel memory grows with what is used.
 pub mod map_sizes {
-    pub const SERVICES: usize = 65_536;
-    pub const BACKEND_SLOTS: usize = 1_048_576;
-    pub const BACKENDS: usize = 262_144;
+    pub const SERVICES: usize = 131_072;
+    pub const BACKEND_SLOTS: usize = 2_097_152;
+    pub const BACKENDS: usize = 1_048_576;
     pub const REVNAT: usize = 65_536;
     pub const SOCK_REVNAT: usize = 262_144;
     pub const CONNTRACK: usize = 524_288;

@@ -9,15 +9,20 @@ use proxy_common::{
     ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, map_sizes,
 };
 
+/// Hash maps sized for the largest clusters allocate their elements on demand.
+const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
+
 #[btf_map(pin_by_name)]
 pub static KPR_SERVICES: HashMap<ServiceKey, ServiceValue, { map_sizes::SERVICES }> =
     HashMap::new();
 
 #[btf_map(pin_by_name)]
-pub static KPR_SLOTS: HashMap<BackendSlotKey, u32, { map_sizes::BACKEND_SLOTS }> = HashMap::new();
+pub static KPR_SLOTS: HashMap<BackendSlotKey, u32, { map_sizes::BACKEND_SLOTS }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(pin_by_name)]
-pub static KPR_BACKENDS: HashMap<u32, Backend, { map_sizes::BACKENDS }> = HashMap::new();
+pub static KPR_BACKENDS: HashMap<u32, Backend, { map_sizes::BACKENDS }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(pin_by_name)]
 pub static KPR_REVNAT: HashMap<u32, RevNatValue, { map_sizes::REVNAT }> = HashMap::new();

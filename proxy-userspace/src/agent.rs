@@ -9,8 +9,11 @@ use tokio::sync::mpsc;
 
 use crate::ebpf::datapath::{self, LoadOutcome, PinLayout, PinnedMaps};
 use crate::ebpf::render::{EbpfRenderer, LbMaps as _};
-use crate::model::{self, NodeInfo, ProxyConfig};
+use std::collections::BTreeSet;
+
+use crate::model::{self, FrontendKey, NodeInfo, ProxyConfig};
 use crate::source::ManifestSource;
+use crate::store::ObjectRef;
 use crate::store::{Change, Store};
 use crate::{Error, Result};
 
@@ -64,6 +67,69 @@ impl ProgrammingLatency {
     }
 }
 
+/// The desired state, kept between syncs and updated per changed Service, so one Service
+/// change costs work proportional to that Service, not to the cluster.
+#[derive(Debug, Default)]
+pub struct DesiredCache {
+    pub state: model::DesiredState,
+    keys_by_service: std::collections::HashMap<ObjectRef, Vec<FrontendKey>>,
+    primed: bool,
+}
+
+impl DesiredCache {
+    /// Brings `state` up to date. Returns the frontend keys that may have changed, or `None`
+    /// when everything was recomputed (the caller then syncs in full).
+    pub fn update(
+        &mut self,
+        store: &Store,
+        dirty: &crate::store::Dirty,
+        node: &NodeInfo,
+        config: &ProxyConfig,
+    ) -> Option<BTreeSet<FrontendKey>> {
+        if dirty.all || !self.primed {
+            self.state = model::compute(store, node, config);
+            self.keys_by_service.clear();
+            for (k, fe) in &self.state.frontends {
+                self.keys_by_service
+                    .entry(fe.service.clone())
+                    .or_default()
+                    .push(*k);
+            }
+            self.primed = true;
+            return None;
+        }
+        let node_port_ips = model::node_port_ips(node, config);
+        let mut touched = BTreeSet::new();
+        for id in &dirty.services {
+            for k in self.keys_by_service.remove(id).unwrap_or_default() {
+                if self
+                    .state
+                    .frontends
+                    .get(&k)
+                    .is_some_and(|fe| &fe.service == id)
+                {
+                    self.state.frontends.remove(&k);
+                }
+                touched.insert(k);
+            }
+            self.state.health_checks.remove(id);
+            let Some(svc) = store.service(id) else {
+                continue;
+            };
+            let (frontends, health) =
+                model::compute_service(store, svc, node, config, &node_port_ips);
+            let keys: Vec<FrontendKey> = frontends.iter().map(|(k, _)| *k).collect();
+            touched.extend(keys.iter().copied());
+            self.state.frontends.extend(frontends);
+            if let Some(h) = health {
+                self.state.health_checks.insert(id.clone(), h);
+            }
+            self.keys_by_service.insert(id.clone(), keys);
+        }
+        Some(touched)
+    }
+}
+
 /// Store + model + renderer over the pinned maps.
 pub struct Syncer {
     store: Store,
@@ -81,6 +147,7 @@ pub struct Syncer {
     pub status: crate::serve::SharedStatus,
     /// Health-check ports of eTP=Local Services, from the last sync.
     pub health_checks: std::collections::BTreeMap<crate::store::ObjectRef, (u16, usize)>,
+    desired: DesiredCache,
     proxy: ProxyConfig,
     maps: PinnedMaps,
     renderer: EbpfRenderer,
@@ -128,6 +195,7 @@ impl Syncer {
                     ..Default::default()
                 })),
                 health_checks: std::collections::BTreeMap::new(),
+                desired: DesiredCache::default(),
                 proxy: cfg.proxy.clone(),
                 maps,
                 renderer,
@@ -151,6 +219,9 @@ impl Syncer {
                 next.labels = node.labels;
                 let changed = next != self.node;
                 self.node = next;
+                if changed {
+                    self.store.mark_all_dirty();
+                }
                 changed
             }
             Change::Reset { .. } => {
@@ -231,8 +302,25 @@ impl Syncer {
     pub fn sync(&mut self) {
         let started = Instant::now();
         self.sync_node_config();
-        let desired = model::compute(&self.store, &self.node, &self.proxy);
-        let (stats, errors) = self.renderer.sync(&desired, &mut self.maps, &[]);
+        let dirty = self.store.take_dirty();
+        let (stats, errors) =
+            match self
+                .desired
+                .update(&self.store, &dirty, &self.node, &self.proxy)
+            {
+                None => {
+                    let result = self.renderer.sync(&self.desired.state, &mut self.maps, &[]);
+                    // A full sync follows a (re)list or reload, whose parse buffers are garbage
+                    // now: hand the freed heap back so RSS shows what the agent keeps.
+                    // SAFETY: malloc_trim has no preconditions.
+                    unsafe { libc::malloc_trim(0) };
+                    result
+                }
+                Some(keys) => self
+                    .renderer
+                    .sync_keys(&self.desired.state, &keys, &mut self.maps),
+            };
+        let desired = &self.desired.state;
         for e in &errors {
             tracing::error!("sync: {e}");
         }
@@ -272,8 +360,10 @@ impl Syncer {
         }
     }
 
-    /// Re-reads the maps and resyncs, repairing entries changed behind the agent's back.
+    /// Re-reads the maps and resyncs everything, repairing entries changed behind the agent's
+    /// back.
     pub fn resync(&mut self) {
+        self.store.mark_all_dirty();
         match self.maps.snapshot() {
             Ok(snapshot) => {
                 let (renderer, stale) = EbpfRenderer::adopt(&snapshot);
@@ -376,7 +466,98 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::ProgrammingLatency;
+    use super::{DesiredCache, ProgrammingLatency};
+    use crate::model::{NodeInfo, ProxyConfig, compute};
+    use crate::source::parse_manifest;
+    use crate::store::{Change, ObjectRef, Store};
+
+    fn objects(yaml: &str) -> crate::source::FileObjects {
+        parse_manifest(yaml).expect("valid")
+    }
+
+    fn svc(name: &str, ip: &str, np: Option<u16>) -> String {
+        let ty = if np.is_some() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let np = np.map_or(String::new(), |p| format!(", nodePort: {p}"));
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: {name}}}\nspec: {{type: {ty}, clusterIP: {ip}, ports: [{{name: p, port: 80{np}}}]}}\n"
+        )
+    }
+
+    fn slice(name: &str, svc: &str, ips: &[&str]) -> String {
+        let eps: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{{addresses: [{ip}]}}"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: {name}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: p, port: 8080}}]\n",
+            eps.join(", ")
+        )
+    }
+
+    #[test]
+    fn incremental_updates_equal_a_full_recompute() {
+        let mut node = NodeInfo {
+            name: "n".into(),
+            ips: vec!["192.168.0.2".parse().unwrap()],
+            labels: Default::default(),
+        };
+        let config = ProxyConfig::default();
+        let mut store = Store::default();
+        let mut cache = DesiredCache::default();
+        let base = objects(&format!(
+            "{}---\n{}---\n{}---\n{}",
+            svc("a", "10.96.0.1", None),
+            svc("b", "10.96.0.2", Some(30001)),
+            slice("a-1", "a", &["10.0.0.1"]),
+            slice("b-1", "b", &["10.0.0.2", "10.0.0.3"])
+        ));
+        store.apply(Change::Reset {
+            services: base.services,
+            slices: base.slices,
+        });
+        let dirty = store.take_dirty();
+        assert!(
+            cache.update(&store, &dirty, &node, &config).is_none(),
+            "first update is full"
+        );
+        let steps: Vec<Change> = vec![
+            Change::SliceUpsert(objects(&slice("a-1", "a", &["10.0.0.9"])).slices.remove(0)),
+            Change::ServiceUpsert(
+                objects(&svc("c", "10.96.0.3", Some(30003)))
+                    .services
+                    .remove(0),
+            ),
+            // a slice moves from one Service to another
+            Change::SliceUpsert(objects(&slice("b-1", "c", &["10.0.0.4"])).slices.remove(0)),
+            Change::ServiceDelete(ObjectRef::new("ns", "a")),
+            Change::SliceDelete(ObjectRef::new("ns", "a-1")),
+        ];
+        for (i, change) in steps.into_iter().enumerate() {
+            store.apply(change);
+            let dirty = store.take_dirty();
+            assert!(!dirty.all);
+            let touched = cache
+                .update(&store, &dirty, &node, &config)
+                .expect("incremental");
+            // Deleting the slice of an already deleted Service changes no frontend.
+            assert_eq!(touched.is_empty(), i == 4, "step {i}: {touched:?}");
+            assert_eq!(
+                cache.state,
+                compute(&store, &node, &config),
+                "after step {i}"
+            );
+        }
+        // A node change recomputes everything.
+        node.ips.push("192.168.1.2".parse().unwrap());
+        store.mark_all_dirty();
+        let dirty = store.take_dirty();
+        assert!(cache.update(&store, &dirty, &node, &config).is_none());
+        assert_eq!(cache.state, compute(&store, &node, &config));
+    }
 
     #[test]
     fn latency_from_trigger_time() {

@@ -354,10 +354,31 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
     let mut state = DesiredState::default();
     let node_port_ips = node_port_ips(node, config);
     for svc in store.services() {
-        // ExternalName and headless Services are not proxied.
-        if svc.type_ == ServiceType::ExternalName || svc.cluster_ips.is_empty() {
-            continue;
+        let (frontends, health) = compute_service(store, svc, node, config, &node_port_ips);
+        state.frontends.extend(frontends);
+        if let Some(h) = health {
+            state.health_checks.insert(svc.id.clone(), h);
         }
+    }
+    state
+}
+
+/// One Service's frontends (and its health check, under eTP=Local): the unit of incremental
+/// syncs. `compute` is exactly the union of this over every Service.
+#[must_use]
+pub fn compute_service(
+    store: &Store,
+    svc: &ServiceInfo,
+    node: &NodeInfo,
+    config: &ProxyConfig,
+    node_port_ips: &[IpAddr],
+) -> (Vec<(FrontendKey, Frontend)>, Option<(u16, usize)>) {
+    let mut out: Vec<(FrontendKey, Frontend)> = Vec::new();
+    // ExternalName and headless Services are not proxied.
+    if svc.type_ == ServiceType::ExternalName || svc.cluster_ips.is_empty() {
+        return (out, None);
+    }
+    {
         let mut local_endpoint_count = BTreeSet::new();
         for port in &svc.ports {
             let eps = endpoints_for_port(store, svc, port, node);
@@ -401,7 +422,7 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
                     port: port_num,
                     protocol: port.protocol,
                 };
-                state.frontends.insert(
+                out.push((
                     key,
                     Frontend {
                         service: svc.id.clone(),
@@ -418,7 +439,7 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
                             Vec::new()
                         },
                     },
-                );
+                ));
             };
             for ip in &svc.cluster_ips {
                 add(
@@ -450,7 +471,7 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
                 );
             }
             if let Some(node_port) = port.node_port {
-                for ip in &node_port_ips {
+                for ip in node_port_ips {
                     add(
                         *ip,
                         node_port,
@@ -461,15 +482,14 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
                 }
             }
         }
-        if svc.external_policy_local
-            && let Some(hc) = svc.health_check_node_port
-        {
-            state
-                .health_checks
-                .insert(svc.id.clone(), (hc, local_endpoint_count.len()));
-        }
+        let health = if svc.external_policy_local {
+            svc.health_check_node_port
+                .map(|hc| (hc, local_endpoint_count.len()))
+        } else {
+            None
+        };
+        (out, health)
     }
-    state
 }
 
 /// One packet arriving at (or leaving from) the node, for [`resolve`].

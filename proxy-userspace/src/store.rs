@@ -478,11 +478,69 @@ pub struct Store {
     slices: BTreeMap<ObjectRef, SliceInfo>,
     /// Service -> its slices.
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
+    /// What changed since the last `take_dirty`.
+    dirty: Dirty,
+}
+
+/// The Services whose frontends may have changed since the last sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Everything (a relist or reload): recompute all.
+    pub all: bool,
+    pub services: BTreeSet<ObjectRef>,
 }
 
 impl Store {
-    /// Applies one change. Returns whether anything changed.
+    /// Applies one change. Returns whether anything changed; remembers which Services it
+    /// touched (see [`Store::take_dirty`]).
     pub fn apply(&mut self, change: Change) -> bool {
+        let touched: Option<Vec<ObjectRef>> = match &change {
+            Change::ServiceUpsert(s) => Some(vec![s.id.clone()]),
+            Change::ServiceDelete(id) => Some(vec![id.clone()]),
+            Change::SliceUpsert(s) => {
+                let mut v = vec![s.service.clone()];
+                if let Some(old) = self.slices.get(&s.id) {
+                    v.push(old.service.clone());
+                }
+                Some(v)
+            }
+            Change::SliceDelete(id) => Some(
+                self.slices
+                    .get(id)
+                    .map(|s| s.service.clone())
+                    .into_iter()
+                    .collect(),
+            ),
+            Change::Node(_) => Some(Vec::new()),
+            Change::Reset { .. } | Change::ResetServices(_) | Change::ResetSlices(_) => None,
+        };
+        let changed = self.apply_inner(change);
+        if changed {
+            match touched {
+                Some(ids) => self.dirty.services.extend(ids),
+                None => self.dirty.all = true,
+            }
+        }
+        changed
+    }
+
+    /// Marks everything dirty (node or configuration changes).
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty.all = true;
+    }
+
+    /// What changed since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// One Service by id.
+    #[must_use]
+    pub fn service(&self, id: &ObjectRef) -> Option<&ServiceInfo> {
+        self.services.get(id)
+    }
+
+    fn apply_inner(&mut self, change: Change) -> bool {
         match change {
             Change::ServiceUpsert(svc) => {
                 if self.services.get(&svc.id) == Some(&svc) {
@@ -514,7 +572,7 @@ impl Store {
             }
             Change::ResetSlices(slices) => {
                 let services = std::mem::take(&mut self.services);
-                self.apply(Change::Reset {
+                self.apply_inner(Change::Reset {
                     services: services.into_values().collect(),
                     slices,
                 })
@@ -524,12 +582,13 @@ impl Store {
             Change::Reset { services, slices } => {
                 let mut fresh = Self::default();
                 for s in services {
-                    fresh.apply(Change::ServiceUpsert(s));
+                    fresh.apply_inner(Change::ServiceUpsert(s));
                 }
                 for s in slices {
-                    fresh.apply(Change::SliceUpsert(s));
+                    fresh.apply_inner(Change::SliceUpsert(s));
                 }
                 let changed = fresh.services != self.services || fresh.slices != self.slices;
+                fresh.dirty = std::mem::take(&mut self.dirty);
                 *self = fresh;
                 changed
             }

@@ -18,6 +18,9 @@ use crate::model::{DesiredState, Frontend, FrontendKey, FrontendKind, Targets};
 use crate::{Error, Result};
 use ipnet::IpNet;
 
+/// How many per-frontend errors one sync reports in full.
+const MAX_REPORTED_ERRORS: usize = 10;
+
 /// Flag in `ServiceValue::flags`: no usable endpoint and the policy says drop, not reject.
 pub const FLAG_DROP: u32 = service_flags::DROP;
 
@@ -146,8 +149,10 @@ impl SyncStats {
 #[derive(Debug, Default)]
 pub struct EbpfRenderer {
     services: HashMap<ServiceKey, Programmed>,
-    /// backend address -> (id, number of slots-sets using it)
+    /// backend address -> (id, number of slots using it)
     backend_ids: HashMap<SocketAddr, (u32, usize)>,
+    /// backend id -> address (the inverse of `backend_ids`), so every lookup is O(1).
+    backend_addr: HashMap<u32, SocketAddr>,
     free_service_ids: BTreeSet<u32>,
     next_service_id: u32,
     free_backend_ids: BTreeSet<u32>,
@@ -206,17 +211,23 @@ fn wanted(fe: &Frontend, targets: &Targets, frontend: SocketAddr, external: bool
 fn wanted_entries(desired: &DesiredState) -> BTreeMap<ServiceKey, WantedService> {
     let mut out = BTreeMap::new();
     for (fe_key, fe) in &desired.frontends {
-        let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
-        out.insert(
-            key_for(fe_key, scope::INTERNAL),
-            wanted(fe, &fe.internal, frontend, false),
-        );
-        if fe.kind != FrontendKind::ClusterIp {
-            out.insert(
-                key_for(fe_key, scope::EXTERNAL),
-                wanted(fe, &fe.external, frontend, true),
-            );
-        }
+        out.extend(wanted_for(fe_key, fe));
+    }
+    out
+}
+
+/// The map entries of one frontend.
+fn wanted_for(fe_key: &FrontendKey, fe: &Frontend) -> Vec<(ServiceKey, WantedService)> {
+    let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
+    let mut out = vec![(
+        key_for(fe_key, scope::INTERNAL),
+        wanted(fe, &fe.internal, frontend, false),
+    )];
+    if fe.kind != FrontendKind::ClusterIp {
+        out.push((
+            key_for(fe_key, scope::EXTERNAL),
+            wanted(fe, &fe.external, frontend, true),
+        ));
     }
     out
 }
@@ -246,6 +257,7 @@ impl EbpfRenderer {
                 if let Some(b) = snapshot.backends.get(id) {
                     let addr = sockaddr_from16(b.addr, b.port);
                     r.backend_ids.entry(addr).or_insert((*id, 0)).1 += 1;
+                    r.backend_addr.insert(*id, addr);
                     r.next_generation = r.next_generation.max(b.generation + 1);
                 }
             }
@@ -328,21 +340,21 @@ impl EbpfRenderer {
         }
         stats.backends_written += 1;
         self.backend_ids.insert(addr, (id, 1));
+        self.backend_addr.insert(id, addr);
         Ok(id)
     }
 
     fn release_backend(&mut self, id: u32, maps: &mut impl LbMaps, stats: &mut SyncStats) {
-        let Some(addr) = self
-            .backend_ids
-            .iter()
-            .find_map(|(a, (i, _))| (*i == id).then_some(*a))
-        else {
+        let Some(addr) = self.backend_addr.get(&id).copied() else {
             return;
         };
-        let entry = self.backend_ids.get_mut(&addr).expect("found above");
+        let Some(entry) = self.backend_ids.get_mut(&addr) else {
+            return;
+        };
         entry.1 = entry.1.saturating_sub(1);
         if entry.1 == 0 {
             self.backend_ids.remove(&addr);
+            self.backend_addr.remove(&id);
             if maps.del_backend(id).is_ok() {
                 stats.backends_deleted += 1;
             }
@@ -382,23 +394,69 @@ impl EbpfRenderer {
         for (key, want) in &wanted {
             if let Err(e) = self.upsert(key, want, maps, &mut stats) {
                 stats.errors += 1;
-                errors.push(e.context(format!(
-                    "frontend {} {}",
-                    want.frontend,
-                    crate::store::Protocol::from_number(key.proto).map_or("?", |p| p.as_str())
-                )));
+                // The first errors say what and where; the rest is counted, so a full map
+                // does not flood the log.
+                if errors.len() < MAX_REPORTED_ERRORS {
+                    errors.push(e.context(format!(
+                        "frontend {} {}",
+                        want.frontend,
+                        crate::store::Protocol::from_number(key.proto).map_or("?", |p| p.as_str())
+                    )));
+                }
+            }
+        }
+        if stats.errors > errors.len() {
+            errors.push(Error::bpf(format!(
+                "{} more frontends failed the same way",
+                stats.errors - errors.len()
+            )));
+        }
+        (stats, errors)
+    }
+
+    /// Applies the difference for `keys` only: the frontends of the Services that changed.
+    /// Work is proportional to what changed, not to the number of Services. `desired` must
+    /// already hold the new state of those frontends (absent: they are removed).
+    pub fn sync_keys(
+        &mut self,
+        desired: &DesiredState,
+        keys: &BTreeSet<FrontendKey>,
+        maps: &mut impl LbMaps,
+    ) -> (SyncStats, Vec<Error>) {
+        let mut stats = SyncStats::default();
+        let mut errors = Vec::new();
+        for fe_key in keys {
+            let wanted = desired
+                .frontends
+                .get(fe_key)
+                .map(|fe| wanted_for(fe_key, fe))
+                .unwrap_or_default();
+            for scope in [scope::INTERNAL, scope::EXTERNAL] {
+                let key = key_for(fe_key, scope);
+                let result = match wanted.iter().find(|(k, _)| *k == key) {
+                    Some((_, want)) => self.upsert(&key, want, maps, &mut stats),
+                    None => self.remove(&key, maps, &mut stats),
+                };
+                if let Err(e) = result {
+                    stats.errors += 1;
+                    errors.push(e.context(format!(
+                        "frontend {} {}",
+                        SocketAddr::new(fe_key.ip, fe_key.port),
+                        fe_key.protocol.as_str()
+                    )));
+                }
             }
         }
         (stats, errors)
     }
 
-    fn backend_addrs(&self, ids: &[u32]) -> Vec<SocketAddr> {
-        let by_id: HashMap<u32, SocketAddr> = self
-            .backend_ids
-            .iter()
-            .map(|(a, (i, _))| (*i, *a))
-            .collect();
-        ids.iter().filter_map(|i| by_id.get(i).copied()).collect()
+    /// True when `ids` are exactly `want`, slot by slot.
+    fn same_backends(&self, ids: &[u32], want: &[SocketAddr]) -> bool {
+        ids.len() == want.len()
+            && ids
+                .iter()
+                .zip(want)
+                .all(|(id, w)| self.backend_addr.get(id) == Some(w))
     }
 
     fn upsert(
@@ -413,7 +471,7 @@ impl EbpfRenderer {
             && old.value.flags == want.flags
             && old.value.affinity_timeout_secs == want.affinity_timeout_secs
             && old.source_ranges == want.source_ranges
-            && self.backend_addrs(&old.backends) == want.backends
+            && self.same_backends(&old.backends, &want.backends)
         {
             return Ok(());
         }
