@@ -363,6 +363,10 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
     state
 }
 
+/// What `compute_service` returns: the frontends, and (port, local endpoints) of the
+/// health check under eTP=Local.
+pub type ServiceFrontends = (Vec<(FrontendKey, Frontend)>, Option<(u16, usize)>);
+
 /// One Service's frontends (and its health check, under eTP=Local): the unit of incremental
 /// syncs. `compute` is exactly the union of this over every Service.
 #[must_use]
@@ -372,7 +376,7 @@ pub fn compute_service(
     node: &NodeInfo,
     config: &ProxyConfig,
     node_port_ips: &[IpAddr],
-) -> (Vec<(FrontendKey, Frontend)>, Option<(u16, usize)>) {
+) -> ServiceFrontends {
     let mut out: Vec<(FrontendKey, Frontend)> = Vec::new();
     // ExternalName and headless Services are not proxied.
     if svc.type_ == ServiceType::ExternalName || svc.cluster_ips.is_empty() {
