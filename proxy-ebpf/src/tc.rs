@@ -237,7 +237,8 @@ fn ingress(ctx: &TcContext) -> i32 {
     let mut choice = Choice::default();
     match choose(&p, &mut choice) {
         CHOSEN => create_flow(ctx, &p, &choice),
-        REJECT => reject_tcp(ctx, &p),
+        REJECT if p.proto == proto::TCP => reject_tcp(ctx, &p),
+        REJECT => reject_udp(ctx, &p),
         verdict => verdict,
     }
 }
@@ -282,7 +283,7 @@ fn choose(p: &Packet, out: &mut Choice) -> i32 {
         return SHOT;
     }
     if svc.backend_count == 0 {
-        if svc.flags & service_flags::DROP != 0 || p.proto != proto::TCP {
+        if svc.flags & service_flags::DROP != 0 {
             return SHOT;
         }
         return REJECT;
@@ -444,6 +445,64 @@ fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Turns a UDP datagram to a frontend without endpoints into an ICMP port unreachable (type 3
+/// code 3, quoting the datagram's IP header and first 8 bytes) sent back out of the interface
+/// it came in on: a connected UDP socket sees ECONNREFUSED, like upstream's REJECT.
+#[inline(never)]
+fn reject_udp(ctx: &TcContext, p: &Packet) -> i32 {
+    const QUOTE: usize = 20 + 8;
+    const LEN: usize = ETH_HLEN + 20 + 8 + QUOTE;
+    if p.l4_off != ETH_HLEN + 20 {
+        return SHOT; // IP options: not worth quoting
+    }
+    let Some(eth) = read::<[u8; 12]>(ctx, 0) else {
+        return SHOT;
+    };
+    let Some(quote) = read::<[u8; QUOTE]>(ctx, ETH_HLEN) else {
+        return SHOT;
+    };
+    if ctx.change_tail(LEN as u32, 0).is_err() {
+        return SHOT;
+    }
+    let mut out = [0u8; LEN];
+    out[..6].copy_from_slice(&eth[6..12]);
+    out[6..12].copy_from_slice(&eth[..6]);
+    out[12] = 0x08;
+    let ip = ETH_HLEN;
+    out[ip] = 0x45;
+    out[ip + 2..ip + 4].copy_from_slice(&((LEN - ETH_HLEN) as u16).to_be_bytes());
+    out[ip + 8] = 64;
+    out[ip + 9] = 1; // ICMP
+    out[ip + 12..ip + 16].copy_from_slice(&p.daddr);
+    out[ip + 16..ip + 20].copy_from_slice(&p.saddr);
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([out[ip + i], out[ip + i + 1]]));
+        i += 2;
+    }
+    out[ip + 10..ip + 12].copy_from_slice(&fold(sum).to_be_bytes());
+    let icmp = ETH_HLEN + 20;
+    out[icmp] = 3; // destination unreachable
+    out[icmp + 1] = 3; // port unreachable
+    out[icmp + 8..].copy_from_slice(&quote);
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 8 + QUOTE {
+        sum += u32::from(u16::from_be_bytes([out[icmp + i], out[icmp + i + 1]]));
+        i += 2;
+    }
+    out[icmp + 2..icmp + 4].copy_from_slice(&fold(sum).to_be_bytes());
+    if ctx.store(0, &out, 0).is_err() {
+        return SHOT;
+    }
+    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
+    unsafe {
+        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
+        bpf_redirect(ifindex, 0) as i32
+    }
 }
 
 /// Turns a TCP segment to a frontend without endpoints into a RST sent back out of the

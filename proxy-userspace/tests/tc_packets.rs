@@ -347,7 +347,23 @@ fn no_endpoints_rejects_with_rst_and_local_policy_without_local_endpoints_drops(
     assert_eq!(&rst[..6], &syn[6..12], "MACs swapped");
     assert_checksums(&rst);
     let udp = packet(CLIENT, 40003, NODE, 3053, None, b"q");
-    assert_eq!(dp.run("kpr_tc_ingress", &udp).0, TC_ACT_SHOT);
+    let (rc, icmp) = dp.run("kpr_tc_ingress", &udp);
+    assert_eq!(rc, TC_ACT_REDIRECT, "UDP: ICMP port unreachable back out");
+    assert_eq!(icmp.len(), 14 + 20 + 8 + 28);
+    assert_eq!(
+        (icmp[23], icmp[34], icmp[35]),
+        (1, 3, 3),
+        "ICMP type 3 code 3"
+    );
+    assert_eq!(src(&icmp).0, NODE);
+    assert_eq!(dst(&icmp).0, CLIENT);
+    assert_eq!(
+        &icmp[42..70],
+        &udp[14..42],
+        "quotes the datagram's IP header and 8 bytes"
+    );
+    assert_eq!(fold(sum16(&icmp[14..34])), 0, "IPv4 header checksum");
+    assert_eq!(fold(sum16(&icmp[34..])), 0, "ICMP checksum");
     // eTP=Local with only a remote endpoint: external traffic is dropped.
     let lb = packet(CLIENT, 40004, LB, 80, Some(0x02), &[]);
     assert_eq!(dp.run("kpr_tc_ingress", &lb).0, TC_ACT_SHOT);

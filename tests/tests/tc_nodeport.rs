@@ -73,7 +73,9 @@ metadata: {namespace: ns, name: empty}
 spec:
   type: NodePort
   clusterIP: 172.30.0.43
-  ports: [{name: t, port: 80, targetPort: 80, nodePort: 3003, protocol: TCP}]
+  ports:
+  - {name: t, port: 80, targetPort: 80, nodePort: 3003, protocol: TCP}
+  - {name: u, port: 80, targetPort: 80, nodePort: 3063, protocol: UDP}
 ";
 
 #[test]

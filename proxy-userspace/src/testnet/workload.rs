@@ -133,6 +133,26 @@ fn udp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
     }
 }
 
+/// A connected UDP socket: send, then receive (ICMP errors surface as ECONNREFUSED here).
+fn udp_connected_once(to: SocketAddr) -> String {
+    let any: IpAddr = if to.is_ipv4() { "0.0.0.0" } else { "::" }.parse().unwrap();
+    let sock = UdpSocket::bind(SocketAddr::new(any, 0)).expect("bind udp client");
+    sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    if let Err(e) = sock.connect(to).and_then(|()| sock.send(b"x").map(|_| ())) {
+        return format!("{{\"error\":\"{}\"}}", errno_name(&e));
+    }
+    let mut buf = [0u8; 256];
+    match sock.recv(&mut buf) {
+        Ok(n) => {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let backend = text.split(' ').next().unwrap_or("").to_string();
+            let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            format!("{{\"backend\":\"{backend}\",\"peer\":\"{peer}\"}}")
+        }
+        Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
+    }
+}
+
 fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
         Ok(s) => s,
@@ -228,6 +248,12 @@ pub fn run(args: &[String]) {
     let num = |i: usize, d: u64| -> u64 { args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d) };
     match args.first().map(String::as_str) {
         Some("serve") => serve(&(1..args.len()).map(addr).collect::<Vec<_>>()),
+        Some("udpc") => {
+            for _ in 0..num(2, 1) {
+                println!("{}", udp_connected_once(addr(1)));
+                let _ = std::io::stdout().flush();
+            }
+        }
         Some(mode @ ("tcp" | "udp")) => {
             let to = addr(1);
             let delay = Duration::from_millis(num(3, 0));
