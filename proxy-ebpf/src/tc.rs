@@ -209,7 +209,7 @@ fn kpr_tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
-        return OK;
+        return icmp_error(ctx, true);
     };
     // An established flow to a frontend (its backend still current), or a reply to a
     // masqueraded flow. Map values are used in place, not copied to the stack.
@@ -415,7 +415,7 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
-        return OK;
+        return icmp_error(ctx, false);
     };
     let mut key = ct_key(
         v4_mapped(p.saddr),
@@ -435,6 +435,185 @@ fn egress(ctx: &TcContext) -> i32 {
         // SAFETY: as above.
         let ct = unsafe { &*ct };
         return rewrite_src(ctx, &p, &ct.addr, ct.port);
+    }
+    OK
+}
+
+const IPPROTO_ICMP: u8 = 1;
+/// Offsets in an ICMP error about a TCP/UDP packet (outer and quoted IP headers without
+/// options): the ICMP header, the quoted IP header, the quoted ports.
+const ICMP_OFF: usize = ETH_HLEN + 20;
+const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;
+const INNER_IP: usize = ICMP_OFF + 8;
+const INNER_L4: usize = INNER_IP + 20;
+
+/// Rewrites, in an ICMP error, the quoted packet's source (`src`) or destination address and
+/// port, keeping the quoted IP header checksum and the ICMP checksum right.
+#[inline(never)]
+fn icmp_rewrite_inner(ctx: &TcContext, src: bool, addr: &[u8; 16], port: u16) -> i32 {
+    let (ip_off, port_off) = if src {
+        (INNER_IP + 12, INNER_L4)
+    } else {
+        (INNER_IP + 16, INNER_L4 + 2)
+    };
+    let (Some(old_ip), Some(old_port), Some(old_csum)) = (
+        read::<[u8; 4]>(ctx, ip_off),
+        read::<u16>(ctx, port_off),
+        read::<u16>(ctx, INNER_IP + 10),
+    ) else {
+        return SHOT;
+    };
+    let new_ip = [addr[12], addr[13], addr[14], addr[15]];
+    let from = u64::from(u32::from_ne_bytes(old_ip));
+    let to = u64::from(u32::from_ne_bytes(new_ip));
+    if ctx.store(ip_off, &new_ip, 0).is_err()
+        || ctx.l3_csum_replace(INNER_IP + 10, from, to, 4).is_err()
+        || ctx.l4_csum_replace(ICMP_CSUM_OFF, from, to, 4).is_err()
+    {
+        return SHOT;
+    }
+    let Some(new_csum) = read::<u16>(ctx, INNER_IP + 10) else {
+        return SHOT;
+    };
+    let new_port = port.to_be();
+    if ctx
+        .l4_csum_replace(ICMP_CSUM_OFF, u64::from(old_csum), u64::from(new_csum), 2)
+        .is_err()
+        || ctx.store(port_off, &new_port, 0).is_err()
+        || ctx
+            .l4_csum_replace(ICMP_CSUM_OFF, u64::from(old_port), u64::from(new_port), 2)
+            .is_err()
+    {
+        return SHOT;
+    }
+    OK
+}
+
+/// Rewrites the outer source (`src`) or destination address of an ICMP error.
+#[inline(always)]
+fn icmp_rewrite_outer(ctx: &TcContext, src: bool, old: [u8; 4], addr: &[u8; 16]) -> i32 {
+    let new_ip = [addr[12], addr[13], addr[14], addr[15]];
+    let off = if src { IP_SRC_OFF } else { IP_DST_OFF };
+    let from = u64::from(u32::from_ne_bytes(old));
+    let to = u64::from(u32::from_ne_bytes(new_ip));
+    if ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).is_err() || ctx.store(off, &new_ip, 0).is_err()
+    {
+        return SHOT;
+    }
+    OK
+}
+
+/// ICMP errors (destination unreachable, time exceeded, parameter problem) about a translated
+/// flow are translated like the flow itself, so path-MTU discovery and unreachables reach the
+/// socket they concern. At ingress: an error about our reply to a client goes to the backend
+/// (outer destination, quoted source, and the quoted masquerade address); an error from the
+/// backend's side about a masqueraded packet goes back to the client. At egress: an error from a
+/// backend towards a client shows the frontend instead of the backend.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext, ingress: bool) -> i32 {
+    // Whole headers at once: fewer bounds checks, and nothing the verifier mistakes for
+    // pointer arithmetic.
+    let Some(outer) = read::<[u8; 20]>(ctx, ETH_HLEN) else {
+        return OK;
+    };
+    let Some(ethertype) = read::<[u8; 2]>(ctx, 12) else {
+        return OK;
+    };
+    if ethertype != [0x08, 0x00] || outer[0] != 0x45 || outer[9] != IPPROTO_ICMP {
+        return OK;
+    }
+    let Some(icmp) = read::<[u8; 8]>(ctx, ICMP_OFF) else {
+        return OK;
+    };
+    if !matches!(icmp[0], 3 | 11 | 12) {
+        return OK;
+    }
+    let Some(inner) = read::<[u8; 20]>(ctx, INNER_IP) else {
+        return OK;
+    };
+    let Some(ports) = read::<[u8; 4]>(ctx, INNER_L4) else {
+        return OK;
+    };
+    let inner_proto = inner[9];
+    if inner[0] != 0x45 || (inner_proto != proto::TCP && inner_proto != proto::UDP) {
+        return OK;
+    }
+    let outer_src = [outer[12], outer[13], outer[14], outer[15]];
+    let outer_dst = [outer[16], outer[17], outer[18], outer[19]];
+    let isrc = [inner[12], inner[13], inner[14], inner[15]];
+    let idst = [inner[16], inner[17], inner[18], inner[19]];
+    let isport = u16::from_be_bytes([ports[0], ports[1]]);
+    let idport = u16::from_be_bytes([ports[2], ports[3]]);
+    let (isrc16, idst16) = (v4_mapped(isrc), v4_mapped(idst));
+    if ingress {
+        // About our reply (frontend -> client): the flow's forward entry names the backend.
+        let mut key = ct_key(
+            idst16,
+            isrc16,
+            idport,
+            isport,
+            inner_proto,
+            ct_kind::FORWARD,
+        );
+        if let Some(ct) = KPR_CT.get_ptr(&key) {
+            // SAFETY: a value pointer from a successful lookup, valid for this program run.
+            let ct = unsafe { &*ct };
+            let (backend, bport, masq) = (ct.addr, ct.port, ct.flags & ct_flags::MASQ != 0);
+            if masq {
+                key = ct_key(idst16, backend, idport, bport, inner_proto, ct_kind::SNAT);
+                if let Some(snat) = KPR_CT.get_ptr(&key) {
+                    // SAFETY: as above.
+                    let snat = unsafe { &*snat };
+                    let (s_addr, s_port) = (snat.addr, snat.port);
+                    if icmp_rewrite_inner(ctx, false, &s_addr, s_port) != OK {
+                        return SHOT;
+                    }
+                }
+            }
+            if icmp_rewrite_inner(ctx, true, &backend, bport) != OK {
+                return SHOT;
+            }
+            return icmp_rewrite_outer(ctx, false, outer_dst, &backend);
+        }
+        // From the backend's side, about a masqueraded packet (node -> backend): to the client.
+        key = ct_key(
+            idst16,
+            isrc16,
+            idport,
+            isport,
+            inner_proto,
+            ct_kind::REPLY_DNAT,
+        );
+        if let Some(ct) = KPR_CT.get_ptr(&key) {
+            // SAFETY: as above.
+            let ct = unsafe { &*ct };
+            let (client, cport) = (ct.addr, ct.port);
+            if icmp_rewrite_inner(ctx, true, &client, cport) != OK {
+                return SHOT;
+            }
+            return icmp_rewrite_outer(ctx, false, outer_dst, &client);
+        }
+        return OK;
+    }
+    // Egress, towards a client, about its packet to a backend: show the frontend.
+    let key = ct_key(
+        idst16,
+        isrc16,
+        idport,
+        isport,
+        inner_proto,
+        ct_kind::REPLY_SNAT,
+    );
+    if let Some(ct) = KPR_CT.get_ptr(&key) {
+        // SAFETY: as above.
+        let ct = unsafe { &*ct };
+        let (frontend, fport) = (ct.addr, ct.port);
+        if icmp_rewrite_inner(ctx, false, &frontend, fport) != OK {
+            return SHOT;
+        }
+        if outer_src == idst {
+            return icmp_rewrite_outer(ctx, true, outer_src, &frontend);
+        }
     }
     OK
 }

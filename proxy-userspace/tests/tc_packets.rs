@@ -527,3 +527,107 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     assert_eq!(rc, TC_ACT_OK);
     assert_ne!(dst(&fwd).0, NODE, "the NodePort is not restricted");
 }
+
+/// An ICMP error (type, code) from `from` to `to`, quoting `inner` (an IPv4 packet built by
+/// `packet`, Ethernet header included).
+fn icmp_error(from: [u8; 4], to: [u8; 4], icmp_type: u8, code: u8, inner: &[u8]) -> Vec<u8> {
+    let quote = &inner[14..14 + 28];
+    let mut p = vec![0u8; 14 + 20 + 8 + 28];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&((20 + 8 + 28) as u16).to_be_bytes());
+    p[22] = 64;
+    p[23] = 1;
+    p[26..30].copy_from_slice(&from);
+    p[30..34].copy_from_slice(&to);
+    let c = fold(sum16(&p[14..34]));
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p[34] = icmp_type;
+    p[35] = code;
+    p[38..40].copy_from_slice(&1400u16.to_be_bytes()); // next-hop MTU for "fragmentation needed"
+    p[42..].copy_from_slice(quote);
+    let c = fold(sum16(&p[34..]));
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn assert_icmp_checksums(p: &[u8]) {
+    assert_eq!(fold(sum16(&p[14..34])), 0, "outer IPv4 checksum");
+    assert_eq!(fold(sum16(&p[34..])), 0, "ICMP checksum");
+    assert_eq!(fold(sum16(&p[42..62])), 0, "quoted IPv4 header checksum");
+}
+
+fn quoted(p: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let ip = 42;
+    let l4 = 62;
+    (
+        (
+            [p[ip + 12], p[ip + 13], p[ip + 14], p[ip + 15]],
+            u16::from_be_bytes([p[l4], p[l4 + 1]]),
+        ),
+        (
+            [p[ip + 16], p[ip + 17], p[ip + 18], p[ip + 19]],
+            u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]),
+        ),
+    )
+}
+
+#[test]
+fn icmp_errors_follow_their_flow() {
+    let mut dp = Datapath::new("tcicmp");
+    dp.program(&manifests(true, &["10.180.0.1"]));
+    // A masqueraded NodePort flow: client 40000 -> node:3001 -> backend:80 as node:40000.
+    let (_, fwd) = dp.run(
+        "kpr_tc_ingress",
+        &packet(CLIENT, 40000, NODE, 3001, Some(0x02), &[]),
+    );
+    assert_eq!(dst(&fwd), (BACKEND_LOCAL, 80));
+    // A router on the way to the client says "fragmentation needed" about our reply
+    // (node:3001 -> client:40000): it must reach the backend, about (backend:80 -> node:40000).
+    let router = [198, 51, 100, 1];
+    let reply_seen_outside = packet(NODE, 3001, CLIENT, 40000, Some(0x10), &[]);
+    let err = icmp_error(router, NODE, 3, 4, &reply_seen_outside);
+    let (rc, out) = dp.run("kpr_tc_ingress", &err);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(dst(&out).0, BACKEND_LOCAL, "outer destination: the backend");
+    assert_eq!(src(&out).0, router);
+    assert_eq!(
+        quoted(&out),
+        ((BACKEND_LOCAL, 80), (NODE, 40000)),
+        "the packet the backend sent"
+    );
+    assert_icmp_checksums(&out);
+
+    // A UDP flow; the backend answers a datagram with port unreachable.
+    let (_, fwd) = dp.run(
+        "kpr_tc_ingress",
+        &packet(CLIENT, 40005, NODE, 3053, None, b"q"),
+    );
+    let (_, masq) = dp.run("kpr_tc_egress", &fwd);
+    assert_eq!(src(&masq), (NODE, 40005));
+    let err = icmp_error(BACKEND_LOCAL, NODE, 3, 3, &masq);
+    let (rc, back) = dp.run("kpr_tc_ingress", &err);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(dst(&back).0, CLIENT, "to the client");
+    assert_eq!(quoted(&back).0, (CLIENT, 40005));
+    assert_icmp_checksums(&back);
+    let (rc, out) = dp.run("kpr_tc_egress", &back);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(src(&out).0, NODE, "from the frontend, not the backend");
+    assert_eq!(
+        quoted(&out),
+        ((CLIENT, 40005), (NODE, 3053)),
+        "about the packet the client sent"
+    );
+    assert_icmp_checksums(&out);
+
+    // Errors about unknown flows pass untouched.
+    let stray = icmp_error(
+        router,
+        NODE,
+        3,
+        1,
+        &packet(NODE, 9999, CLIENT, 1234, Some(0x10), &[]),
+    );
+    assert_eq!(dp.run("kpr_tc_ingress", &stray), (TC_ACT_OK, stray.clone()));
+}
