@@ -14,12 +14,14 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_get_prandom_u32, bpf_redirect},
-    macros::classifier,
+    btf_maps::PerCpuArray,
+    helpers::generated::{bpf_csum_diff, bpf_get_prandom_u32, bpf_redirect},
+    macros::{btf_map, classifier},
     programs::TcContext,
 };
 use proxy_common::{
-    CtKey, CtValue, ServiceKey, ct_flags, ct_kind, proto, scope, service_flags, v4_mapped,
+    CtKey, CtValue, NodeConfig, ServiceKey, ct_flags, ct_kind, proto, scope, service_flags,
+    v4_mapped,
 };
 
 use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, KPR_SRC_RANGES};
@@ -27,6 +29,9 @@ use crate::select::{self, flow_hash, select_backend};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+const IP6_DST_OFF: usize = ETH_HLEN + 24;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
@@ -35,16 +40,29 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
+/// Per-CPU scratch for the parsed packet (keeps it off the 512-byte stack).
+#[btf_map]
+static KPR_TC_SCRATCH: PerCpuArray<Packet, 1> = PerCpuArray::new();
+
 const OK: i32 = TC_ACT_OK as i32;
 /// Internal verdict of `choose`: answer with a TCP RST (done by the caller, so the RST
 /// builder's stack frame never stacks on top of `choose`'s).
 const REJECT: i32 = -1;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
-/// The fields of an IPv4 TCP/UDP packet the programs need.
+/// The fields of a TCP/UDP packet the programs need.
+#[derive(Default)]
 struct Packet {
+    // NB: read `l4_off` through `l4()`: the packet lives in a map slot, and the verifier only
+    // accepts packet offsets it can bound.
     l4_off: usize,
     proto: u8,
+    /// IPv6 (else IPv4).
+    v6: bool,
+    /// 16-byte addresses (IPv4-mapped for IPv4), as keys use them.
+    src16: [u8; 16],
+    dst16: [u8; 16],
+    /// IPv4 addresses (zero for IPv6).
     saddr: [u8; 4],
     daddr: [u8; 4],
     sport: u16,
@@ -69,45 +87,77 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
 
+/// Parses the packet into `out` (a per-CPU scratch slot, so no stack holds it), field by
+/// field: no temporary packet on the stack either.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
+fn parse(ctx: &TcContext, out: &mut Packet) -> bool {
+    parse_fields(ctx, out).is_some()
+}
+
+#[inline(always)]
+fn parse_fields(ctx: &TcContext, out: &mut Packet) -> Option<()> {
     let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
-    if ethertype != ETH_P_IP {
-        return None;
+    if ethertype == ETH_P_IPV6 {
+        let version = read::<u8>(ctx, ETH_HLEN)?;
+        let proto = read::<u8>(ctx, ETH_HLEN + 6)?;
+        if version >> 4 != 6 || (proto != proto::TCP && proto != proto::UDP) {
+            return None;
+        }
+        out.v6 = true;
+        out.proto = proto;
+        out.l4_off = ETH_HLEN + 40;
+        out.src16 = read::<[u8; 16]>(ctx, IP6_SRC_OFF)?;
+        out.dst16 = read::<[u8; 16]>(ctx, IP6_DST_OFF)?;
+        out.saddr = [0; 4];
+        out.daddr = [0; 4];
+        out.udp_no_csum = false;
+    } else {
+        if ethertype != ETH_P_IP {
+            return None;
+        }
+        let vhl = read::<u8>(ctx, ETH_HLEN)?;
+        let ihl = usize::from(vhl & 0x0f);
+        if vhl >> 4 != 4 || ihl < 5 {
+            return None;
+        }
+        // Non-first fragments carry no ports.
+        if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff != 0 {
+            return None;
+        }
+        let proto = read::<u8>(ctx, ETH_HLEN + 9)?;
+        if proto != proto::TCP && proto != proto::UDP {
+            return None;
+        }
+        let l4_off = ETH_HLEN + ihl * 4;
+        out.v6 = false;
+        out.proto = proto;
+        out.l4_off = l4_off;
+        out.saddr = read::<[u8; 4]>(ctx, IP_SRC_OFF)?;
+        out.daddr = read::<[u8; 4]>(ctx, IP_DST_OFF)?;
+        out.src16 = v4_mapped(out.saddr);
+        out.dst16 = v4_mapped(out.daddr);
+        out.udp_no_csum = proto == proto::UDP && read::<u16>(ctx, l4_off + 6)? == 0;
     }
-    let vhl = read::<u8>(ctx, ETH_HLEN)?;
-    let ihl = usize::from(vhl & 0x0f);
-    if vhl >> 4 != 4 || ihl < 5 {
-        return None;
+    let ports = read::<[u8; 4]>(ctx, out.l4())?;
+    out.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    out.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    Some(())
+}
+
+impl Packet {
+    /// The L4 offset, bounded for the verifier (IPv4 with options: at most 74; IPv6: 54).
+    #[inline(always)]
+    fn l4(&self) -> usize {
+        self.l4_off & 0x7f
     }
-    // Non-first fragments carry no ports.
-    if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff != 0 {
-        return None;
-    }
-    let proto = read::<u8>(ctx, ETH_HLEN + 9)?;
-    if proto != proto::TCP && proto != proto::UDP {
-        return None;
-    }
-    let l4_off = ETH_HLEN + ihl * 4;
-    let ports = read::<[u8; 4]>(ctx, l4_off)?;
-    let udp_no_csum = proto == proto::UDP && read::<u16>(ctx, l4_off + 6)? == 0;
-    Some(Packet {
-        l4_off,
-        proto,
-        saddr: read::<[u8; 4]>(ctx, IP_SRC_OFF)?,
-        daddr: read::<[u8; 4]>(ctx, IP_DST_OFF)?,
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
-        udp_no_csum,
-    })
 }
 
 #[inline(always)]
 fn l4_csum_off(p: &Packet) -> usize {
     if p.proto == proto::TCP {
-        p.l4_off + 16
+        p.l4() + 16
     } else {
-        p.l4_off + 6
+        p.l4() + 6
     }
 }
 
@@ -124,10 +174,13 @@ fn l4_flags(p: &Packet) -> u64 {
 /// IPv4 and L4 checksums. Out of line (shared by every path, small stack of its own).
 #[inline(never)]
 fn rewrite(ctx: &TcContext, p: &Packet, src: bool, addr: &[u8; 16], port: u16) -> i32 {
+    if p.v6 {
+        return rewrite_v6(ctx, p, src, addr, port);
+    }
     let (ip_off, old_ip, port_off, old_port) = if src {
-        (IP_SRC_OFF, p.saddr, p.l4_off, p.sport)
+        (IP_SRC_OFF, p.saddr, p.l4(), p.sport)
     } else {
-        (IP_DST_OFF, p.daddr, p.l4_off + 2, p.dport)
+        (IP_DST_OFF, p.daddr, p.l4() + 2, p.dport)
     };
     let new_ip = [addr[12], addr[13], addr[14], addr[15]];
     let from = u64::from(u32::from_ne_bytes(old_ip));
@@ -156,6 +209,58 @@ fn rewrite(ctx: &TcContext, p: &Packet, src: bool, addr: &[u8; 16], port: u16) -
     }
     if ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).is_err()
         || ctx.store(ip_off, &new_ip, 0).is_err()
+        || ctx.store(port_off, &port.to_be(), 0).is_err()
+    {
+        return SHOT;
+    }
+    OK
+}
+
+/// The IPv6 form of `rewrite`: no IP checksum; the L4 checksum moves by the difference of
+/// the 16-byte addresses (bpf_csum_diff) and of the ports.
+#[inline(never)]
+fn rewrite_v6(ctx: &TcContext, p: &Packet, src: bool, addr: &[u8; 16], port: u16) -> i32 {
+    let (ip_off, old, port_off, old_port) = if src {
+        (IP6_SRC_OFF, &p.src16, p.l4(), p.sport)
+    } else {
+        (IP6_DST_OFF, &p.dst16, p.l4() + 2, p.dport)
+    };
+    let mut from = [0u32; 4];
+    let mut to = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        from[i] = u32::from_ne_bytes([old[i * 4], old[i * 4 + 1], old[i * 4 + 2], old[i * 4 + 3]]);
+        to[i] = u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    // SAFETY: both buffers are 16 bytes on our stack, as the helper requires.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return SHOT;
+    }
+    let csum = l4_csum_off(p);
+    if ctx
+        .l4_csum_replace(
+            csum,
+            0,
+            diff as u64,
+            u64::from(BPF_F_PSEUDO_HDR) | l4_flags(p),
+        )
+        .is_err()
+        || ctx
+            .l4_csum_replace(
+                csum,
+                u64::from(old_port.to_be()),
+                u64::from(port.to_be()),
+                l4_flags(p) | 2,
+            )
+            .is_err()
+        || ctx.store(ip_off, addr, 0).is_err()
         || ctx.store(port_off, &port.to_be(), 0).is_err()
     {
         return SHOT;
@@ -208,14 +313,20 @@ fn kpr_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> i32 {
-    let Some(p) = parse(ctx) else {
-        return icmp_error(ctx, true);
+    let Some(p) = KPR_TC_SCRATCH.get_ptr_mut(0) else {
+        return OK;
     };
+    // SAFETY: this CPU's scratch slot; TC programs do not nest on one CPU.
+    let p = unsafe { &mut *p };
+    if !parse(ctx, p) {
+        return icmp_error(ctx, true);
+    }
+    let p = &*p;
     // An established flow to a frontend (its backend still current), or a reply to a
     // masqueraded flow. Map values are used in place, not copied to the stack.
     let mut key = ct_key(
-        v4_mapped(p.saddr),
-        v4_mapped(p.daddr),
+        p.src16,
+        p.dst16,
         p.sport,
         p.dport,
         p.proto,
@@ -225,20 +336,22 @@ fn ingress(ctx: &TcContext) -> i32 {
         // SAFETY: a value pointer from a successful lookup, valid for this program run.
         let ct = unsafe { &*ct };
         if backend_current(ct) {
-            return rewrite_dst(ctx, &p, &ct.addr, ct.port);
+            return rewrite_dst(ctx, p, &ct.addr, ct.port);
         }
     }
     key.kind = ct_kind::REPLY_DNAT;
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: as above.
         let ct = unsafe { &*ct };
-        return rewrite_dst(ctx, &p, &ct.addr, ct.port);
+        return rewrite_dst(ctx, p, &ct.addr, ct.port);
     }
     let mut choice = Choice::default();
-    match choose(&p, &mut choice) {
-        CHOSEN => create_flow(ctx, &p, &choice),
-        REJECT if p.proto == proto::TCP => reject_tcp(ctx, &p),
-        REJECT => reject_udp(ctx, &p),
+    match choose(p, &mut choice) {
+        CHOSEN => create_flow(ctx, p, &choice),
+        // The RST / ICMP builders speak IPv4; an IPv6 client is dropped instead.
+        REJECT if p.v6 => SHOT,
+        REJECT if p.proto == proto::TCP => reject_tcp(ctx, p),
+        REJECT => reject_udp(ctx, p),
         verdict => verdict,
     }
 }
@@ -250,6 +363,28 @@ fn source_allowed(service_id: u32, client: &[u8; 16]) -> bool {
     data[..4].copy_from_slice(&service_id.to_be_bytes());
     data[4..].copy_from_slice(client);
     KPR_SRC_RANGES.get(&Key::new(160, data)).is_some()
+}
+
+/// The masquerade address of the packet's family, when the agent configured one.
+#[inline(always)]
+fn snat_address(cfg: &NodeConfig, v6: bool) -> Option<[u8; 16]> {
+    if v6 {
+        (cfg.snat_v6 != [0; 16]).then_some(cfg.snat_v6)
+    } else {
+        (cfg.snat_v4[10] == 0xff).then_some(cfg.snat_v4)
+    }
+}
+
+/// An address as one hash word: the IPv4 address itself (what the agent's Maglev prediction
+/// uses), or the XOR of an IPv6 address's four words.
+#[inline(always)]
+fn fold_addr(a: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    if a[10] == 0xff && a[..10] == [0; 10] {
+        w(12)
+    } else {
+        w(0) ^ w(4) ^ w(8) ^ w(12)
+    }
 }
 
 /// What `choose` picked for a new flow.
@@ -268,7 +403,7 @@ const CHOSEN: i32 = -2;
 #[inline(never)]
 fn choose(p: &Packet, out: &mut Choice) -> i32 {
     let skey = ServiceKey {
-        addr: v4_mapped(p.daddr),
+        addr: p.dst16,
         port: p.dport,
         proto: p.proto,
         scope: scope::EXTERNAL,
@@ -278,8 +413,7 @@ fn choose(p: &Packet, out: &mut Choice) -> i32 {
     };
     // SAFETY: a value pointer from a successful lookup, valid for this program run.
     let svc = unsafe { &*svc };
-    let client = v4_mapped(p.saddr);
-    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.id, &client) {
+    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.id, &p.src16) {
         return SHOT;
     }
     if svc.backend_count == 0 {
@@ -289,12 +423,12 @@ fn choose(p: &Packet, out: &mut Choice) -> i32 {
         return REJECT;
     }
     let hash = flow_hash(
-        u32::from_ne_bytes(p.saddr),
-        u32::from_ne_bytes(p.daddr),
+        fold_addr(&p.src16),
+        fold_addr(&p.dst16),
         (u32::from(p.sport) << 16) | u32::from(p.dport),
         u32::from(p.proto),
     );
-    let backend_id = select_backend(svc, &client, hash);
+    let backend_id = select_backend(svc, &p.src16, hash);
     if backend_id == select::NONE {
         return OK;
     }
@@ -310,7 +444,7 @@ fn choose(p: &Packet, out: &mut Choice) -> i32 {
 fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
     let backend_id = choice.backend_id;
     let (svc_id, svc_flags) = (choice.service_id, choice.service_flags);
-    let client = v4_mapped(p.saddr);
+    let client = p.src16;
     let Some(backend) = KPR_BACKENDS.get_ptr(&backend_id) else {
         return OK;
     };
@@ -340,12 +474,12 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
     let mut masq = false;
     if svc_flags & service_flags::EXTERNAL_MASQ != 0
         && let Some(cfg) = KPR_CONFIG.get(0)
-        && cfg.snat_v4[10] == 0xff
+        && let Some(snat) = snat_address(cfg, p.v6)
     {
         masq = true;
         key.saddr = backend_addr;
         key.sport = backend_port;
-        key.daddr = cfg.snat_v4;
+        key.daddr = snat;
         key.kind = ct_kind::REPLY_DNAT;
         let mut attempt = 0;
         while attempt < 4 {
@@ -363,7 +497,7 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
     }
     // client -> frontend (ingress): to the backend.
     key.saddr = client;
-    key.daddr = v4_mapped(p.daddr);
+    key.daddr = p.dst16;
     key.sport = p.sport;
     key.dport = p.dport;
     key.kind = ct_kind::FORWARD;
@@ -374,14 +508,14 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
         return SHOT;
     }
     if masq {
-        let Some(cfg) = KPR_CONFIG.get(0) else {
+        let Some(snat) = KPR_CONFIG.get(0).and_then(|cfg| snat_address(cfg, p.v6)) else {
             return SHOT;
         };
         // client -> backend (egress): from the node.
         key.daddr = backend_addr;
         key.dport = backend_port;
         key.kind = ct_kind::SNAT;
-        val.addr = cfg.snat_v4;
+        val.addr = snat;
         val.port = snat_port;
         if KPR_CT.insert(&key, &val, 0).is_err() {
             return SHOT;
@@ -389,7 +523,7 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
         // backend -> node (ingress): back to the client.
         key.saddr = backend_addr;
         key.sport = backend_port;
-        key.daddr = cfg.snat_v4;
+        key.daddr = snat;
         key.dport = snat_port;
         key.kind = ct_kind::REPLY_DNAT;
         val.addr = client;
@@ -404,7 +538,7 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
     key.daddr = client;
     key.dport = p.sport;
     key.kind = ct_kind::REPLY_SNAT;
-    val.addr = v4_mapped(p.daddr);
+    val.addr = p.dst16;
     val.port = p.dport;
     if KPR_CT.insert(&key, &val, 0).is_err() {
         return SHOT;
@@ -414,27 +548,26 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
-    let Some(p) = parse(ctx) else {
-        return icmp_error(ctx, false);
+    let Some(p) = KPR_TC_SCRATCH.get_ptr_mut(0) else {
+        return OK;
     };
-    let mut key = ct_key(
-        v4_mapped(p.saddr),
-        v4_mapped(p.daddr),
-        p.sport,
-        p.dport,
-        p.proto,
-        ct_kind::SNAT,
-    );
+    // SAFETY: as in `ingress`.
+    let p = unsafe { &mut *p };
+    if !parse(ctx, p) {
+        return icmp_error(ctx, false);
+    }
+    let p = &*p;
+    let mut key = ct_key(p.src16, p.dst16, p.sport, p.dport, p.proto, ct_kind::SNAT);
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: a value pointer from a successful lookup, valid for this program run.
         let ct = unsafe { &*ct };
-        return rewrite_src(ctx, &p, &ct.addr, ct.port);
+        return rewrite_src(ctx, p, &ct.addr, ct.port);
     }
     key.kind = ct_kind::REPLY_SNAT;
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: as above.
         let ct = unsafe { &*ct };
-        return rewrite_src(ctx, &p, &ct.addr, ct.port);
+        return rewrite_src(ctx, p, &ct.addr, ct.port);
     }
     OK
 }
@@ -633,7 +766,7 @@ fn fold(mut sum: u32) -> u16 {
 fn reject_udp(ctx: &TcContext, p: &Packet) -> i32 {
     const QUOTE: usize = 20 + 8;
     const LEN: usize = ETH_HLEN + 20 + 8 + QUOTE;
-    if p.l4_off != ETH_HLEN + 20 {
+    if p.l4() != ETH_HLEN + 20 {
         return SHOT; // IP options: not worth quoting
     }
     let Some(eth) = read::<[u8; 12]>(ctx, 0) else {
@@ -695,7 +828,7 @@ fn reject_tcp(ctx: &TcContext, p: &Packet) -> i32 {
     let Some(tot_len) = read::<u16>(ctx, ETH_HLEN + 2) else {
         return SHOT;
     };
-    let Some(hdr) = read::<[u8; 14]>(ctx, p.l4_off) else {
+    let Some(hdr) = read::<[u8; 14]>(ctx, p.l4()) else {
         return SHOT;
     };
     let flags = hdr[13];
@@ -706,7 +839,7 @@ fn reject_tcp(ctx: &TcContext, p: &Packet) -> i32 {
     let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
     let doff = usize::from(hdr[12] >> 4) * 4;
     let payload =
-        usize::from(u16::from_be(tot_len)).saturating_sub(p.l4_off - ETH_HLEN + doff) as u32;
+        usize::from(u16::from_be(tot_len)).saturating_sub(p.l4() - ETH_HLEN + doff) as u32;
     let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
         (ack, 0u32, TCP_RST)
     } else {

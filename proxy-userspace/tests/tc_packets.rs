@@ -26,6 +26,7 @@ const CLIENT: [u8; 4] = [203, 0, 113, 2];
 const NODE: [u8; 4] = [192, 168, 0, 2];
 const LB: [u8; 4] = [1, 2, 3, 4];
 const BACKEND_LOCAL: [u8; 4] = [10, 180, 0, 1];
+const NODE6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 
 fn manifests(local_endpoints: bool, cluster_endpoints: &[&str]) -> String {
     let eps: String = cluster_endpoints
@@ -94,7 +95,7 @@ impl Datapath {
         let mut maps = PinnedMaps::open(&layout).expect("open maps");
         maps.set_node_config(&NodeConfig {
             snat_v4: v4_mapped(NODE),
-            snat_v6: [0; 16],
+            snat_v6: NODE6.octets(),
         })
         .unwrap();
         Self {
@@ -114,7 +115,7 @@ impl Datapath {
         });
         let node = NodeInfo {
             name: "test-node".into(),
-            ips: vec![Ipv4Addr::from(NODE).into()],
+            ips: vec![Ipv4Addr::from(NODE).into(), NODE6.into()],
             labels: Default::default(),
         };
         let config = ProxyConfig {
@@ -630,4 +631,108 @@ fn icmp_errors_follow_their_flow() {
         &packet(NODE, 9999, CLIENT, 1234, Some(0x10), &[]),
     );
     assert_eq!(dp.run("kpr_tc_ingress", &stray), (TC_ACT_OK, stray.clone()));
+}
+
+const DUAL_STACK: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: ds}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.61
+  clusterIPs: [172.30.0.61, 'fd00:30::61']
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: p, port: 80, targetPort: 80, nodePort: 3201, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: ds-v6, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+endpoints: [{addresses: ['fd00:180::1'], conditions: {ready: true}, nodeName: test-node}]
+ports: [{name: p, port: 80, protocol: TCP}]
+";
+
+/// Ethernet + IPv6 + TCP with a correct checksum.
+fn packet6(
+    src: std::net::Ipv6Addr,
+    sport: u16,
+    dst: std::net::Ipv6Addr,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 40 + 20];
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&20u16.to_be_bytes());
+    p[20] = 6;
+    p[21] = 64;
+    p[22..38].copy_from_slice(&src.octets());
+    p[38..54].copy_from_slice(&dst.octets());
+    p[54..56].copy_from_slice(&sport.to_be_bytes());
+    p[56..58].copy_from_slice(&dport.to_be_bytes());
+    p[58..62].copy_from_slice(&1000u32.to_be_bytes());
+    p[66] = 5 << 4;
+    p[67] = flags;
+    p[68..70].copy_from_slice(&64240u16.to_be_bytes());
+    let c = tcp6_checksum(&p);
+    p[70..72].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn tcp6_checksum(p: &[u8]) -> u16 {
+    let l4 = &p[54..];
+    let pseudo = sum16(&p[22..54]) + l4.len() as u32 + 6;
+    let mut copy = l4.to_vec();
+    copy[16] = 0;
+    copy[17] = 0;
+    fold(pseudo + sum16(&copy))
+}
+
+fn ends6(p: &[u8]) -> ((std::net::Ipv6Addr, u16), (std::net::Ipv6Addr, u16)) {
+    let a = |o: usize| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[o..o + 16]).unwrap());
+    (
+        (a(22), u16::from_be_bytes([p[54], p[55]])),
+        (a(38), u16::from_be_bytes([p[56], p[57]])),
+    )
+}
+
+#[test]
+fn ipv6_nodeport_dnat_masquerade_and_reverse() {
+    let mut dp = Datapath::new("tcv6");
+    dp.program(DUAL_STACK);
+    let client: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
+    let backend: std::net::Ipv6Addr = "fd00:180::1".parse().unwrap();
+    let (rc, fwd) = dp.run("kpr_tc_ingress", &packet6(client, 41000, NODE6, 3201, 0x02));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(
+        ends6(&fwd),
+        ((client, 41000), (backend, 80)),
+        "DNAT to the IPv6 backend"
+    );
+    assert_eq!(
+        u16::from_be_bytes([fwd[70], fwd[71]]),
+        tcp6_checksum(&fwd),
+        "TCP checksum"
+    );
+    let (_, out) = dp.run("kpr_tc_egress", &fwd);
+    assert_eq!(
+        ends6(&out),
+        ((NODE6, 41000), (backend, 80)),
+        "masqueraded to the node's IPv6"
+    );
+    assert_eq!(u16::from_be_bytes([out[70], out[71]]), tcp6_checksum(&out));
+    let (_, back) = dp.run("kpr_tc_ingress", &packet6(backend, 80, NODE6, 41000, 0x12));
+    let (_, back) = dp.run("kpr_tc_egress", &back);
+    assert_eq!(
+        ends6(&back),
+        ((NODE6, 3201), (client, 41000)),
+        "the reply shows the NodePort"
+    );
+    assert_eq!(
+        u16::from_be_bytes([back[70], back[71]]),
+        tcp6_checksum(&back)
+    );
+    // Not a Service: untouched.
+    let other = packet6(client, 41001, NODE6, 22, 0x02);
+    assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_ACT_OK, other.clone()));
 }
