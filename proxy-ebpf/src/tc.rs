@@ -15,7 +15,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::PerCpuArray,
-    helpers::generated::{bpf_csum_diff, bpf_get_prandom_u32, bpf_redirect},
+    helpers::generated::{bpf_csum_diff, bpf_get_prandom_u32, bpf_redirect, bpf_skb_store_bytes},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -348,8 +348,7 @@ fn ingress(ctx: &TcContext) -> i32 {
     let mut choice = Choice::default();
     match choose(p, &mut choice) {
         CHOSEN => create_flow(ctx, p, &choice),
-        // The RST / ICMP builders speak IPv4; an IPv6 client is dropped instead.
-        REJECT if p.v6 => SHOT,
+        REJECT if p.v6 => reject_v6(ctx, p),
         REJECT if p.proto == proto::TCP => reject_tcp(ctx, p),
         REJECT => reject_udp(ctx, p),
         verdict => verdict,
@@ -757,6 +756,109 @@ fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Sums 16-bit big-endian words of `b` into `sum` (even length).
+#[inline(always)]
+fn sum_words(b: &[u8], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        sum += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// The IPv6 REJECT: a TCP RST, or an ICMPv6 port unreachable (type 1 code 4) quoting the
+/// datagram's IPv6 header and first 8 bytes, sent back out of the interface it came in on.
+#[inline(never)]
+fn reject_v6(ctx: &TcContext, p: &Packet) -> i32 {
+    const MAX: usize = ETH_HLEN + 40 + 8 + 48;
+    let Some(eth) = read::<[u8; 12]>(ctx, 0) else {
+        return SHOT;
+    };
+    let tcp = p.proto == proto::TCP;
+    let (l4_len, len) = if tcp {
+        (20usize, ETH_HLEN + 60)
+    } else {
+        (8 + 48, MAX)
+    };
+    let mut out = [0u8; MAX];
+    // L4 first (it needs the original bytes), then the headers.
+    let l4 = ETH_HLEN + 40;
+    if tcp {
+        let Some(hdr) = read::<[u8; 14]>(ctx, ETH_HLEN + 40) else {
+            return SHOT;
+        };
+        let Some(plen) = read::<[u8; 2]>(ctx, ETH_HLEN + 4) else {
+            return SHOT;
+        };
+        let flags = hdr[13];
+        if flags & TCP_RST != 0 {
+            return SHOT;
+        }
+        let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+        let payload =
+            u32::from(u16::from_be_bytes(plen)).saturating_sub(u32::from(hdr[12] >> 4) * 4);
+        let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
+            (ack, 0u32, TCP_RST)
+        } else {
+            let syn_fin = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+            (
+                0u32,
+                seq.wrapping_add(payload).wrapping_add(syn_fin),
+                TCP_RST | TCP_ACK,
+            )
+        };
+        out[l4..l4 + 2].copy_from_slice(&p.dport.to_be_bytes());
+        out[l4 + 2..l4 + 4].copy_from_slice(&p.sport.to_be_bytes());
+        out[l4 + 4..l4 + 8].copy_from_slice(&new_seq.to_be_bytes());
+        out[l4 + 8..l4 + 12].copy_from_slice(&new_ack.to_be_bytes());
+        out[l4 + 12] = 5 << 4;
+        out[l4 + 13] = new_flags;
+    } else {
+        let Some(quote) = read::<[u8; 48]>(ctx, ETH_HLEN) else {
+            return SHOT;
+        };
+        out[l4] = 1; // destination unreachable
+        out[l4 + 1] = 4; // port unreachable
+        out[l4 + 8..l4 + 56].copy_from_slice(&quote);
+    }
+    out[..6].copy_from_slice(&eth[6..12]);
+    out[6..12].copy_from_slice(&eth[..6]);
+    out[12] = 0x86;
+    out[13] = 0xdd;
+    let ip = ETH_HLEN;
+    out[ip] = 0x60;
+    out[ip + 4..ip + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    out[ip + 6] = if tcp { proto::TCP } else { 58 };
+    out[ip + 7] = 64;
+    out[ip + 8..ip + 24].copy_from_slice(&p.dst16);
+    out[ip + 24..ip + 40].copy_from_slice(&p.src16);
+    // Checksum over the IPv6 pseudo header and the L4 bytes.
+    let mut sum = sum_words(&out[ip + 8..ip + 40], 0) + l4_len as u32 + u32::from(out[ip + 6]);
+    sum = sum_words(&out[l4..l4 + l4_len], sum);
+    let csum = fold(sum).to_be_bytes();
+    if tcp {
+        out[l4 + 16..l4 + 18].copy_from_slice(&csum);
+    } else {
+        out[l4 + 2..l4 + 4].copy_from_slice(&csum);
+    }
+    if ctx.change_tail(len as u32, 0).is_err() {
+        return SHOT;
+    }
+    // SAFETY: `out` holds at least `len` bytes; the skb was resized to `len` just above.
+    let stored =
+        unsafe { bpf_skb_store_bytes(ctx.as_ptr().cast(), 0, out.as_ptr().cast(), len as u32, 0) };
+    if stored != 0 {
+        return SHOT;
+    }
+    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
+    unsafe {
+        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
+        bpf_redirect(ifindex, 0) as i32
+    }
 }
 
 /// Turns a UDP datagram to a frontend without endpoints into an ICMP port unreachable (type 3

@@ -736,3 +736,29 @@ fn ipv6_nodeport_dnat_masquerade_and_reverse() {
     let other = packet6(client, 41001, NODE6, 22, 0x02);
     assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_ACT_OK, other.clone()));
 }
+
+#[test]
+fn ipv6_reject_answers_with_rst() {
+    let mut dp = Datapath::new("tcv6rej");
+    dp.program(&DUAL_STACK.replace(
+        "endpoints: [{addresses: ['fd00:180::1'], conditions: {ready: true}, nodeName: test-node}]",
+        "endpoints: []",
+    ));
+    let client: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
+    let syn = packet6(client, 41002, NODE6, 3201, 0x02);
+    let (rc, rst) = dp.run("kpr_tc_ingress", &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(rst.len(), 14 + 40 + 20);
+    assert_eq!(ends6(&rst), ((NODE6, 3201), (client, 41002)));
+    assert_eq!(rst[67], 0x14, "RST|ACK");
+    assert_eq!(
+        u32::from_be_bytes([rst[62], rst[63], rst[64], rst[65]]),
+        1001,
+        "acks the SYN"
+    );
+    assert_eq!(
+        u16::from_be_bytes([rst[70], rst[71]]),
+        tcp6_checksum(&rst),
+        "TCP checksum"
+    );
+}
