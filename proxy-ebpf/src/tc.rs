@@ -769,6 +769,70 @@ fn sum_words(b: &[u8], mut sum: u32) -> u32 {
     sum
 }
 
+/// Sends the (rewritten) packet back out of the interface it arrived on.
+#[inline(always)]
+fn back_out(ctx: &TcContext) -> i32 {
+    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
+    unsafe {
+        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
+        bpf_redirect(ifindex, 0) as i32
+    }
+}
+
+/// Resizes the packet to `len` and writes `out[..len]` over it.
+#[inline(always)]
+fn replace_packet(ctx: &TcContext, out: &[u8], len: usize) -> bool {
+    if ctx.change_tail(len as u32, 0).is_err() || out.len() < len {
+        return false;
+    }
+    // SAFETY: `out` holds at least `len` bytes; the skb was resized to `len` just above.
+    unsafe { bpf_skb_store_bytes(ctx.as_ptr().cast(), 0, out.as_ptr().cast(), len as u32, 0) == 0 }
+}
+
+/// Ethernet (MACs swapped) and an IPv4 header from the packet's destination back to its
+/// source, with its checksum.
+#[inline(always)]
+fn ipv4_reply_headers(out: &mut [u8], eth: &[u8; 12], p: &Packet, proto: u8, ip_len: u16) {
+    out[..6].copy_from_slice(&eth[6..12]);
+    out[6..12].copy_from_slice(&eth[..6]);
+    out[12] = 0x08;
+    let ip = ETH_HLEN;
+    out[ip] = 0x45;
+    out[ip + 2..ip + 4].copy_from_slice(&ip_len.to_be_bytes());
+    out[ip + 8] = 64;
+    out[ip + 9] = proto;
+    out[ip + 12..ip + 16].copy_from_slice(&p.daddr);
+    out[ip + 16..ip + 20].copy_from_slice(&p.saddr);
+    let csum = fold(sum_words(&out[ip..ip + 20], 0));
+    out[ip + 10..ip + 12].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// A RST answering the segment whose first 14 TCP bytes are `hdr` and which carried
+/// `payload` bytes (RFC 9293: SEQ=SEG.ACK if it had ACK, else SEQ=0, ACK=SEG.SEQ+SEG.LEN),
+/// written at `t` without its checksum.
+#[inline(always)]
+fn write_rst(out: &mut [u8], t: usize, p: &Packet, hdr: &[u8; 14], payload: u32) {
+    let flags = hdr[13];
+    let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
+        (ack, 0u32, TCP_RST)
+    } else {
+        let syn_fin = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+        (
+            0u32,
+            seq.wrapping_add(payload).wrapping_add(syn_fin),
+            TCP_RST | TCP_ACK,
+        )
+    };
+    out[t..t + 2].copy_from_slice(&p.dport.to_be_bytes());
+    out[t + 2..t + 4].copy_from_slice(&p.sport.to_be_bytes());
+    out[t + 4..t + 8].copy_from_slice(&new_seq.to_be_bytes());
+    out[t + 8..t + 12].copy_from_slice(&new_ack.to_be_bytes());
+    out[t + 12] = 5 << 4;
+    out[t + 13] = new_flags;
+}
+
 /// The IPv6 REJECT: a TCP RST, or an ICMPv6 port unreachable (type 1 code 4) quoting the
 /// datagram's IPv6 header and first 8 bytes, sent back out of the interface it came in on.
 #[inline(never)]
@@ -778,45 +842,22 @@ fn reject_v6(ctx: &TcContext, p: &Packet) -> i32 {
         return SHOT;
     };
     let tcp = p.proto == proto::TCP;
-    let (l4_len, len) = if tcp {
-        (20usize, ETH_HLEN + 60)
-    } else {
-        (8 + 48, MAX)
-    };
+    let l4_len: usize = if tcp { 20 } else { 8 + 48 };
     let mut out = [0u8; MAX];
-    // L4 first (it needs the original bytes), then the headers.
     let l4 = ETH_HLEN + 40;
     if tcp {
-        let Some(hdr) = read::<[u8; 14]>(ctx, ETH_HLEN + 40) else {
+        let (Some(hdr), Some(plen)) = (
+            read::<[u8; 14]>(ctx, l4),
+            read::<[u8; 2]>(ctx, ETH_HLEN + 4),
+        ) else {
             return SHOT;
         };
-        let Some(plen) = read::<[u8; 2]>(ctx, ETH_HLEN + 4) else {
-            return SHOT;
-        };
-        let flags = hdr[13];
-        if flags & TCP_RST != 0 {
+        if hdr[13] & TCP_RST != 0 {
             return SHOT;
         }
-        let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-        let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
         let payload =
             u32::from(u16::from_be_bytes(plen)).saturating_sub(u32::from(hdr[12] >> 4) * 4);
-        let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
-            (ack, 0u32, TCP_RST)
-        } else {
-            let syn_fin = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
-            (
-                0u32,
-                seq.wrapping_add(payload).wrapping_add(syn_fin),
-                TCP_RST | TCP_ACK,
-            )
-        };
-        out[l4..l4 + 2].copy_from_slice(&p.dport.to_be_bytes());
-        out[l4 + 2..l4 + 4].copy_from_slice(&p.sport.to_be_bytes());
-        out[l4 + 4..l4 + 8].copy_from_slice(&new_seq.to_be_bytes());
-        out[l4 + 8..l4 + 12].copy_from_slice(&new_ack.to_be_bytes());
-        out[l4 + 12] = 5 << 4;
-        out[l4 + 13] = new_flags;
+        write_rst(&mut out, l4, p, &hdr, payload);
     } else {
         let Some(quote) = read::<[u8; 48]>(ctx, ETH_HLEN) else {
             return SHOT;
@@ -830,35 +871,22 @@ fn reject_v6(ctx: &TcContext, p: &Packet) -> i32 {
     out[12] = 0x86;
     out[13] = 0xdd;
     let ip = ETH_HLEN;
+    let next = if tcp { proto::TCP } else { 58 };
     out[ip] = 0x60;
     out[ip + 4..ip + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-    out[ip + 6] = if tcp { proto::TCP } else { 58 };
+    out[ip + 6] = next;
     out[ip + 7] = 64;
     out[ip + 8..ip + 24].copy_from_slice(&p.dst16);
     out[ip + 24..ip + 40].copy_from_slice(&p.src16);
     // Checksum over the IPv6 pseudo header and the L4 bytes.
-    let mut sum = sum_words(&out[ip + 8..ip + 40], 0) + l4_len as u32 + u32::from(out[ip + 6]);
-    sum = sum_words(&out[l4..l4 + l4_len], sum);
-    let csum = fold(sum).to_be_bytes();
-    if tcp {
-        out[l4 + 16..l4 + 18].copy_from_slice(&csum);
-    } else {
-        out[l4 + 2..l4 + 4].copy_from_slice(&csum);
-    }
-    if ctx.change_tail(len as u32, 0).is_err() {
+    let pseudo = sum_words(&out[ip + 8..ip + 40], 0) + l4_len as u32 + u32::from(next);
+    let csum = fold(sum_words(&out[l4..l4 + l4_len], pseudo)).to_be_bytes();
+    let at = if tcp { l4 + 16 } else { l4 + 2 };
+    out[at..at + 2].copy_from_slice(&csum);
+    if !replace_packet(ctx, &out, ETH_HLEN + 40 + l4_len) {
         return SHOT;
     }
-    // SAFETY: `out` holds at least `len` bytes; the skb was resized to `len` just above.
-    let stored =
-        unsafe { bpf_skb_store_bytes(ctx.as_ptr().cast(), 0, out.as_ptr().cast(), len as u32, 0) };
-    if stored != 0 {
-        return SHOT;
-    }
-    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
-    unsafe {
-        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
-        bpf_redirect(ifindex, 0) as i32
-    }
+    back_out(ctx)
 }
 
 /// Turns a UDP datagram to a frontend without endpoints into an ICMP port unreachable (type 3
@@ -871,52 +899,22 @@ fn reject_udp(ctx: &TcContext, p: &Packet) -> i32 {
     if p.l4() != ETH_HLEN + 20 {
         return SHOT; // IP options: not worth quoting
     }
-    let Some(eth) = read::<[u8; 12]>(ctx, 0) else {
+    let (Some(eth), Some(quote)) = (read::<[u8; 12]>(ctx, 0), read::<[u8; QUOTE]>(ctx, ETH_HLEN))
+    else {
         return SHOT;
     };
-    let Some(quote) = read::<[u8; QUOTE]>(ctx, ETH_HLEN) else {
-        return SHOT;
-    };
-    if ctx.change_tail(LEN as u32, 0).is_err() {
-        return SHOT;
-    }
     let mut out = [0u8; LEN];
-    out[..6].copy_from_slice(&eth[6..12]);
-    out[6..12].copy_from_slice(&eth[..6]);
-    out[12] = 0x08;
-    let ip = ETH_HLEN;
-    out[ip] = 0x45;
-    out[ip + 2..ip + 4].copy_from_slice(&((LEN - ETH_HLEN) as u16).to_be_bytes());
-    out[ip + 8] = 64;
-    out[ip + 9] = 1; // ICMP
-    out[ip + 12..ip + 16].copy_from_slice(&p.daddr);
-    out[ip + 16..ip + 20].copy_from_slice(&p.saddr);
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([out[ip + i], out[ip + i + 1]]));
-        i += 2;
-    }
-    out[ip + 10..ip + 12].copy_from_slice(&fold(sum).to_be_bytes());
+    ipv4_reply_headers(&mut out, &eth, p, 1, (LEN - ETH_HLEN) as u16);
     let icmp = ETH_HLEN + 20;
     out[icmp] = 3; // destination unreachable
     out[icmp + 1] = 3; // port unreachable
     out[icmp + 8..].copy_from_slice(&quote);
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 8 + QUOTE {
-        sum += u32::from(u16::from_be_bytes([out[icmp + i], out[icmp + i + 1]]));
-        i += 2;
-    }
-    out[icmp + 2..icmp + 4].copy_from_slice(&fold(sum).to_be_bytes());
-    if ctx.store(0, &out, 0).is_err() {
+    let csum = fold(sum_words(&out[icmp..], 0));
+    out[icmp + 2..icmp + 4].copy_from_slice(&csum.to_be_bytes());
+    if !replace_packet(ctx, &out, LEN) {
         return SHOT;
     }
-    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
-    unsafe {
-        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
-        bpf_redirect(ifindex, 0) as i32
-    }
+    back_out(ctx)
 }
 
 /// Turns a TCP segment to a frontend without endpoints into a RST sent back out of the
@@ -924,83 +922,27 @@ fn reject_udp(ctx: &TcContext, p: &Packet) -> i32 {
 #[inline(never)]
 fn reject_tcp(ctx: &TcContext, p: &Packet) -> i32 {
     const LEN: usize = ETH_HLEN + 20 + 20;
-    let Some(eth) = read::<[u8; 12]>(ctx, 0) else {
+    let (Some(eth), Some(tot_len), Some(hdr)) = (
+        read::<[u8; 12]>(ctx, 0),
+        read::<[u8; 2]>(ctx, ETH_HLEN + 2),
+        read::<[u8; 14]>(ctx, p.l4()),
+    ) else {
         return SHOT;
     };
-    let Some(tot_len) = read::<u16>(ctx, ETH_HLEN + 2) else {
-        return SHOT;
-    };
-    let Some(hdr) = read::<[u8; 14]>(ctx, p.l4()) else {
-        return SHOT;
-    };
-    let flags = hdr[13];
-    if flags & TCP_RST != 0 {
+    if hdr[13] & TCP_RST != 0 {
         return SHOT;
     }
-    let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-    let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    let doff = usize::from(hdr[12] >> 4) * 4;
-    let payload =
-        usize::from(u16::from_be(tot_len)).saturating_sub(p.l4() - ETH_HLEN + doff) as u32;
-    let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
-        (ack, 0u32, TCP_RST)
-    } else {
-        let syn_fin = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
-        (
-            0u32,
-            seq.wrapping_add(payload).wrapping_add(syn_fin),
-            TCP_RST | TCP_ACK,
-        )
-    };
-    if ctx.change_tail(LEN as u32, 0).is_err() {
-        return SHOT;
-    }
+    let headers = (p.l4() - ETH_HLEN + usize::from(hdr[12] >> 4) * 4) as u32;
+    let payload = u32::from(u16::from_be_bytes(tot_len)).saturating_sub(headers);
     let mut out = [0u8; LEN];
-    // Ethernet: swap MACs.
-    out[..6].copy_from_slice(&eth[6..12]);
-    out[6..12].copy_from_slice(&eth[..6]);
-    out[12] = 0x08;
-    // IPv4
-    let ip = ETH_HLEN;
-    out[ip] = 0x45;
-    out[ip + 2..ip + 4].copy_from_slice(&40u16.to_be_bytes());
-    out[ip + 8] = 64;
-    out[ip + 9] = proto::TCP;
-    out[ip + 12..ip + 16].copy_from_slice(&p.daddr);
-    out[ip + 16..ip + 20].copy_from_slice(&p.saddr);
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([out[ip + i], out[ip + i + 1]]));
-        i += 2;
-    }
-    out[ip + 10..ip + 12].copy_from_slice(&fold(sum).to_be_bytes());
-    // TCP
+    ipv4_reply_headers(&mut out, &eth, p, proto::TCP, 40);
     let t = ETH_HLEN + 20;
-    out[t..t + 2].copy_from_slice(&p.dport.to_be_bytes());
-    out[t + 2..t + 4].copy_from_slice(&p.sport.to_be_bytes());
-    out[t + 4..t + 8].copy_from_slice(&new_seq.to_be_bytes());
-    out[t + 8..t + 12].copy_from_slice(&new_ack.to_be_bytes());
-    out[t + 12] = 5 << 4;
-    out[t + 13] = new_flags;
-    let mut sum = u32::from(u16::from_be_bytes([p.daddr[0], p.daddr[1]]))
-        + u32::from(u16::from_be_bytes([p.daddr[2], p.daddr[3]]))
-        + u32::from(u16::from_be_bytes([p.saddr[0], p.saddr[1]]))
-        + u32::from(u16::from_be_bytes([p.saddr[2], p.saddr[3]]))
-        + u32::from(proto::TCP)
-        + 20;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([out[t + i], out[t + i + 1]]));
-        i += 2;
-    }
-    out[t + 16..t + 18].copy_from_slice(&fold(sum).to_be_bytes());
-    if ctx.store(0, &out, 0).is_err() {
+    write_rst(&mut out, t, p, &hdr, payload);
+    let pseudo = sum_words(&out[ETH_HLEN + 12..ETH_HLEN + 20], 0) + u32::from(proto::TCP) + 20;
+    let csum = fold(sum_words(&out[t..t + 20], pseudo));
+    out[t + 16..t + 18].copy_from_slice(&csum.to_be_bytes());
+    if !replace_packet(ctx, &out, LEN) {
         return SHOT;
     }
-    // SAFETY: reading ifindex from our own context; bpf_redirect is a plain helper call.
-    unsafe {
-        let ifindex = (*(ctx.as_ptr() as *const __sk_buff)).ifindex;
-        bpf_redirect(ifindex, 0) as i32
-    }
+    back_out(ctx)
 }

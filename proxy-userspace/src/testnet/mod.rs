@@ -314,8 +314,13 @@ impl Topology {
     /// Runs the test client in `pod` *outside* the client cgroup (no socket load balancing:
     /// what an outside host sees).
     pub fn outside_client(&self, pod: &str, args: &[&str]) -> Vec<serde_json::Value> {
+        self.run_workload(pod, args, false)
+    }
+
+    /// Runs a workload in `pod` and parses its JSON lines.
+    fn run_workload(&self, pod: &str, args: &[&str], in_cgroup: bool) -> Vec<serde_json::Value> {
         let out = self
-            .workload_in(pod, args, false)
+            .workload_in(pod, args, in_cgroup)
             .output()
             .expect("run client");
         assert!(
@@ -402,21 +407,7 @@ impl Topology {
 
     /// Runs the test client in `pod` (inside the client cgroup) and parses its JSON lines.
     pub fn client(&self, pod: &str, args: &[&str]) -> Vec<serde_json::Value> {
-        let out = self
-            .workload_in(pod, args, true)
-            .output()
-            .expect("run client");
-        assert!(
-            out.status.success(),
-            "client {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
-            })
-            .collect()
+        self.run_workload(pod, args, true)
     }
 
     /// Starts a long-running client; its stdout is piped.
