@@ -2,11 +2,11 @@
 //! programs with BPF_PROG_TEST_RUN against a *copy* of the live state (frontends, backends,
 //! node configuration, source ranges, and the conntrack entries of this very flow), so live
 //! conntrack and affinity are never touched, and prints the decision.
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use proxy_common::{CtKey, ct_kind, v4_mapped};
+use proxy_common::{CtKey, ct_kind};
 
 use crate::ebpf::datapath::{PinLayout, PinnedMaps, load_object};
 use crate::ebpf::render::LbMaps as _;
@@ -66,6 +66,42 @@ fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: Protocol)
     p
 }
 
+/// Ethernet + IPv6 + TCP SYN (checksum left zero: the programs only adjust it) or UDP.
+fn packet6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, proto: Protocol) -> Vec<u8> {
+    let l4_len: u16 = if proto == Protocol::Udp { 8 } else { 20 };
+    let mut p = vec![0u8; 14 + 40 + usize::from(l4_len)];
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&l4_len.to_be_bytes());
+    p[20] = proto.number();
+    p[21] = 64;
+    p[22..38].copy_from_slice(&src.octets());
+    p[38..54].copy_from_slice(&dst.octets());
+    p[54..56].copy_from_slice(&sport.to_be_bytes());
+    p[56..58].copy_from_slice(&dport.to_be_bytes());
+    if proto == Protocol::Udp {
+        p[58..60].copy_from_slice(&8u16.to_be_bytes());
+    } else {
+        p[66] = 5 << 4;
+        p[67] = 0x02;
+    }
+    p
+}
+
+/// (source, destination) of an IPv4 or IPv6 packet built above.
+fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
+    if p[12..14] == [0x86, 0xdd] {
+        let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&p[o..o + 16]).unwrap_or([0; 16]));
+        let port = |o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
+        (
+            SocketAddr::new(a(22), port(54)),
+            SocketAddr::new(a(38), port(56)),
+        )
+    } else {
+        (addr_at(p, 26, 34), addr_at(p, 30, 36))
+    }
+}
+
 fn addr_at(p: &[u8], ip: usize, port: usize) -> SocketAddr {
     SocketAddr::from((
         [p[ip], p[ip + 1], p[ip + 2], p[ip + 3]],
@@ -92,11 +128,11 @@ fn run(ebpf: &aya::Ebpf, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
     Ok((r.return_value, out))
 }
 
-/// Traces one packet arriving at the node from `src`:`sport` to `dst`:`dport`.
+/// Traces one packet (IPv4 or IPv6) arriving at the node from `src`:`sport` to `dst`:`dport`.
 ///
 /// # Errors
-/// The live maps cannot be read (kpr not running here), IPv6 (not on the TC path yet), or the
-/// kernel refused to load or run the programs.
+/// The live maps cannot be read (kpr not running here), mixed families, or the kernel refused
+/// to load or run the programs.
 pub fn trace(
     bpf_fs_path: &Path,
     src: IpAddr,
@@ -105,11 +141,12 @@ pub fn trace(
     dport: u16,
     proto: Protocol,
 ) -> Result<TraceResult> {
-    let (IpAddr::V4(src4), IpAddr::V4(dst4)) = (src, dst) else {
+    if src.is_ipv4() != dst.is_ipv4() {
         return Err(Error::invalid(
-            "kpr trace handles IPv4 packets (the TC path is IPv4 only so far)",
+            "--src and --dst must be of the same IP family",
         ));
-    };
+    }
+    let (src16, dst16) = (crate::ebpf::addr16(src), crate::ebpf::addr16(dst));
     let live = PinnedMaps::open(&PinLayout::new(bpf_fs_path))?;
     let snapshot = live.snapshot()?;
     let scratch = Scratch(bpf_fs_path.with_file_name(format!(
@@ -148,8 +185,8 @@ pub fn trace(
     let mut established = false;
     for kind in [ct_kind::FORWARD, ct_kind::REPLY_DNAT] {
         let key = CtKey {
-            saddr: v4_mapped(src4.octets()),
-            daddr: v4_mapped(dst4.octets()),
+            saddr: src16,
+            daddr: dst16,
             sport,
             dport,
             proto: proto.number(),
@@ -161,14 +198,18 @@ pub fn trace(
             established |= kind == ct_kind::FORWARD;
         }
     }
-    let pkt = packet(src4, sport, dst4, dport, proto);
+    let pkt = match (src, dst) {
+        (IpAddr::V4(s4), IpAddr::V4(d4)) => packet(s4, sport, d4, dport, proto),
+        (IpAddr::V6(s6), IpAddr::V6(d6)) => packet6(s6, sport, d6, dport, proto),
+        _ => unreachable!("families checked above"),
+    };
     let (rc, out) = run(&ebpf, "kpr_tc_ingress", &pkt)?;
     let mut lines = vec![format!(
         "packet {} {src}:{sport} -> {dst}:{dport} arriving at the node",
         proto.as_str()
     )];
     let frontend = snapshot.services.iter().find(|(k, _)| {
-        k.addr == v4_mapped(dst4.octets())
+        k.addr == dst16
             && k.port == dport
             && k.proto == proto.number()
             && k.scope == proxy_common::scope::EXTERNAL
@@ -203,7 +244,7 @@ pub fn trace(
             }
         }
         0 => {
-            let new_dst = addr_at(&out, 30, 36);
+            let new_dst = ends(&out).1;
             if new_dst == SocketAddr::new(dst, dport) {
                 lines.push(
                     "verdict: NONE (not a Service frontend; the packet passes untouched)".into(),
@@ -225,7 +266,7 @@ pub fn trace(
                     }
                 ));
                 let (_, egress) = run(&ebpf, "kpr_tc_egress", &out)?;
-                let new_src = addr_at(&egress, 26, 34);
+                let new_src = ends(&egress).0;
                 let snat = (new_src != SocketAddr::new(src, sport)).then(|| new_src.to_string());
                 match &snat {
                     Some(s) => lines.push(format!(

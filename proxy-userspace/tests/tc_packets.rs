@@ -762,3 +762,29 @@ fn ipv6_reject_answers_with_rst() {
         "TCP checksum"
     );
 }
+
+#[test]
+fn trace_follows_ipv6_too() {
+    let mut dp = Datapath::new("tctrace6");
+    dp.program(DUAL_STACK);
+    let r = kpr::trace::trace(
+        &dp._root.0,
+        "2001:db8::7".parse().unwrap(),
+        40000,
+        NODE6.into(),
+        3201,
+        kpr::store::Protocol::Tcp,
+    )
+    .expect("trace");
+    assert_eq!(r.verdict, "DNAT", "{r:?}");
+    assert_eq!(r.backend.as_deref(), Some("[fd00:180::1]:80"));
+    assert_eq!(
+        r.snat.as_deref(),
+        Some("[fd00::2]:40000"),
+        "masqueraded to the node's IPv6"
+    );
+    assert!(
+        dp.maps.conntrack().unwrap().is_empty(),
+        "tracing leaves live conntrack alone"
+    );
+}
