@@ -319,7 +319,7 @@ fn ingress(ctx: &TcContext) -> i32 {
     // SAFETY: this CPU's scratch slot; TC programs do not nest on one CPU.
     let p = unsafe { &mut *p };
     if !parse(ctx, p) {
-        return icmp_error(ctx, true);
+        return icmp_errors(ctx, true);
     }
     let p = &*p;
     // An established flow to a frontend (its backend still current), or a reply to a
@@ -553,7 +553,7 @@ fn egress(ctx: &TcContext) -> i32 {
     // SAFETY: as in `ingress`.
     let p = unsafe { &mut *p };
     if !parse(ctx, p) {
-        return icmp_error(ctx, false);
+        return icmp_errors(ctx, false);
     }
     let p = &*p;
     let mut key = ct_key(p.src16, p.dst16, p.sport, p.dport, p.proto, ct_kind::SNAT);
@@ -745,6 +745,166 @@ fn icmp_error(ctx: &TcContext, ingress: bool) -> i32 {
         }
         if outer_src == idst {
             return icmp_rewrite_outer(ctx, true, outer_src, &frontend);
+        }
+    }
+    OK
+}
+
+/// ICMP or ICMPv6: each translator is called from the program itself, so their frames never
+/// stack on each other.
+#[inline(always)]
+fn icmp_errors(ctx: &TcContext, ingress: bool) -> i32 {
+    match read::<[u8; 2]>(ctx, 12) {
+        Some([0x86, 0xdd]) => icmp6_error(ctx, ingress),
+        Some([0x08, 0x00]) => icmp_error(ctx, ingress),
+        _ => OK,
+    }
+}
+
+/// Offsets in an ICMPv6 error about a TCP/UDP packet (no extension headers).
+const ICMP6_OFF: usize = ETH_HLEN + 40;
+const ICMP6_CSUM_OFF: usize = ICMP6_OFF + 2;
+const INNER6_IP: usize = ICMP6_OFF + 8;
+const INNER6_L4: usize = INNER6_IP + 40;
+
+/// Writes a 16-byte address at `off` of an ICMPv6 error and moves the ICMPv6 checksum by the
+/// difference (`pseudo`: the address is in the outer header, which the checksum covers through
+/// its pseudo header).
+#[inline(never)]
+fn icmp6_set_addr(
+    ctx: &TcContext,
+    off: usize,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    pseudo: bool,
+) -> bool {
+    let mut from = [0u32; 4];
+    let mut to = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        from[i] = u32::from_ne_bytes([old[i * 4], old[i * 4 + 1], old[i * 4 + 2], old[i * 4 + 3]]);
+        to[i] = u32::from_ne_bytes([new[i * 4], new[i * 4 + 1], new[i * 4 + 2], new[i * 4 + 3]]);
+        i += 1;
+    }
+    // SAFETY: both buffers are 16 bytes on our stack, as the helper requires.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    let flags = if pseudo {
+        u64::from(BPF_F_PSEUDO_HDR)
+    } else {
+        0
+    };
+    diff >= 0
+        && ctx
+            .l4_csum_replace(ICMP6_CSUM_OFF, 0, diff as u64, flags)
+            .is_ok()
+        && ctx.store(off, new, 0).is_ok()
+}
+
+/// Writes a port at `off` inside an ICMPv6 error's quoted packet.
+#[inline(always)]
+fn icmp6_set_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> bool {
+    ctx.l4_csum_replace(
+        ICMP6_CSUM_OFF,
+        u64::from(old.to_be()),
+        u64::from(new.to_be()),
+        2,
+    )
+    .is_ok()
+        && ctx.store(off, &new.to_be(), 0).is_ok()
+}
+
+/// The ICMPv6 form of `icmp_error` (destination unreachable, packet too big, time exceeded,
+/// parameter problem), with the same three translations.
+#[inline(never)]
+fn icmp6_error(ctx: &TcContext, ingress: bool) -> i32 {
+    // One read per header block, each checked on its own (see `icmp_error`).
+    let Some(outer) = read::<[u8; 8]>(ctx, ETH_HLEN) else {
+        return OK;
+    };
+    let Some(icmp) = read::<[u8; 8]>(ctx, ICMP6_OFF) else {
+        return OK;
+    };
+    let Some(inner) = read::<[u8; 8]>(ctx, INNER6_IP) else {
+        return OK;
+    };
+    let inner_next = inner[6];
+    if outer[6] != 58
+        || !matches!(icmp[0], 1..=4)
+        || inner[0] >> 4 != 6
+        || (inner_next != proto::TCP && inner_next != proto::UDP)
+    {
+        return OK;
+    }
+    let Some(ports) = read::<[u8; 4]>(ctx, INNER6_L4) else {
+        return OK;
+    };
+    let Some(outer_src) = read::<[u8; 16]>(ctx, ETH_HLEN + 8) else {
+        return OK;
+    };
+    let Some(outer_dst) = read::<[u8; 16]>(ctx, ETH_HLEN + 24) else {
+        return OK;
+    };
+    let Some(isrc) = read::<[u8; 16]>(ctx, INNER6_IP + 8) else {
+        return OK;
+    };
+    let Some(idst) = read::<[u8; 16]>(ctx, INNER6_IP + 24) else {
+        return OK;
+    };
+    let isport = u16::from_be_bytes([ports[0], ports[1]]);
+    let idport = u16::from_be_bytes([ports[2], ports[3]]);
+    if ingress {
+        let mut key = ct_key(idst, isrc, idport, isport, inner_next, ct_kind::FORWARD);
+        if let Some(ct) = KPR_CT.get_ptr(&key) {
+            // SAFETY: a value pointer from a successful lookup, valid for this program run.
+            let ct = unsafe { &*ct };
+            let (backend, bport, masq) = (ct.addr, ct.port, ct.flags & ct_flags::MASQ != 0);
+            if masq {
+                key = ct_key(idst, backend, idport, bport, inner_next, ct_kind::SNAT);
+                if let Some(snat) = KPR_CT.get_ptr(&key) {
+                    // SAFETY: as above.
+                    let snat = unsafe { &*snat };
+                    let (s_addr, s_port) = (snat.addr, snat.port);
+                    if !icmp6_set_addr(ctx, INNER6_IP + 24, &idst, &s_addr, false)
+                        || !icmp6_set_port(ctx, INNER6_L4 + 2, idport, s_port)
+                    {
+                        return SHOT;
+                    }
+                }
+            }
+            if !icmp6_set_addr(ctx, INNER6_IP + 8, &isrc, &backend, false)
+                || !icmp6_set_port(ctx, INNER6_L4, isport, bport)
+                || !icmp6_set_addr(ctx, ETH_HLEN + 24, &outer_dst, &backend, true)
+            {
+                return SHOT;
+            }
+            return OK;
+        }
+        key = ct_key(idst, isrc, idport, isport, inner_next, ct_kind::REPLY_DNAT);
+        if let Some(ct) = KPR_CT.get_ptr(&key) {
+            // SAFETY: as above.
+            let ct = unsafe { &*ct };
+            let (client, cport) = (ct.addr, ct.port);
+            if !icmp6_set_addr(ctx, INNER6_IP + 8, &isrc, &client, false)
+                || !icmp6_set_port(ctx, INNER6_L4, isport, cport)
+                || !icmp6_set_addr(ctx, ETH_HLEN + 24, &outer_dst, &client, true)
+            {
+                return SHOT;
+            }
+        }
+        return OK;
+    }
+    let key = ct_key(idst, isrc, idport, isport, inner_next, ct_kind::REPLY_SNAT);
+    if let Some(ct) = KPR_CT.get_ptr(&key) {
+        // SAFETY: as above.
+        let ct = unsafe { &*ct };
+        let (frontend, fport) = (ct.addr, ct.port);
+        if !icmp6_set_addr(ctx, INNER6_IP + 24, &idst, &frontend, false)
+            || !icmp6_set_port(ctx, INNER6_L4 + 2, idport, fport)
+        {
+            return SHOT;
+        }
+        if outer_src == idst && !icmp6_set_addr(ctx, ETH_HLEN + 8, &outer_src, &frontend, true) {
+            return SHOT;
         }
     }
     OK

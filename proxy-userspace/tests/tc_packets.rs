@@ -788,3 +788,76 @@ fn trace_follows_ipv6_too() {
         "tracing leaves live conntrack alone"
     );
 }
+
+/// An ICMPv6 error (type, code) from `from` to `to`, quoting the IPv6 header and first 8 L4
+/// bytes of `inner` (built by `packet6`), with its checksum.
+fn icmp6_error(
+    from: std::net::Ipv6Addr,
+    to: std::net::Ipv6Addr,
+    icmp_type: u8,
+    inner: &[u8],
+) -> Vec<u8> {
+    let quote = &inner[14..14 + 48];
+    let mut p = vec![0u8; 14 + 40 + 8 + 48];
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&56u16.to_be_bytes());
+    p[20] = 58;
+    p[21] = 64;
+    p[22..38].copy_from_slice(&from.octets());
+    p[38..54].copy_from_slice(&to.octets());
+    p[54] = icmp_type;
+    if icmp_type == 2 {
+        p[58..62].copy_from_slice(&1280u32.to_be_bytes()); // MTU
+    }
+    p[62..].copy_from_slice(quote);
+    let c = icmp6_checksum(&p);
+    p[56..58].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn icmp6_checksum(p: &[u8]) -> u16 {
+    let body = &p[54..];
+    let pseudo = sum16(&p[22..54]) + body.len() as u32 + 58;
+    let mut copy = body.to_vec();
+    copy[2] = 0;
+    copy[3] = 0;
+    fold(pseudo + sum16(&copy))
+}
+
+fn quoted6(p: &[u8]) -> ((std::net::Ipv6Addr, u16), (std::net::Ipv6Addr, u16)) {
+    let a = |o: usize| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[o..o + 16]).unwrap());
+    let ip = 62;
+    let l4 = ip + 40;
+    (
+        (a(ip + 8), u16::from_be_bytes([p[l4], p[l4 + 1]])),
+        (a(ip + 24), u16::from_be_bytes([p[l4 + 2], p[l4 + 3]])),
+    )
+}
+
+#[test]
+fn icmpv6_packet_too_big_reaches_the_backend() {
+    let mut dp = Datapath::new("tcicmp6");
+    dp.program(DUAL_STACK);
+    let client: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
+    let backend: std::net::Ipv6Addr = "fd00:180::1".parse().unwrap();
+    let router: std::net::Ipv6Addr = "2001:db8:ffff::1".parse().unwrap();
+    dp.run("kpr_tc_ingress", &packet6(client, 42000, NODE6, 3201, 0x02));
+    // "Packet too big" about our reply (node:3201 -> client:42000).
+    let reply = packet6(NODE6, 3201, client, 42000, 0x10);
+    let err = icmp6_error(router, NODE6, 2, &reply);
+    let (rc, out) = dp.run("kpr_tc_ingress", &err);
+    assert_eq!(rc, TC_ACT_OK);
+    let dst = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap());
+    assert_eq!(dst, backend, "outer destination: the backend");
+    assert_eq!(
+        quoted6(&out),
+        ((backend, 80), (NODE6, 42000)),
+        "the packet the backend sent"
+    );
+    assert_eq!(
+        u16::from_be_bytes([out[56], out[57]]),
+        icmp6_checksum(&out),
+        "ICMPv6 checksum"
+    );
+}
