@@ -9,7 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Backend, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto, scope, v4_mapped,
+    Backend, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto, scope, service_flags,
+    v4_mapped,
 };
 
 use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SOCK_REVNAT};
@@ -130,13 +131,22 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Pick {
     if svc.backend_count == 0 {
         return Pick::NoEndpoints;
     }
-    // The client of socket-level balancing is its network namespace: the source address is
-    // not chosen yet at connect().
-    // SAFETY: plain helper calls on our own context.
-    let (cookie, hash) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_get_prandom_u32()) };
+    // The client of socket-level balancing is its network namespace (the source address is
+    // not chosen yet at connect()); only affinity needs it. Maglev needs a flow hash, and a
+    // socket has no flow yet: a random one spreads like the random pick.
     let mut client = [0u8; 16];
-    client[..8].copy_from_slice(&cookie.to_ne_bytes());
-    client[15] = 1;
+    if svc.flags & service_flags::AFFINITY_CLIENT_IP != 0 {
+        // SAFETY: plain helper call on our own context.
+        let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        client[..8].copy_from_slice(&cookie.to_ne_bytes());
+        client[15] = 1;
+    }
+    let hash = if svc.flags & service_flags::MAGLEV != 0 {
+        // SAFETY: plain helper call.
+        unsafe { bpf_get_prandom_u32() }
+    } else {
+        0
+    };
     let backend_id = select_backend(svc, &client, hash);
     if backend_id == select::NONE {
         return Pick::NotService;

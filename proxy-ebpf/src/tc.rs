@@ -87,6 +87,16 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
 
+/// Parses into this CPU's scratch slot: `None` without a slot, `Some(None)` when the packet is
+/// not TCP/UDP over IP (maybe an ICMP error), else the packet.
+#[inline(always)]
+fn scratch_parse(ctx: &TcContext) -> Option<Option<&'static Packet>> {
+    let p = KPR_TC_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; TC programs do not nest on one CPU.
+    let p = unsafe { &mut *p };
+    Some(parse(ctx, p).then_some(&*p))
+}
+
 /// Parses the packet into `out` (a per-CPU scratch slot, so no stack holds it), field by
 /// field: no temporary packet on the stack either.
 #[inline(always)]
@@ -216,6 +226,21 @@ fn rewrite(ctx: &TcContext, p: &Packet, src: bool, addr: &[u8; 16], port: u16) -
     OK
 }
 
+/// The checksum difference between two 16-byte addresses (bpf_csum_diff), negative on error.
+#[inline(always)]
+fn csum_diff16(old: &[u8; 16], new: &[u8; 16]) -> i64 {
+    let mut from = [0u32; 4];
+    let mut to = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        from[i] = u32::from_ne_bytes([old[i * 4], old[i * 4 + 1], old[i * 4 + 2], old[i * 4 + 3]]);
+        to[i] = u32::from_ne_bytes([new[i * 4], new[i * 4 + 1], new[i * 4 + 2], new[i * 4 + 3]]);
+        i += 1;
+    }
+    // SAFETY: both buffers are 16 bytes on our stack, as the helper requires.
+    unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) }
+}
+
 /// The IPv6 form of `rewrite`: no IP checksum; the L4 checksum moves by the difference of
 /// the 16-byte addresses (bpf_csum_diff) and of the ports.
 #[inline(never)]
@@ -225,21 +250,7 @@ fn rewrite_v6(ctx: &TcContext, p: &Packet, src: bool, addr: &[u8; 16], port: u16
     } else {
         (IP6_DST_OFF, &p.dst16, p.l4() + 2, p.dport)
     };
-    let mut from = [0u32; 4];
-    let mut to = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        from[i] = u32::from_ne_bytes([old[i * 4], old[i * 4 + 1], old[i * 4 + 2], old[i * 4 + 3]]);
-        to[i] = u32::from_ne_bytes([
-            addr[i * 4],
-            addr[i * 4 + 1],
-            addr[i * 4 + 2],
-            addr[i * 4 + 3],
-        ]);
-        i += 1;
-    }
-    // SAFETY: both buffers are 16 bytes on our stack, as the helper requires.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    let diff = csum_diff16(old, addr);
     if diff < 0 {
         return SHOT;
     }
@@ -313,15 +324,11 @@ fn kpr_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> i32 {
-    let Some(p) = KPR_TC_SCRATCH.get_ptr_mut(0) else {
-        return OK;
+    let p = match scratch_parse(ctx) {
+        Some(Some(p)) => p,
+        Some(None) => return icmp_errors(ctx, true),
+        None => return OK,
     };
-    // SAFETY: this CPU's scratch slot; TC programs do not nest on one CPU.
-    let p = unsafe { &mut *p };
-    if !parse(ctx, p) {
-        return icmp_errors(ctx, true);
-    }
-    let p = &*p;
     // An established flow to a frontend (its backend still current), or a reply to a
     // masqueraded flow. Map values are used in place, not copied to the stack.
     let mut key = ct_key(
@@ -547,15 +554,11 @@ fn create_flow(ctx: &TcContext, p: &Packet, choice: &Choice) -> i32 {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
-    let Some(p) = KPR_TC_SCRATCH.get_ptr_mut(0) else {
-        return OK;
+    let p = match scratch_parse(ctx) {
+        Some(Some(p)) => p,
+        Some(None) => return icmp_errors(ctx, false),
+        None => return OK,
     };
-    // SAFETY: as in `ingress`.
-    let p = unsafe { &mut *p };
-    if !parse(ctx, p) {
-        return icmp_errors(ctx, false);
-    }
-    let p = &*p;
     let mut key = ct_key(p.src16, p.dst16, p.sport, p.dport, p.proto, ct_kind::SNAT);
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: a value pointer from a successful lookup, valid for this program run.
@@ -778,16 +781,7 @@ fn icmp6_set_addr(
     new: &[u8; 16],
     pseudo: bool,
 ) -> bool {
-    let mut from = [0u32; 4];
-    let mut to = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        from[i] = u32::from_ne_bytes([old[i * 4], old[i * 4 + 1], old[i * 4 + 2], old[i * 4 + 3]]);
-        to[i] = u32::from_ne_bytes([new[i * 4], new[i * 4 + 1], new[i * 4 + 2], new[i * 4 + 3]]);
-        i += 1;
-    }
-    // SAFETY: both buffers are 16 bytes on our stack, as the helper requires.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    let diff = csum_diff16(old, new);
     let flags = if pseudo {
         u64::from(BPF_F_PSEUDO_HDR)
     } else {

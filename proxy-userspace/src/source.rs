@@ -22,13 +22,7 @@ pub struct FileObjects {
     pub slices: Vec<SliceInfo>,
 }
 
-/// A document kpr understands, already validated.
-enum Object {
-    Service(Box<ServiceInfo>),
-    Slice(Box<SliceInfo>),
-}
-
-fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
+fn parse_object(value: serde_json::Value, out: &mut FileObjects) -> Result<()> {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     let api_version = value
         .get("apiVersion")
@@ -49,7 +43,7 @@ fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
         ("v1", "Service") => {
             let svc: Service = serde_json::from_value(value)
                 .map_err(|e| Error::invalid(format!("not a valid v1 Service: {e}")))?;
-            out.push(Object::Service(Box::new(ServiceInfo::from_api(&svc)?)));
+            out.services.push(ServiceInfo::from_api(&svc)?);
             Ok(())
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
@@ -58,7 +52,7 @@ fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
                     "not a valid discovery.k8s.io/v1 EndpointSlice: {e}"
                 ))
             })?;
-            out.push(Object::Slice(Box::new(SliceInfo::from_api(&slice)?)));
+            out.slices.push(SliceInfo::from_api(&slice)?);
             Ok(())
         }
         ("", _) | (_, "") => Err(Error::invalid("document has no apiVersion or kind")),
@@ -73,17 +67,9 @@ fn parse_object(value: serde_json::Value, out: &mut Vec<Object>) -> Result<()> {
 /// # Errors
 /// The first invalid object, with its index.
 pub fn objects_from_values(values: &[serde_json::Value]) -> Result<FileObjects> {
-    let mut objects = Vec::new();
-    for (i, v) in values.iter().enumerate() {
-        parse_object(v.clone(), &mut objects)
-            .map_err(|e| e.context(format!("object {}", i + 1)))?;
-    }
     let mut out = FileObjects::default();
-    for o in objects {
-        match o {
-            Object::Service(s) => out.services.push(*s),
-            Object::Slice(s) => out.slices.push(*s),
-        }
+    for (i, v) in values.iter().enumerate() {
+        parse_object(v.clone(), &mut out).map_err(|e| e.context(format!("object {}", i + 1)))?;
     }
     Ok(out)
 }
@@ -93,7 +79,7 @@ pub fn objects_from_values(values: &[serde_json::Value]) -> Result<FileObjects> 
 /// # Errors
 /// The first invalid document, with its index.
 pub fn parse_manifest(text: &str) -> Result<FileObjects> {
-    let mut objects = Vec::new();
+    let mut out = FileObjects::default();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = <serde_norway::Value as serde::Deserialize>::deserialize(doc)
             .map_err(|e| Error::invalid(format!("document {}: YAML: {e}", i + 1)))?;
@@ -102,14 +88,7 @@ pub fn parse_manifest(text: &str) -> Result<FileObjects> {
         }
         let json = serde_json::to_value(&value)
             .map_err(|e| Error::invalid(format!("document {}: {e}", i + 1)))?;
-        parse_object(json, &mut objects).map_err(|e| e.context(format!("document {}", i + 1)))?;
-    }
-    let mut out = FileObjects::default();
-    for o in objects {
-        match o {
-            Object::Service(s) => out.services.push(*s),
-            Object::Slice(s) => out.slices.push(*s),
-        }
+        parse_object(json, &mut out).map_err(|e| e.context(format!("document {}", i + 1)))?;
     }
     Ok(out)
 }

@@ -157,11 +157,7 @@ pub fn trace(
     let layout = PinLayout::new(&scratch.0);
     let mut ebpf = load_object(&layout)?;
     for name in ["kpr_tc_ingress", "kpr_tc_egress"] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::bpf(format!("{name} missing")))?
-            .try_into()
-            .map_err(|e| Error::bpf(format!("{name}: {e}")))?;
+        let prog: &mut SchedClassifier = crate::ebpf::datapath::program(&mut ebpf, name)?;
         prog.load()
             .map_err(|e| Error::bpf(format!("verifier rejected {name}: {e}")))?;
     }

@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use kpr_testnet::{Topology, backends_of, write_manifest};
+use kpr_testnet::{ChildGuard, Topology, backends_of, write_manifest};
 
 const MANIFESTS: &str = "\
 apiVersion: v1
@@ -78,9 +78,10 @@ spec:
   - {name: u, port: 80, targetPort: 80, nodePort: 3063, protocol: UDP}
 ";
 
-#[test]
-fn outside_traffic_to_nodeport_and_lb_ip() {
-    let mut t = Topology::new("np");
+/// The topology of the plan above with `MANIFESTS` programmed by an agent in the node
+/// namespace.
+fn cluster(tag: &str) -> (Topology, ChildGuard) {
+    let mut t = Topology::new(tag);
     t.add_external(
         "outside",
         Ipv4Addr::new(203, 0, 113, 2),
@@ -91,10 +92,16 @@ fn outside_traffic_to_nodeport_and_lb_ip() {
     let dir = t.workdir.join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     write_manifest(&dir, "all.yaml", MANIFESTS);
-    let _agent = t.start_agent_in_node(&dir, &["--node-ip", "192.168.0.2"]);
+    let agent = t.start_agent_in_node(&dir, &["--node-ip", "192.168.0.2"]);
     t.wait_for_services("frontends", Duration::from_secs(15), |rows| {
         backends_of(rows, "192.168.0.2:3001", "TCP").is_some()
     });
+    (t, agent)
+}
+
+#[test]
+fn outside_traffic_to_nodeport_and_lb_ip() {
+    let (t, _agent) = cluster("np");
     // The TC programs attach on the next interface scan.
     std::thread::sleep(Duration::from_millis(500));
 
@@ -135,21 +142,7 @@ fn outside_traffic_to_nodeport_and_lb_ip() {
 
 #[test]
 fn health_check_node_ports_healthz_and_metrics() {
-    let mut t = Topology::new("hc");
-    t.add_external(
-        "outside",
-        Ipv4Addr::new(203, 0, 113, 2),
-        Ipv4Addr::new(192, 168, 0, 2),
-    );
-    t.add_pod("backend", Ipv4Addr::new(10, 180, 0, 1));
-    t.serve("backend", &[80]);
-    let dir = t.workdir.join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_manifest(&dir, "all.yaml", MANIFESTS);
-    let _agent = t.start_agent_in_node(&dir, &["--node-ip", "192.168.0.2"]);
-    t.wait_for_services("frontends", Duration::from_secs(15), |rows| {
-        backends_of(rows, "192.168.0.2:3001", "TCP").is_some()
-    });
+    let (t, _agent) = cluster("hc");
     let get = |addr: &str, path: &str| -> serde_json::Value {
         let start = std::time::Instant::now();
         loop {

@@ -552,6 +552,17 @@ fn check_object() -> Result<()> {
     Ok(())
 }
 
+/// The program `name` of the object, as its concrete type.
+pub(crate) fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::bpf(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| Error::bpf(format!("program {name}: {e}")))
+}
+
 /// How `ensure_loaded` found the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoadOutcome {
@@ -598,11 +609,7 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
         if target.exists() {
             continue;
         }
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(prog_name)
-            .ok_or_else(|| Error::bpf(format!("program {prog_name} missing from the object")))?
-            .try_into()
-            .map_err(|e| Error::bpf(format!("program {prog_name}: {e}")))?;
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, prog_name)?;
         prog.load()
             .map_err(|e| Error::bpf(format!("verifier rejected {prog_name}: {e}")))?;
         let old = old_dirs.iter().map(|d| d.join(pin)).find(|p| p.exists());
@@ -641,11 +648,7 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
         if target.exists() {
             continue;
         }
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(prog_name)
-            .ok_or_else(|| Error::bpf(format!("program {prog_name} missing from the object")))?
-            .try_into()
-            .map_err(|e| Error::bpf(format!("program {prog_name}: {e}")))?;
+        let prog: &mut SchedClassifier = program(&mut ebpf, prog_name)?;
         prog.load()
             .map_err(|e| Error::bpf(format!("verifier rejected {prog_name}: {e}")))?;
         prog.pin(&target)
