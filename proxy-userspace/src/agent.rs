@@ -152,6 +152,8 @@ pub struct Syncer {
     maps: PinnedMaps,
     renderer: EbpfRenderer,
     layout: PinLayout,
+    /// The kernel refused SOCK_DESTROY once: do not sweep again.
+    sock_destroy_unsupported: bool,
 }
 
 impl Syncer {
@@ -200,6 +202,7 @@ impl Syncer {
                 maps,
                 renderer,
                 layout,
+                sock_destroy_unsupported: false,
             },
             outcome,
         ))
@@ -320,6 +323,7 @@ impl Syncer {
                     .renderer
                     .sync_keys(&self.desired.state, &keys, &mut self.maps),
             };
+        self.terminate_udp_sockets();
         let desired = &self.desired.state;
         for e in &errors {
             tracing::error!("sync: {e}");
@@ -358,6 +362,42 @@ impl Syncer {
                 "synced"
             );
         }
+    }
+
+    /// Destroys connected UDP sockets that socket-level load balancing pointed at backends
+    /// this sync removed (their sends would keep going to the old backend).
+    fn terminate_udp_sockets(&mut self) {
+        let removed = self.renderer.take_removed_udp();
+        if removed.is_empty() || self.sock_destroy_unsupported {
+            return;
+        }
+        let started = Instant::now();
+        let maps = &self.maps;
+        let report = crate::ebpf::sockterm::sweep(&removed, &|key| {
+            maps.sock_revnat_get(key).map(|v| (v.addr, v.port))
+        });
+        for key in &report.forget {
+            self.maps.sock_revnat_del(key);
+        }
+        for e in &report.errors {
+            tracing::warn!("terminating UDP sockets of removed backends: {e}");
+        }
+        if report.unsupported {
+            self.sock_destroy_unsupported = true;
+            tracing::warn!(
+                "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY is off): connected UDP sockets keep sending to removed backends until the application reconnects"
+            );
+        }
+        if let Ok(mut st) = self.status.lock() {
+            st.udp_sockets_destroyed += report.destroyed as u64;
+        }
+        tracing::info!(
+            pairs = removed.len(),
+            namespaces = report.namespaces,
+            destroyed = report.destroyed,
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "terminated connected UDP sockets of removed backends"
+        );
     }
 
     /// Re-reads the maps and resyncs everything, repairing entries changed behind the agent's

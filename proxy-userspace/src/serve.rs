@@ -31,6 +31,8 @@ pub struct AgentStatus {
     pub latency_count: u64,
     pub latency_sum_secs: f64,
     pub sync_period: Duration,
+    /// Connected UDP sockets destroyed because their backend was removed.
+    pub udp_sockets_destroyed: u64,
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
@@ -61,7 +63,8 @@ async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
 # HELP kpr_frontends Frontends programmed.\n# TYPE kpr_frontends gauge\nkpr_frontends {}\n\
 # HELP kpr_services Services in the store.\n# TYPE kpr_services gauge\nkpr_services {}\n\
 # HELP kpr_endpoint_slices EndpointSlices in the store.\n# TYPE kpr_endpoint_slices gauge\nkpr_endpoint_slices {}\n\
-# HELP kpr_network_programming_duration_seconds From an EndpointSlice's last-change-trigger-time to its sync.\n# TYPE kpr_network_programming_duration_seconds summary\nkpr_network_programming_duration_seconds_sum {}\nkpr_network_programming_duration_seconds_count {}\n",
+# HELP kpr_network_programming_duration_seconds From an EndpointSlice's last-change-trigger-time to its sync.\n# TYPE kpr_network_programming_duration_seconds summary\nkpr_network_programming_duration_seconds_sum {}\nkpr_network_programming_duration_seconds_count {}\n\
+# HELP kpr_udp_sockets_destroyed_total Connected UDP sockets destroyed because their backend was removed.\n# TYPE kpr_udp_sockets_destroyed_total counter\nkpr_udp_sockets_destroyed_total {}\n",
         s.syncs,
         s.sync_errors,
         s.last_sync_secs,
@@ -69,7 +72,8 @@ async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
         s.services,
         s.endpoint_slices,
         s.latency_sum_secs,
-        s.latency_count
+        s.latency_count,
+        s.udp_sockets_destroyed
     );
     ([("content-type", "text/plain; version=0.0.4")], body)
 }

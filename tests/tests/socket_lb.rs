@@ -348,3 +348,81 @@ fn session_affinity_at_the_socket_level() {
     let again = backends_seen(&t.client("client1", &["tcp", &format!("{VIP}:80"), "10"]));
     assert_eq!(first, again, "and keeps it across processes");
 }
+
+/// A connected UDP socket is translated once, at connect(); when its backend leaves the
+/// Service the agent destroys it (the application sees an error and reconnects to a live
+/// backend). A socket connected through another Service that keeps the backend is untouched.
+#[test]
+fn connected_udp_sockets_of_a_removed_backend_are_terminated() {
+    let mut t = cluster("udpterm");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "a.yaml", &service_yaml("a", VIP, 80, 8080));
+    write_manifest(&dir, "a-slice.yaml", &slice_yaml("a", &BACKENDS[..1], 8080));
+    write_manifest(&dir, "b.yaml", &service_yaml("b", "10.96.0.11", 80, 8080));
+    write_manifest(&dir, "b-slice.yaml", &slice_yaml("b", &BACKENDS[..1], 8080));
+    let _agent = t.start_agent(&dir);
+    t.wait_for_services("both Services", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "UDP") == Some(expected(&BACKENDS[..1]))
+            && backends_of(rows, "10.96.0.11:80", "UDP") == Some(expected(&BACKENDS[..1]))
+    });
+
+    let via_a = t.spawn_client("client1", &["udphold", &format!("{VIP}:80"), "4", "50"]);
+    let via_b = t.spawn_client("client2", &["udphold", "10.96.0.11:80", "4", "50"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    // Service a moves from backend0 to backend1; Service b keeps backend0.
+    write_manifest(
+        &dir,
+        "a-slice.yaml",
+        &slice_yaml("a", &BACKENDS[1..2], 8080),
+    );
+    t.wait_for_services("a moved", WAIT, |rows| {
+        backends_of(rows, FRONTEND, "UDP") == Some(expected(&BACKENDS[1..2]))
+    });
+
+    let old = format!("{}:8080", BACKENDS[0]);
+    let new = format!("{}:8080", BACKENDS[1]);
+    let a = via_a.wait_with_output_lines();
+    let seq: Vec<String> = a
+        .iter()
+        .map(|l| {
+            l["backend"]
+                .as_str()
+                .map_or_else(|| format!("error:{}", l["error"]), str::to_string)
+        })
+        .collect();
+    let first_new = seq
+        .iter()
+        .position(|s| *s == new)
+        .unwrap_or_else(|| panic!("the socket of Service a never reached {new}: {seq:?}"));
+    assert!(seq[0] == old, "started on the old backend: {seq:?}");
+    assert!(
+        seq[..first_new].iter().any(|s| s.starts_with("error:")),
+        "the old socket must be terminated (an error), not silently kept: {seq:?}"
+    );
+    assert!(
+        seq[first_new..].iter().all(|s| *s == new),
+        "after reconnecting, only the new backend: {seq:?}"
+    );
+    assert!(
+        seq[..first_new]
+            .iter()
+            .all(|s| *s == old || s.starts_with("error:")),
+        "{seq:?}"
+    );
+
+    let b = via_b.wait_with_output_lines();
+    assert!(b.len() >= 20, "{b:?}");
+    for l in &b {
+        assert_eq!(
+            l["backend"].as_str(),
+            Some(old.as_str()),
+            "Service b still has backend0: its socket must be left alone: {l}"
+        );
+    }
+    let log = agent_log(&t);
+    assert!(
+        log.contains("terminated connected UDP sockets") && log.contains("destroyed=1"),
+        "{log}"
+    );
+}

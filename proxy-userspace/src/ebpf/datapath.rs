@@ -478,6 +478,17 @@ impl PinnedMaps {
         })
     }
 
+    /// The frontend a socket was connected through (its socket-LB reverse-NAT entry).
+    #[must_use]
+    pub fn sock_revnat_get(&self, key: &SockRevNatKey) -> Option<SockRevNatValue> {
+        self.sock_revnat.get(key, 0).ok()
+    }
+
+    /// Forgets a socket's reverse-NAT entry (its socket was destroyed).
+    pub fn sock_revnat_del(&mut self, key: &SockRevNatKey) {
+        let _ = self.sock_revnat.remove(key);
+    }
+
     /// Number of live socket reverse-NAT entries (for metrics and tests).
     #[must_use]
     pub fn sock_revnat_len(&self) -> usize {

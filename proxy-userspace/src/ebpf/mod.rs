@@ -1,8 +1,10 @@
 //! The eBPF mode: loading and pinning the programs ([`datapath`]) and applying the desired
-//! state to the maps as a diff ([`render`]).
+//! state to the maps as a diff ([`render`]); destroying connected UDP sockets of removed
+//! backends ([`sockterm`]).
 pub mod datapath;
 pub mod maglev;
 pub mod render;
+pub mod sockterm;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

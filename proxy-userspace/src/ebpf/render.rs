@@ -159,6 +159,9 @@ pub struct EbpfRenderer {
     next_backend_id: u32,
     /// Generation handed to a reused backend id.
     next_generation: u32,
+    /// (frontend, backend) pairs of UDP frontends that lost a backend since the last
+    /// [`EbpfRenderer::take_removed_udp`]: sockets connected through them are destroyed.
+    removed_udp: BTreeSet<(SocketAddr, SocketAddr)>,
 }
 
 fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
@@ -307,6 +310,32 @@ impl EbpfRenderer {
         }
         self.next_service_id += 1;
         Ok(self.next_service_id - 1)
+    }
+
+    /// The (frontend, backend) pairs of UDP frontends that lost backends since the last call.
+    /// Socket-level load balancing translates a connected UDP socket only once, so the agent
+    /// destroys the sockets still connected through these pairs (see `sockterm`).
+    pub fn take_removed_udp(&mut self) -> BTreeSet<(SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.removed_udp)
+    }
+
+    /// Records the backends of `old` that `key` no longer has (socket-level, UDP only).
+    fn note_removed(&mut self, key: &ServiceKey, old: &[u32], now: &[u32]) {
+        if key.scope != scope::INTERNAL || key.proto != proxy_common::proto::UDP {
+            return;
+        }
+        let frontend = sockaddr_from16(key.addr, key.port);
+        let kept: BTreeSet<SocketAddr> = now
+            .iter()
+            .filter_map(|id| self.backend_addr.get(id).copied())
+            .collect();
+        for id in old {
+            if let Some(addr) = self.backend_addr.get(id)
+                && !kept.contains(addr)
+            {
+                self.removed_udp.insert((frontend, *addr));
+            }
+        }
     }
 
     /// Takes a reference on the backend for `addr`, writing it to the map when new.
@@ -544,6 +573,7 @@ impl EbpfRenderer {
                             stats.slots_deleted += 1;
                         }
                     }
+                    self.note_removed(key, &old.backends, &ids);
                     for b in old.backends {
                         self.release_backend(b, maps, stats);
                     }
@@ -605,6 +635,7 @@ impl EbpfRenderer {
             let _ = maps.del_src_range(old.value.id, r);
         }
         self.free_service_ids.insert(old.value.id);
+        self.note_removed(key, &old.backends, &[]);
         for b in old.backends {
             self.release_backend(b, maps, stats);
         }
@@ -735,6 +766,46 @@ mod tests {
         let mut b = row.backends.clone();
         b.sort();
         b
+    }
+
+    #[test]
+    fn removed_udp_backends_are_reported_per_frontend() {
+        let both = ["10.0.1.2:53", "10.0.1.3:53"];
+        let mut d = state(&[
+            ("10.96.0.10:53", Protocol::Udp, backends(&both)),
+            ("10.96.0.11:53", Protocol::Udp, backends(&both)),
+            ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:80"])),
+        ]);
+        let mut r = EbpfRenderer::default();
+        let mut m = MapsSnapshot::default();
+        sync(&mut r, &d, &mut m);
+        assert!(
+            r.take_removed_udp().is_empty(),
+            "a first sync removes nothing"
+        );
+
+        // 10.0.1.2 leaves the first Service only; the TCP frontend loses its only backend.
+        d = state(&[
+            ("10.96.0.10:53", Protocol::Udp, backends(&["10.0.1.3:53"])),
+            ("10.96.0.11:53", Protocol::Udp, backends(&both)),
+            ("10.96.0.10:80", Protocol::Tcp, backends(&[])),
+        ]);
+        sync(&mut r, &d, &mut m);
+        let removed: Vec<_> = r.take_removed_udp().into_iter().collect();
+        assert_eq!(removed, vec![(sa("10.96.0.10:53"), sa("10.0.1.2:53"))]);
+        assert!(r.take_removed_udp().is_empty(), "taken once");
+
+        // Deleting a UDP frontend removes all of its backends.
+        d = state(&[("10.96.0.10:53", Protocol::Udp, backends(&["10.0.1.3:53"]))]);
+        sync(&mut r, &d, &mut m);
+        let removed: Vec<_> = r.take_removed_udp().into_iter().collect();
+        assert_eq!(
+            removed,
+            vec![
+                (sa("10.96.0.11:53"), sa("10.0.1.2:53")),
+                (sa("10.96.0.11:53"), sa("10.0.1.3:53")),
+            ]
+        );
     }
 
     #[test]

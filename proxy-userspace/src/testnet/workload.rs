@@ -11,7 +11,9 @@ fn usage() -> ! {
         "usage: kpr workload serve ADDR...            (tcp+udp on each ADDR)\n\
          \x20      kpr workload tcp ADDR COUNT [DELAY_MS] [BIND_IP]\n\
          \x20      kpr workload udp ADDR COUNT [DELAY_MS] [BIND_IP]\n\
-         \x20      kpr workload hold ADDR SECS INTERVAL_MS"
+         \x20      kpr workload hold ADDR SECS INTERVAL_MS\n\
+         \x20      kpr workload udphold ADDR SECS INTERVAL_MS   (one connected UDP socket, \
+         reconnected after an error)"
     );
     std::process::exit(2)
 }
@@ -23,6 +25,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
+        Some(libc::EDESTADDRREQ) => "EDESTADDRREQ".into(),
         _ if e.kind() == std::io::ErrorKind::WouldBlock
             || e.kind() == std::io::ErrorKind::TimedOut =>
         {
@@ -187,6 +191,44 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
     }
 }
 
+/// Like an application with a long-lived connected UDP socket (a DNS client, say): one
+/// socket, a request every `interval`, one JSON line per request ({"backend": ...} or
+/// {"error": ...}); after an error it opens and connects a new socket, like a resolver would.
+fn udp_hold(to: SocketAddr, secs: u64, interval: Duration) {
+    let any: IpAddr = if to.is_ipv4() { "0.0.0.0" } else { "::" }.parse().unwrap();
+    let connect = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind(SocketAddr::new(any, 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        s.connect(to)?;
+        Ok(s)
+    };
+    let mut sock = None;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        let result = match sock.take().map_or_else(connect, Ok) {
+            Ok(s) => {
+                let mut buf = [0u8; 256];
+                let r = s.send(b"x").and_then(|_| s.recv(&mut buf));
+                match r {
+                    Ok(n) => {
+                        sock = Some(s);
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        Ok(text.split(' ').next().unwrap_or("").to_string())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(backend) => println!("{{\"backend\":\"{backend}\"}}"),
+            Err(e) => println!("{{\"error\":\"{}\"}}", errno_name(&e)),
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(interval);
+    }
+}
+
 /// `count` rounds of connect + read the server's first line + close; prints the latency
 /// percentiles in microseconds.
 fn bench(to: SocketAddr, count: usize) {
@@ -248,6 +290,7 @@ pub fn run(args: &[String]) {
     let num = |i: usize, d: u64| -> u64 { args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d) };
     match args.first().map(String::as_str) {
         Some("serve") => serve(&(1..args.len()).map(addr).collect::<Vec<_>>()),
+        Some("udphold") => udp_hold(addr(1), num(2, 10), Duration::from_millis(num(3, 100))),
         Some("udpc") => {
             for _ in 0..num(2, 1) {
                 println!("{}", udp_connected_once(addr(1)));
