@@ -20,7 +20,10 @@ enum Cmd {
     /// Build kpr and show it load-balancing a throwaway network-namespace cluster.
     Demo,
     /// Measure kpr against shared/PERFORMANCE.md's targets (root; prints a report).
-    Bench,
+    Bench {
+        /// Only these parts: tc, programming, connect, rss (default: all).
+        parts: Vec<String>,
+    },
     /// Run every test (unit, conformance, privileged end-to-end) and print a summary line.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -36,9 +39,9 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             demo::run()
         }
-        Cmd::Bench => {
+        Cmd::Bench { parts } => {
             setup::ensure()?;
-            bench::run()
+            bench::run(&parts)
         }
         Cmd::Test { args } => {
             setup::ensure()?;
