@@ -312,7 +312,13 @@ impl Syncer {
                 .update(&self.store, &dirty, &self.node, &self.proxy)
             {
                 None => {
-                    let result = self.renderer.sync(&self.desired.state, &mut self.maps, &[]);
+                    let result = datapath::sync_full(
+                        &mut self.renderer,
+                        &self.desired.state,
+                        &mut self.maps,
+                        &self.layout,
+                        &[],
+                    );
                     // A full sync follows a (re)list or reload, whose parse buffers are garbage
                     // now: hand the freed heap back so RSS shows what the agent keeps.
                     // SAFETY: malloc_trim has no preconditions.

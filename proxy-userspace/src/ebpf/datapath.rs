@@ -496,6 +496,191 @@ impl PinnedMaps {
     }
 }
 
+/// `BPF_MAP_UPDATE_BATCH` of `count` fixed-size keys and values; returns how many were
+/// written (all of them unless the kernel refused one).
+fn update_batch(map: &MapData, keys: &[u8], values: &[u8], count: usize) -> std::io::Result<()> {
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(count).map_err(|_| std::io::Error::other("batch too large"))?,
+        map_fd: std::os::fd::AsRawFd::as_raw_fd(&map.fd().as_fd()) as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) with a correctly laid out attribute that points at buffers holding
+    // `count` keys and values, all alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("{e} after {} of {count} elements", attr.count),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `entries` in batches of 8k with BPF_MAP_UPDATE_BATCH.
+fn write_batched<K: aya::Pod, V: aya::Pod>(
+    layout: &PinLayout,
+    name: &str,
+    entries: &[(K, V)],
+) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let path = layout.map(name);
+    let map = MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening {}: {e}", path.display())))?;
+    for chunk in entries.chunks(8192) {
+        let mut keys = Vec::with_capacity(chunk.len() * size_of::<K>());
+        let mut values = Vec::with_capacity(chunk.len() * size_of::<V>());
+        for (k, v) in chunk {
+            // SAFETY: aya::Pod types are plain old data without padding holes.
+            keys.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((k as *const K).cast::<u8>(), size_of::<K>())
+            });
+            // SAFETY: as above.
+            values.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((v as *const V).cast::<u8>(), size_of::<V>())
+            });
+        }
+        update_batch(&map, &keys, &values, chunk.len())
+            .map_err(|e| Error::bpf(format!("batch update of {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Map writes of a cold-start sync, held back and written with BPF_MAP_UPDATE_BATCH in
+/// dependency order (backends, slots, reverse NAT, then the service entries that publish
+/// them), so a frontend is never visible before its backends. Deletes go straight through
+/// (and cancel a held-back write of the same key).
+struct Batched<'a> {
+    inner: &'a mut PinnedMaps,
+    services: Vec<(ServiceKey, ServiceValue)>,
+    slots: Vec<(BackendSlotKey, u32)>,
+    backends: Vec<(u32, Backend)>,
+    revnat: Vec<(u32, RevNatValue)>,
+}
+
+impl LbMaps for Batched<'_> {
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.services.push((*key, *value));
+        Ok(())
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services.retain(|(k, _)| k != key);
+        self.inner.del_service(key)
+    }
+    fn put_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<()> {
+        self.slots.push((*key, backend_id));
+        Ok(())
+    }
+    fn del_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+        self.slots.retain(|(k, _)| k != key);
+        self.inner.del_slot(key)
+    }
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.push((id, *backend));
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<()> {
+        self.backends.retain(|(k, _)| *k != id);
+        self.inner.del_backend(id)
+    }
+    fn put_revnat(&mut self, id: u32, value: &RevNatValue) -> Result<()> {
+        self.revnat.push((id, *value));
+        Ok(())
+    }
+    fn del_revnat(&mut self, id: u32) -> Result<()> {
+        self.revnat.retain(|(k, _)| *k != id);
+        self.inner.del_revnat(id)
+    }
+    fn put_src_range(&mut self, service_id: u32, range: &ipnet::IpNet) -> Result<()> {
+        self.inner.put_src_range(service_id, range)
+    }
+    fn del_src_range(&mut self, service_id: u32, range: &ipnet::IpNet) -> Result<()> {
+        self.inner.del_src_range(service_id, range)
+    }
+}
+
+/// A full sync. From a cold start (nothing programmed) the writes go out with
+/// BPF_MAP_UPDATE_BATCH; if the kernel refuses a batch (a full map, say), the renderer
+/// re-reads what the maps hold and finishes element by element, where every frontend's
+/// failure is reported on its own and leaves nothing half-published.
+pub fn sync_full(
+    renderer: &mut super::render::EbpfRenderer,
+    desired: &crate::model::DesiredState,
+    maps: &mut PinnedMaps,
+    layout: &PinLayout,
+    stale_slots: &[BackendSlotKey],
+) -> (super::render::SyncStats, Vec<Error>) {
+    if !renderer.is_empty() {
+        return renderer.sync(desired, maps, stale_slots);
+    }
+    let mut batched = Batched {
+        inner: maps,
+        services: Vec::new(),
+        slots: Vec::new(),
+        backends: Vec::new(),
+        revnat: Vec::new(),
+    };
+    let (stats, errors) = renderer.sync(desired, &mut batched, stale_slots);
+    let Batched {
+        services,
+        slots,
+        backends,
+        revnat,
+        ..
+    } = batched;
+    // Backends and slots are independent of each other (two cores write them at once); the
+    // service entries that publish them go last.
+    let flushed = std::thread::scope(|s| {
+        let b = s.spawn(|| write_batched(layout, map_names::BACKENDS, &backends));
+        let r = write_batched(layout, map_names::BACKEND_SLOTS, &slots)
+            .and_then(|()| write_batched(layout, map_names::REVNAT, &revnat));
+        b.join()
+            .unwrap_or_else(|_| Err(Error::bpf("batch writer thread panicked")))
+            .and(r)
+    })
+    .and_then(|()| write_batched(layout, map_names::SERVICES, &services));
+    match flushed {
+        Ok(()) => (stats, errors),
+        Err(e) => {
+            tracing::warn!("{e}; finishing the sync one element at a time");
+            match maps.snapshot() {
+                Ok(snapshot) => {
+                    let (fresh, stale) = super::render::EbpfRenderer::adopt(&snapshot);
+                    *renderer = fresh;
+                    renderer.sync(desired, maps, &stale)
+                }
+                Err(e2) => (stats, vec![e, e2]),
+            }
+        }
+    }
+}
+
 fn map_err(name: &str, op: &str, e: aya::maps::MapError) -> Error {
     Error::bpf(format!("{op} in {name}: {e}"))
 }

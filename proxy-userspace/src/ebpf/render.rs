@@ -145,14 +145,18 @@ impl SyncStats {
     }
 }
 
+/// Hash maps of the renderer: keys are our own addresses and ids, so a fast non-keyed-random
+/// hasher is fine (foldhash; seeded per process).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The renderer's memory of what the maps hold (rebuilt from the maps at start).
 #[derive(Debug, Default)]
 pub struct EbpfRenderer {
-    services: HashMap<ServiceKey, Programmed>,
+    services: FastMap<ServiceKey, Programmed>,
     /// backend address -> (id, number of slots using it)
-    backend_ids: HashMap<SocketAddr, (u32, usize)>,
+    backend_ids: FastMap<SocketAddr, (u32, usize)>,
     /// backend id -> address (the inverse of `backend_ids`), so every lookup is O(1).
-    backend_addr: HashMap<u32, SocketAddr>,
+    backend_addr: FastMap<u32, SocketAddr>,
     free_service_ids: BTreeSet<u32>,
     next_service_id: u32,
     free_backend_ids: BTreeSet<u32>,
@@ -310,6 +314,12 @@ impl EbpfRenderer {
         }
         self.next_service_id += 1;
         Ok(self.next_service_id - 1)
+    }
+
+    /// True when nothing is programmed (a cold start): every write of the next sync is new.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
     }
 
     /// The (frontend, backend) pairs of UDP frontends that lost backends since the last call.
