@@ -49,21 +49,7 @@ async fn api_changes_reach_the_datapath_and_an_outage_changes_nothing() {
     let start_agent = |t: &Topology, n: &str| {
         let log = std::fs::File::create(t.workdir.join(format!("agent-{n}.log"))).unwrap();
         kpr_testnet::ChildGuard(
-            std::process::Command::new(kpr_testnet::target_bin("kpr"))
-                .args(["run", "--kubeconfig"])
-                .arg(&kubeconfig)
-                .arg("--bpf-fs-path")
-                .arg(&t.bpffs)
-                .arg("--cgroup-path")
-                .arg(&t.cgroup.path)
-                .args([
-                    "--hostname-override",
-                    "test-node",
-                    "--min-sync-period",
-                    "20ms",
-                    "--sync-period",
-                    "1s",
-                ])
+            t.agent_command_api(&kubeconfig, &["--sync-period", "1s"])
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()

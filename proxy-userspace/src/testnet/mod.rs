@@ -433,6 +433,20 @@ impl Topology {
         cmd
     }
 
+    /// `kpr run --kubeconfig` in the host namespace, with the same host-safe flags as
+    /// [`Topology::agent_command`] (no TC programs, loopback-only servers).
+    pub fn agent_command_api(&self, kubeconfig: &Path, extra: &[&str]) -> Command {
+        let mut cmd = self
+            .agent_command_with_source(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()], extra);
+        cmd.args(["--tc-interfaces", "none"]).args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ]);
+        cmd
+    }
+
     /// `kpr run` inside the node namespace, with the TC programs on every interface there
     /// (and nowhere else).
     pub fn agent_command_in_node(&self, manifests: &Path, extra: &[&str]) -> Command {
@@ -453,9 +467,13 @@ impl Topology {
     }
 
     fn agent_command_base(&self, manifests: &Path, extra: &[&str]) -> Command {
+        self.agent_command_with_source(&["--manifests".as_ref(), manifests.as_os_str()], extra)
+    }
+
+    fn agent_command_with_source(&self, source: &[&std::ffi::OsStr], extra: &[&str]) -> Command {
         let mut cmd = Command::new(kpr_bin());
-        cmd.args(["run", "--manifests"])
-            .arg(manifests)
+        cmd.arg("run")
+            .args(source)
             .arg("--bpf-fs-path")
             .arg(&self.bpffs)
             .arg("--cgroup-path")
