@@ -389,6 +389,71 @@ fn bench_rss() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// RSS of the agent fed by the API server emulator (the production source) with 10k Services
+/// and 100k endpoints.
+fn bench_rss_api() -> anyhow::Result<()> {
+    use kpr_testnet::emulator::{Emulator, endpoint_slice, service};
+    let rt = tokio::runtime::Runtime::new()?;
+    let emu = rt.block_on(Emulator::start());
+    for i in 0..10_000usize {
+        let vip = format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 255, i & 255);
+        emu.apply(service(
+            "bench",
+            &format!("s{i}"),
+            &vip,
+            80,
+            serde_json::json!({}),
+        ));
+        let ips: Vec<String> = (0..10)
+            .map(|j| format!("10.{}.{}.{}", 200 + j, (i >> 8) & 255, i & 255))
+            .collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        emu.apply(endpoint_slice(
+            "bench",
+            &format!("s{i}"),
+            &format!("s{i}-1"),
+            &ips,
+            80,
+        ));
+    }
+    let t = Topology::new("rssapi");
+    let kubeconfig = t.workdir.join("kubeconfig");
+    emu.write_kubeconfig(&kubeconfig);
+    let log = std::fs::File::create(t.workdir.join("agent-api.log"))?;
+    let agent = kpr_testnet::ChildGuard(
+        t.agent_command_api(&kubeconfig, &[])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    let start = Instant::now();
+    let mut synced = None;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Some(rows) = t.services_json()
+            && rows.len() >= 10_000
+        {
+            synced = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?")
+        .to_string();
+    println!(
+        "Agent at 10k Services / 100k endpoints (API server emulator): programmed after {:.1} s; {} (target < 64 MiB)",
+        synced.map_or(f64::NAN, |d| d.as_secs_f64()),
+        rss.trim_start_matches("VmRSS:").trim()
+    );
+    drop(agent);
+    drop(rt);
+    Ok(())
+}
+
 pub fn run(parts: &[String]) -> anyhow::Result<()> {
     const ALL: [&str; 4] = ["tc", "programming", "connect", "rss"];
     if let Some(bad) = parts.iter().find(|p| !ALL.contains(&p.as_str())) {
@@ -433,6 +498,7 @@ pub fn run(parts: &[String]) -> anyhow::Result<()> {
     }
     if want("rss") {
         bench_rss()?;
+        bench_rss_api()?;
     }
     Ok(())
 }
