@@ -326,6 +326,8 @@ fn bench_connect() -> anyhow::Result<()> {
         d.frontends.insert(vip, fe);
         let (_, errors) = r.sync(&d, &mut maps, &[]);
         anyhow::ensure!(errors.is_empty(), "{errors:?}");
+        // Let the kernel finish freeing the previous round's map elements (RCU) first.
+        std::thread::sleep(Duration::from_secs(2));
         let (mut via, mut direct) = (Vec::new(), Vec::new());
         for _ in 0..5 {
             for (dst, acc) in [("10.255.0.10:80", &mut via), ("10.0.1.2:8080", &mut direct)] {
