@@ -346,6 +346,38 @@ fn bench_connect() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until the agent programmed 10k frontends, then prints its RSS.
+fn report_rss(
+    t: &Topology,
+    agent: &kpr_testnet::ChildGuard,
+    start: Instant,
+    source: &str,
+) -> anyhow::Result<()> {
+    let mut synced = None;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Some(rows) = t.services_json()
+            && rows.len() >= 10_000
+        {
+            synced = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?")
+        .to_string();
+    println!(
+        "Agent at 10k Services / 100k endpoints ({source}): programmed after {:.1} s; {} (target < 64 MiB)",
+        synced.map_or(f64::NAN, |d| d.as_secs_f64()),
+        rss.trim_start_matches("VmRSS:").trim()
+    );
+    Ok(())
+}
+
 fn bench_rss() -> anyhow::Result<()> {
     let t = Topology::new("rss");
     let dir = t.workdir.join("manifests");
@@ -367,27 +399,7 @@ fn bench_rss() -> anyhow::Result<()> {
     std::fs::write(dir.join("all.yaml"), yaml)?;
     let start = Instant::now();
     let agent = t.start_agent(&dir);
-    let mut synced = None;
-    while start.elapsed() < Duration::from_secs(120) {
-        if let Some(rows) = t.services_json()
-            && rows.len() >= 10_000
-        {
-            synced = Some(start.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS"))
-        .unwrap_or("VmRSS: ?")
-        .to_string();
-    println!(
-        "Agent at 10k Services / 100k endpoints (manifests): programmed after {:.1} s; {} (target < 64 MiB)",
-        synced.map_or(f64::NAN, |d| d.as_secs_f64()),
-        rss.trim_start_matches("VmRSS:").trim()
-    );
+    report_rss(&t, &agent, start, "manifests")?;
     Ok(())
 }
 
@@ -422,35 +434,14 @@ fn bench_rss_api() -> anyhow::Result<()> {
     let kubeconfig = t.workdir.join("kubeconfig");
     emu.write_kubeconfig(&kubeconfig);
     let log = std::fs::File::create(t.workdir.join("agent-api.log"))?;
+    let start = Instant::now();
     let agent = kpr_testnet::ChildGuard(
         t.agent_command_api(&kubeconfig, &[])
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?,
     );
-    let start = Instant::now();
-    let mut synced = None;
-    while start.elapsed() < Duration::from_secs(120) {
-        if let Some(rows) = t.services_json()
-            && rows.len() >= 10_000
-        {
-            synced = Some(start.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS"))
-        .unwrap_or("VmRSS: ?")
-        .to_string();
-    println!(
-        "Agent at 10k Services / 100k endpoints (API server emulator): programmed after {:.1} s; {} (target < 64 MiB)",
-        synced.map_or(f64::NAN, |d| d.as_secs_f64()),
-        rss.trim_start_matches("VmRSS:").trim()
-    );
+    report_rss(&t, &agent, start, "API server emulator")?;
     drop(agent);
     drop(rt);
     Ok(())

@@ -198,6 +198,19 @@ pub fn kpr_bin() -> PathBuf {
     target_bin("kpr")
 }
 
+/// Flags for an agent in the host namespace: no TC programs on the host's interfaces, and
+/// health/metrics servers on ephemeral loopback ports (agents of parallel tests share the
+/// host namespace).
+fn host_safe(mut cmd: Command) -> Command {
+    cmd.args(["--tc-interfaces", "none"]).args([
+        "--healthz-bind-address",
+        "127.0.0.1:0",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+    ]);
+    cmd
+}
+
 /// Where `cargo build` put the binaries (next to the test executable's `deps/`).
 pub fn target_bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("KPR_BIN_DIR") {
@@ -422,29 +435,18 @@ impl Topology {
     /// touches BPF maps and the test cgroup) with `--tc-interfaces none`: TC programs are never
     /// attached to the host's own interfaces.
     pub fn agent_command(&self, manifests: &Path, extra: &[&str]) -> Command {
-        let mut cmd = self.agent_command_base(manifests, extra);
-        // Ephemeral ports: agents of parallel tests share the host namespace.
-        cmd.args(["--tc-interfaces", "none"]).args([
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ]);
-        cmd
+        host_safe(self.agent_command_base(manifests, extra))
     }
 
     /// `kpr run --kubeconfig` in the host namespace, with the same host-safe flags as
     /// [`Topology::agent_command`] (no TC programs, loopback-only servers).
     pub fn agent_command_api(&self, kubeconfig: &Path, extra: &[&str]) -> Command {
-        let mut cmd = self
-            .agent_command_with_source(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()], extra);
-        cmd.args(["--tc-interfaces", "none"]).args([
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ]);
-        cmd
+        host_safe(
+            self.agent_command_with_source(
+                &["--kubeconfig".as_ref(), kubeconfig.as_os_str()],
+                extra,
+            ),
+        )
     }
 
     /// `kpr run` inside the node namespace, with the TC programs on every interface there
