@@ -496,8 +496,8 @@ impl PinnedMaps {
     }
 }
 
-/// `BPF_MAP_UPDATE_BATCH` of `count` fixed-size keys and values; returns how many were
-/// written (all of them unless the kernel refused one).
+/// `BPF_MAP_UPDATE_BATCH` of `count` fixed-size keys and values. On failure the error says
+/// how many elements the kernel wrote before refusing one.
 fn update_batch(map: &MapData, keys: &[u8], values: &[u8], count: usize) -> std::io::Result<()> {
     #[repr(C)]
     struct BatchAttr {
@@ -542,7 +542,7 @@ fn update_batch(map: &MapData, keys: &[u8], values: &[u8], count: usize) -> std:
 }
 
 /// Writes `entries` in batches of 8k with BPF_MAP_UPDATE_BATCH.
-fn write_batched<K: aya::Pod, V: aya::Pod>(
+fn write_batched<K: bytemuck::Pod, V: bytemuck::Pod>(
     layout: &PinLayout,
     name: &str,
     entries: &[(K, V)],
@@ -557,14 +557,8 @@ fn write_batched<K: aya::Pod, V: aya::Pod>(
         let mut keys = Vec::with_capacity(chunk.len() * size_of::<K>());
         let mut values = Vec::with_capacity(chunk.len() * size_of::<V>());
         for (k, v) in chunk {
-            // SAFETY: aya::Pod types are plain old data without padding holes.
-            keys.extend_from_slice(unsafe {
-                std::slice::from_raw_parts((k as *const K).cast::<u8>(), size_of::<K>())
-            });
-            // SAFETY: as above.
-            values.extend_from_slice(unsafe {
-                std::slice::from_raw_parts((v as *const V).cast::<u8>(), size_of::<V>())
-            });
+            keys.extend_from_slice(bytemuck::bytes_of(k));
+            values.extend_from_slice(bytemuck::bytes_of(v));
         }
         update_batch(&map, &keys, &values, chunk.len())
             .map_err(|e| Error::bpf(format!("batch update of {name}: {e}")))?;

@@ -36,7 +36,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const STATE_ESTABLISHED: u32 = 1;
 
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct NlMsgHdr {
     len: u32,
     ty: u16,
@@ -47,7 +47,7 @@ struct NlMsgHdr {
 
 /// `struct inet_diag_sockid`.
 #[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
+#[derive(Clone, Copy, Default, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct SockId {
     sport: [u8; 2],
     dport: [u8; 2],
@@ -59,7 +59,7 @@ struct SockId {
 
 /// `struct inet_diag_req_v2`.
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct DiagReq {
     family: u8,
     protocol: u8,
@@ -71,7 +71,7 @@ struct DiagReq {
 
 /// `struct inet_diag_msg` (the part we read).
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct DiagMsg {
     family: u8,
     state: u8,
@@ -81,26 +81,16 @@ struct DiagMsg {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct Request {
     hdr: NlMsgHdr,
     req: DiagReq,
 }
 
-fn bytes_of<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: T is a repr(C) plain-old-data struct without padding holes we care about.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
-fn read_at<T: Copy + Default>(buf: &[u8], off: usize) -> Option<T> {
-    let end = off.checked_add(size_of::<T>())?;
-    let bytes = buf.get(off..end)?;
-    let mut v = T::default();
-    // SAFETY: `bytes` holds exactly size_of::<T>() bytes and T is plain old data.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&raw mut v).cast::<u8>(), size_of::<T>());
-    }
-    Some(v)
+/// A `T` read from `buf` at `off`, when the buffer holds one.
+fn read_at<T: bytemuck::Pod>(buf: &[u8], off: usize) -> Option<T> {
+    let bytes = buf.get(off..off.checked_add(size_of::<T>())?)?;
+    Some(bytemuck::pod_read_unaligned(bytes))
 }
 
 /// A connected socket as `sock_diag` reports it.
@@ -135,6 +125,7 @@ impl DiagSocket {
 struct Diag {
     fd: OwnedFd,
     seq: u32,
+    buf: Vec<u8>,
 }
 
 impl Diag {
@@ -166,7 +157,11 @@ impl Diag {
                 size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
-        Ok(Self { fd, seq: 0 })
+        Ok(Self {
+            fd,
+            seq: 0,
+            buf: vec![0u8; 64 * 1024],
+        })
     }
 
     fn send(&mut self, ty: u16, flags: u16, req: DiagReq) -> io::Result<u32> {
@@ -181,7 +176,7 @@ impl Diag {
             },
             req,
         };
-        let bytes = bytes_of(&msg);
+        let bytes = bytemuck::bytes_of(&msg);
         // SAFETY: sending our own buffer on our own socket (to the kernel: no address).
         let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if n < 0 {
@@ -190,14 +185,13 @@ impl Diag {
         Ok(self.seq)
     }
 
-    /// Receives replies to `seq`, calling `each` with every (type, payload) until DONE or
-    /// an ACK/error; returns the error code of an NLMSG_ERROR (0 for an ACK).
+    /// Receives replies to `seq`, calling `each` with every payload until DONE or an
+    /// ACK/error; returns the error code of an NLMSG_ERROR (0 for an ACK or DONE).
     fn recv(&mut self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
-        let mut buf = vec![0u8; 64 * 1024];
+        let Self { fd, buf, .. } = self;
         loop {
             // SAFETY: receiving into our own buffer.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -205,21 +205,13 @@ fn udp_hold(to: SocketAddr, secs: u64, interval: Duration) {
     let mut sock = None;
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
-        let result = match sock.take().map_or_else(connect, Ok) {
-            Ok(s) => {
-                let mut buf = [0u8; 256];
-                let r = s.send(b"x").and_then(|_| s.recv(&mut buf));
-                match r {
-                    Ok(n) => {
-                        sock = Some(s);
-                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        Ok(text.split(' ').next().unwrap_or("").to_string())
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
-        };
+        let result = sock.take().map_or_else(connect, Ok).and_then(|s| {
+            let mut buf = [0u8; 256];
+            let n = s.send(b"x").and_then(|_| s.recv(&mut buf))?;
+            sock = Some(s);
+            let text = String::from_utf8_lossy(&buf[..n]);
+            Ok(text.split(' ').next().unwrap_or("").to_string())
+        });
         match result {
             Ok(backend) => println!("{{\"backend\":\"{backend}\"}}"),
             Err(e) => println!("{{\"error\":\"{}\"}}", errno_name(&e)),
