@@ -6,9 +6,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::agent::AgentConfig;
-use crate::ebpf::datapath::{PinLayout, PinnedMaps};
-use crate::ebpf::render::{FrontendView, view};
 use crate::model::{NodeInfo, ProxyConfig};
+use crate::render::ProxyMode;
+use crate::render::ebpf::EbpfConfig;
+use crate::render::ebpf::datapath::{PinLayout, TcInterfaces};
+use crate::render::ebpf::maps::{FrontendView, view};
+use crate::render::ebpf::pinned::PinnedMaps;
+use crate::source::convert::ProxySelector;
 use crate::{Error, Result};
 
 pub const DEFAULT_BPF_FS_PATH: &str = "/sys/fs/bpf/kpr";
@@ -41,8 +45,8 @@ pub enum Command {
         dir: PathBuf,
         #[arg(long, value_enum, default_value_t = crate::conformance::Level::Model)]
         level: crate::conformance::Level,
-        #[arg(long, value_enum, default_value_t = crate::conformance::ProxyMode::Ebpf)]
-        proxy_mode: crate::conformance::ProxyMode,
+        #[arg(long, value_enum, default_value_t = ProxyMode::Ebpf)]
+        proxy_mode: ProxyMode,
     },
     /// Where would this packet go? Runs it through the loaded TC programs on a copy of the
     /// live state (BPF_PROG_TEST_RUN) and prints the decision.
@@ -94,6 +98,9 @@ pub struct RunArgs {
     /// API server URL (overrides the kubeconfig's).
     #[arg(long)]
     pub master: Option<String>,
+    /// Which proxy mode renders the Services.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Ebpf)]
+    pub proxy_mode: ProxyMode,
     /// Serve only Services labelled service.kubernetes.io/service-proxy-name=<this>.
     #[arg(long)]
     pub service_proxy_name: Option<String>,
@@ -165,19 +172,35 @@ impl RunArgs {
                 .map(|s| s.trim().to_lowercase())
                 .unwrap_or_default()
         });
+        let selector = ProxySelector {
+            service_proxy_name: self.service_proxy_name.clone(),
+        };
         let source = match &self.manifests {
-            Some(dir) => crate::agent::SourceConfig::Manifests(dir.clone()),
-            None => crate::agent::SourceConfig::Api(crate::kube_source::ApiConfig {
+            Some(dir) => crate::agent::SourceConfig::Manifests {
+                dir: dir.clone(),
+                selector,
+            },
+            None => crate::agent::SourceConfig::Api(crate::source::api::ApiConfig {
                 kubeconfig: self.kubeconfig.clone(),
                 master: self.master.clone(),
-                service_proxy_name: self.service_proxy_name.clone(),
+                selector,
                 node_name: name.clone(),
             }),
         };
         AgentConfig {
             source,
-            bpf_fs_path: self.bpf_fs_path.clone(),
-            cgroup_path: self.cgroup_path.clone(),
+            mode: self.proxy_mode,
+            ebpf: EbpfConfig {
+                bpf_fs_path: self.bpf_fs_path.clone(),
+                cgroup_path: self.cgroup_path.clone(),
+                tc_interfaces: match self.tc_interfaces.as_str() {
+                    "all" => TcInterfaces::All,
+                    "none" | "" => TcInterfaces::None,
+                    list => {
+                        TcInterfaces::Named(list.split(',').map(|s| s.trim().to_string()).collect())
+                    }
+                },
+            },
             node: NodeInfo {
                 name,
                 ips: self.node_ip.clone(),
@@ -194,13 +217,6 @@ impl RunArgs {
             poll_interval: Duration::from_millis(200),
             healthz_bind: self.healthz_bind_address.parse().ok(),
             metrics_bind: self.metrics_bind_address.parse().ok(),
-            tc_interfaces: match self.tc_interfaces.as_str() {
-                "all" => crate::ebpf::datapath::TcInterfaces::All,
-                "none" | "" => crate::ebpf::datapath::TcInterfaces::None,
-                list => crate::ebpf::datapath::TcInterfaces::Named(
-                    list.split(',').map(|s| s.trim().to_string()).collect(),
-                ),
-            },
         }
     }
 }

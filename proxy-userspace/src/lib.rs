@@ -1,24 +1,25 @@
 //! kpr: a kube-proxy replacement with an eBPF datapath.
 //!
-//! Data flows one way: a source ([`source`]) turns manifests (or the API) into change events
-//! for the [`store`]; the pure [`model`] turns the store into the desired state; a renderer
-//! (for the eBPF mode, [`ebpf::render`]) applies only the difference to the kernel.
+//! Data flows one way: sources ([`source`]: manifests, the API, and the conversion of API
+//! types) turn the world into change events for the [`store`] (compact, no API types); the
+//! pure [`model`] turns the store into the desired state; one renderer per mode ([`render`])
+//! applies only the difference to the kernel. The [`agent`] runs that loop for one renderer;
+//! [`serve`] (HTTP endpoints), [`cli`], [`conformance`] and [`testnet`] stand beside it.
 pub mod agent;
 pub mod cli;
 pub mod conformance;
-pub mod conformance_datapath;
-pub mod ebpf;
-pub mod kube_source;
 pub mod model;
+pub mod render;
 pub mod serve;
 pub mod source;
 pub mod store;
 pub mod testnet;
-pub mod trace;
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong in kpr's library code.
+/// Everything that can go wrong in kpr's library code. Kernel errors keep their source
+/// (aya's typed errors, the `io::Error` of a syscall), so a caller can tell a full map from a
+/// missing one without reading the message.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An object or file that does not say what kpr needs, with the reason.
@@ -36,9 +37,46 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel refused a BPF operation.
-    #[error("BPF: {0}")]
-    Bpf(String),
+    /// A BPF map operation failed.
+    #[error("{op} {map}: {source}")]
+    Map {
+        map: String,
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A map (or the id space kpr keeps for it) has no room for another entry.
+    #[error("{map} is full: {detail}")]
+    MapFull { map: String, detail: String },
+    /// A BPF program could not be loaded, attached, replaced or run.
+    #[error("{op} {program}: {source}")]
+    Program {
+        program: String,
+        op: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// The eBPF object (or one of its maps) could not be loaded.
+    #[error("loading the eBPF object: {0}")]
+    Object(#[source] Box<aya::EbpfError>),
+    /// A pinned object could not be pinned or opened.
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// A link could not be opened, updated or converted.
+    #[error("{op} {what}: {source}")]
+    Link {
+        what: String,
+        op: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// This build or kernel cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl Error {
@@ -61,8 +99,51 @@ impl Error {
         }
     }
 
-    pub fn bpf(msg: impl std::fmt::Display) -> Self {
-        Self::Bpf(msg.to_string())
+    pub fn map(map: impl Into<String>, op: &'static str, source: aya::maps::MapError) -> Self {
+        Self::Map {
+            map: map.into(),
+            op,
+            source,
+        }
+    }
+
+    pub fn program(
+        program: impl Into<String>,
+        op: &'static str,
+        source: aya::programs::ProgramError,
+    ) -> Self {
+        Self::Program {
+            program: program.into(),
+            op,
+            source,
+        }
+    }
+
+    pub fn link(
+        what: impl Into<String>,
+        op: &'static str,
+        source: aya::programs::links::LinkError,
+    ) -> Self {
+        Self::Link {
+            what: what.into(),
+            op,
+            source,
+        }
+    }
+
+    /// True when a map had no room: kpr's own id spaces, or the kernel refusing an insert
+    /// with E2BIG or ENOSPC (through any context).
+    #[must_use]
+    pub fn is_map_full(&self) -> bool {
+        match self {
+            Self::MapFull { .. } => true,
+            Self::Context { source, .. } => source.is_map_full(),
+            Self::Map {
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            } => matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)),
+            _ => false,
+        }
     }
 }
 

@@ -48,8 +48,8 @@ fn main() -> anyhow::Result<()> {
             bpf_fs_path,
             output,
         } => {
-            let proto = kpr::store::Protocol::parse(Some(&proto.to_uppercase()))?;
-            let r = kpr::trace::trace(&bpf_fs_path, src, sport, dst, dport, proto)?;
+            let proto = kpr::model::Protocol::parse(Some(&proto.to_uppercase()))?;
+            let r = kpr::render::ebpf::trace::trace(&bpf_fs_path, src, sport, dst, dport, proto)?;
             match output {
                 kpr::cli::Output::Table => println!("{}", r.lines.join("\n")),
                 kpr::cli::Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Workload { args } => kpr::testnet::workload::run(&args),
         Command::Cleanup { bpf_fs_path } => {
-            let report = kpr::ebpf::datapath::cleanup(&bpf_fs_path)?;
+            let report = kpr::render::ebpf::datapath::cleanup(&bpf_fs_path)?;
             println!(
                 "removed {} pinned objects under {}",
                 report.removed.len(),

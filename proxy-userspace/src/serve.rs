@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::render::{MetricKind, ModeMetric, ProxyMode};
 use crate::store::ObjectRef;
 
 /// What the endpoints report; updated by the sync loop.
@@ -31,8 +32,10 @@ pub struct AgentStatus {
     pub latency_count: u64,
     pub latency_sum_secs: f64,
     pub sync_period: Duration,
-    /// Connected UDP sockets destroyed because their backend was removed.
-    pub udp_sockets_destroyed: u64,
+    /// The renderer's mode, for `/proxyMode`.
+    pub mode: ProxyMode,
+    /// The renderer's own counters, from the last sync.
+    pub mode_metrics: Vec<ModeMetric>,
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
@@ -63,8 +66,7 @@ async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
 # HELP kpr_frontends Frontends programmed.\n# TYPE kpr_frontends gauge\nkpr_frontends {}\n\
 # HELP kpr_services Services in the store.\n# TYPE kpr_services gauge\nkpr_services {}\n\
 # HELP kpr_endpoint_slices EndpointSlices in the store.\n# TYPE kpr_endpoint_slices gauge\nkpr_endpoint_slices {}\n\
-# HELP kpr_network_programming_duration_seconds From an EndpointSlice's last-change-trigger-time to its sync.\n# TYPE kpr_network_programming_duration_seconds summary\nkpr_network_programming_duration_seconds_sum {}\nkpr_network_programming_duration_seconds_count {}\n\
-# HELP kpr_udp_sockets_destroyed_total Connected UDP sockets destroyed because their backend was removed.\n# TYPE kpr_udp_sockets_destroyed_total counter\nkpr_udp_sockets_destroyed_total {}\n",
+# HELP kpr_network_programming_duration_seconds From an EndpointSlice's last-change-trigger-time to its sync.\n# TYPE kpr_network_programming_duration_seconds summary\nkpr_network_programming_duration_seconds_sum {}\nkpr_network_programming_duration_seconds_count {}\n",
         s.syncs,
         s.sync_errors,
         s.last_sync_secs,
@@ -73,9 +75,25 @@ async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
         s.endpoint_slices,
         s.latency_sum_secs,
         s.latency_count,
-        s.udp_sockets_destroyed
     );
+    let mut body = body;
+    for m in &s.mode_metrics {
+        let kind = match m.kind {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+        };
+        body.push_str(&format!(
+            "# HELP kpr_{name} {help}\n# TYPE kpr_{name} {kind}\nkpr_{name} {value}\n",
+            name = m.name,
+            help = m.help,
+            value = m.value
+        ));
+    }
     ([("content-type", "text/plain; version=0.0.4")], body)
+}
+
+async fn proxy_mode(State(status): State<SharedStatus>) -> impl IntoResponse {
+    status.lock().expect("status lock").mode.as_str()
 }
 
 /// Starts the healthz and metrics servers. A bind failure is logged, not fatal: the datapath
@@ -95,7 +113,7 @@ pub async fn start(
     if let Some(addr) = metrics_addr {
         let app = Router::new()
             .route("/metrics", get(metrics))
-            .route("/proxyMode", get(|| async { "ebpf" }))
+            .route("/proxyMode", get(proxy_mode))
             .route("/healthz", get(healthz))
             .with_state(status);
         spawn_server("metrics", addr, app).await;

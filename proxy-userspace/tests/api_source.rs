@@ -3,7 +3,8 @@
 //! relists, 500s, an unreachable server, malformed objects.
 use std::time::Duration;
 
-use kpr::kube_source::{ApiConfig, client, spawn};
+use kpr::source::api::{ApiConfig, client, spawn};
+use kpr::source::convert::ProxySelector;
 use kpr::store::{Change, ObjectRef, Store};
 use kpr_testnet::emulator::{Emulator, Kind, endpoint_slice, node, service};
 use serde_json::json;
@@ -13,7 +14,7 @@ struct Harness {
     emu: Emulator,
     rx: mpsc::Receiver<Change>,
     store: Store,
-    node: Option<kpr::model::NodeInfo>,
+    node: Option<kpr::store::NodeInfo>,
     resets: usize,
 }
 
@@ -22,7 +23,9 @@ impl Harness {
         let cfg = ApiConfig {
             kubeconfig: None,
             master: Some(emu.url()),
-            service_proxy_name: proxy_name.map(str::to_string),
+            selector: ProxySelector {
+                service_proxy_name: proxy_name.map(str::to_string),
+            },
             node_name: "test-node".into(),
         };
         let c = client(&cfg).await.expect("client");

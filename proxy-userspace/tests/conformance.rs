@@ -1,19 +1,12 @@
-//! The shared conformance fixtures, at model level, for the ebpf mode (and iptables, whose
-//! semantics the model follows). `KPR_FIXTURES` points at another fixture directory.
-use std::path::PathBuf;
-
-use kpr::conformance::{Level, ProxyMode, format_report, run_dir};
-
-fn fixtures_dir() -> PathBuf {
-    std::env::var_os("KPR_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-        PathBuf::from,
-    )
-}
+//! The conformance fixtures (`tests/fixtures`, a copy of the team's shared set) at model level,
+//! for the ebpf mode (and iptables, whose semantics the model follows). `KPR_FIXTURES` points
+//! at another fixture directory.
+use kpr::conformance::{Level, format_report, run_dir};
+use kpr::render::ProxyMode;
 
 #[test]
 fn shared_fixtures_pass_at_model_level() {
-    let dir = fixtures_dir();
+    let dir = kpr_testnet::fixtures_dir();
     assert!(
         dir.is_dir(),
         "fixture directory {} is missing",

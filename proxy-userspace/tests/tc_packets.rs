@@ -11,10 +11,12 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use kpr::ebpf::datapath::{PinLayout, PinnedMaps, load_object};
-use kpr::ebpf::render::EbpfRenderer;
 use kpr::model::{NodeInfo, ProxyConfig, compute};
-use kpr::source::parse_manifest;
+use kpr::render::ebpf::datapath::{PinLayout, load_object};
+use kpr::render::ebpf::maps::MapDiff;
+use kpr::render::ebpf::pinned::PinnedMaps;
+use kpr::source::convert::ProxySelector;
+use kpr::source::manifests::parse_manifest;
 use kpr::store::{Change, Store};
 use proxy_common::{NodeConfig, ct_kind, v4_mapped};
 
@@ -73,7 +75,7 @@ impl Drop for PinDir {
 struct Datapath {
     ebpf: aya::Ebpf,
     maps: PinnedMaps,
-    renderer: EbpfRenderer,
+    renderer: MapDiff,
     _root: PinDir,
 }
 
@@ -101,13 +103,13 @@ impl Datapath {
         Self {
             ebpf,
             maps,
-            renderer: EbpfRenderer::default(),
+            renderer: MapDiff::default(),
             _root: root,
         }
     }
 
     fn program(&mut self, yaml: &str) {
-        let objs = parse_manifest(yaml).expect("valid manifests");
+        let objs = parse_manifest(yaml, &ProxySelector::default()).expect("valid manifests");
         let mut store = Store::default();
         store.apply(Change::Reset {
             services: objs.services,
@@ -487,7 +489,7 @@ fn maglev_picks_the_same_backend_on_every_node() {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-    let table = kpr::ebpf::maglev::table(&backends, proxy_common::MAGLEV_TABLE_SIZE);
+    let table = kpr::render::ebpf::maglev::table(&backends, proxy_common::MAGLEV_TABLE_SIZE);
     for sport in 30000..30060u16 {
         let syn = packet(CLIENT, sport, NODE, 3102, Some(0x02), &[]);
         let (_, a) = node_a.run("kpr_tc_ingress", &syn);
@@ -767,13 +769,13 @@ fn ipv6_reject_answers_with_rst() {
 fn trace_follows_ipv6_too() {
     let mut dp = Datapath::new("tctrace6");
     dp.program(DUAL_STACK);
-    let r = kpr::trace::trace(
+    let r = kpr::render::ebpf::trace::trace(
         &dp._root.0,
         "2001:db8::7".parse().unwrap(),
         40000,
         NODE6.into(),
         3201,
-        kpr::store::Protocol::Tcp,
+        kpr::model::Protocol::Tcp,
     )
     .expect("trace");
     assert_eq!(r.verdict, "DNAT", "{r:?}");

@@ -1,15 +1,10 @@
-//! `kpr conformance ../shared/fixtures --level datapath --proxy-mode ebpf`: every fixture flow
+//! `kpr conformance tests/fixtures --level datapath --proxy-mode ebpf`: every fixture flow
 //! as real connections through a netns topology per fixture (root). Flows this machine cannot
 //! express (SCTP on a kernel without SCTP) are reported as skipped, never as passed.
-use std::path::PathBuf;
-
 #[test]
 fn shared_fixtures_pass_on_the_ebpf_datapath() {
     kpr_testnet::require_root();
-    let dir = std::env::var_os("KPR_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-        PathBuf::from,
-    );
+    let dir = kpr_testnet::fixtures_dir();
     assert!(
         dir.is_dir(),
         "fixture directory {} is missing",

@@ -11,12 +11,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use kpr::agent::DesiredCache;
-use kpr::ebpf::datapath::{PinLayout, PinnedMaps, load_object};
-use kpr::ebpf::render::EbpfRenderer;
+use kpr::model::DesiredCache;
 use kpr::model::{
     DesiredState, Frontend, FrontendKey, FrontendKind, NodeInfo, ProxyConfig, Targets,
 };
+use kpr::render::Renderer as _;
+use kpr::render::ebpf::EbpfRenderer;
+use kpr::render::ebpf::datapath::{PinLayout, load_object};
+use kpr::render::ebpf::maps::MapDiff;
+use kpr::render::ebpf::pinned::PinnedMaps;
 use kpr::store::{
     AddressType, Change, EndpointInfo, EndpointPortInfo, ObjectRef, Protocol, ServiceInfo,
     ServicePortInfo, ServiceType, SliceInfo, Store, TargetPort,
@@ -49,17 +52,11 @@ fn desired(n: usize, eps: usize) -> DesiredState {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
-            Frontend {
-                service: ObjectRef::new("bench", &format!("s{i}")),
-                port_name: String::new(),
-                kind: FrontendKind::ClusterIp,
-                internal: Targets::Backends(backends.clone()),
-                external: Targets::Backends(backends),
-                external_policy_local: false,
-                affinity_timeout_secs: None,
-                maglev: false,
-                source_ranges: Vec::new(),
-            },
+            Frontend::new(
+                ObjectRef::new("bench", &format!("s{i}")),
+                FrontendKind::ClusterIp,
+                Targets::Backends(backends),
+            ),
         );
     }
     d
@@ -107,7 +104,7 @@ fn bench_tc() -> anyhow::Result<()> {
         snat_v4: proxy_common::v4_mapped([192, 168, 0, 2]),
         snat_v6: [0; 16],
     })?;
-    let (_, errors) = EbpfRenderer::default().sync(&d, &mut maps, &[]);
+    let (_, errors) = MapDiff::default().sync(&d, &mut maps, &[]);
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     let prog: &SchedClassifier = ebpf.program("kpr_tc_ingress").unwrap().try_into()?;
     let mut out = vec![0u8; 256];
@@ -252,7 +249,6 @@ fn bench_programming() -> anyhow::Result<()> {
         )));
         let layout = PinLayout::new(&root.0);
         let _ebpf = load_object(&layout)?;
-        let mut maps = PinnedMaps::open(&layout)?;
         let node = NodeInfo {
             name: "bench".into(),
             ips: vec!["192.168.0.2".parse()?],
@@ -265,16 +261,15 @@ fn bench_programming() -> anyhow::Result<()> {
             slices: (0..n).map(|i| slice_info(i, 10)).collect(),
         });
         let mut cache = DesiredCache::default();
-        let mut r = EbpfRenderer::default();
+        let mut r = EbpfRenderer::with_maps(layout.clone())?;
         let t = Instant::now();
         let dirty = store.take_dirty();
         anyhow::ensure!(cache.update(&store, &dirty, &node, &config).is_none());
         let model = t.elapsed();
-        let (_, errors) =
-            kpr::ebpf::datapath::sync_full(&mut r, &cache.state, &mut maps, &layout, &[]);
+        let report = r.sync_full(&cache.state);
         let cold = t.elapsed();
-        if let Some(e) = errors.first() {
-            println!("  {n}: {} errors, first: {e}", errors.len());
+        if let Some(e) = report.errors.first() {
+            println!("  {n}: {} errors, first: {e}", report.errors.len());
         }
         // One Service loses an endpoint.
         let mut samples = Vec::new();
@@ -285,11 +280,11 @@ fn bench_programming() -> anyhow::Result<()> {
             let keys = cache
                 .update(&store, &dirty, &node, &config)
                 .expect("incremental");
-            let (stats, errors) = r.sync_keys(&cache.state, &keys, &mut maps);
+            let report = r.sync_frontends(&cache.state, &keys);
             samples.push(t.elapsed().as_secs_f64() * 1e6);
             anyhow::ensure!(
-                errors.is_empty() && stats.services_written == 1,
-                "{errors:?} {stats:?}"
+                report.errors.is_empty() && report.detail.contains(&("services_written", 1)),
+                "{report:?}"
             );
         }
         samples.sort_by(f64::total_cmp);
@@ -309,10 +304,10 @@ fn bench_connect() -> anyhow::Result<()> {
     t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
     t.add_pod("backend", Ipv4Addr::new(10, 0, 1, 2));
     t.serve("backend", &[8080]);
-    kpr::ebpf::datapath::ensure_loaded(&PinLayout::new(&t.bpffs), &t.cgroup.path)?;
+    kpr::render::ebpf::datapath::ensure_loaded(&PinLayout::new(&t.bpffs), &t.cgroup.path)?;
     let layout = PinLayout::new(&t.bpffs);
     let mut maps = PinnedMaps::open(&layout)?;
-    let mut r = EbpfRenderer::default();
+    let mut r = MapDiff::default();
     println!("ClusterIP connect+read+close, p50 in us (interleaved rounds of 300):");
     for n in [10usize, 1000, 10_000, 50_000] {
         let mut d = desired(n, 10);

@@ -18,11 +18,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::conformance::{Expect, Fixture, FixtureFlow, FlowResult, ProxyMode, proxy_config};
-use crate::ebpf::datapath::{PinLayout, PinnedMaps};
-use crate::ebpf::render::{EbpfRenderer, FrontendView, MapsSnapshot, view};
+use super::fixture::{Expect, Fixture, FixtureFlow, FlowResult, objects as convert, proxy_config};
 use crate::model::{NodeInfo, ProxyConfig, SourceClass, classify_source, compute};
-use crate::source::objects_from_values;
+use crate::render::ProxyMode;
+use crate::render::ebpf::datapath::PinLayout;
+use crate::render::ebpf::maps::{FrontendView, MapDiff, MapsSnapshot, view};
+use crate::render::ebpf::pinned::PinnedMaps;
 use crate::store::{Change, Store};
 use crate::testnet::{ChildGuard, Topology};
 use crate::{Error, Result};
@@ -66,6 +67,22 @@ fn object_key(v: &serde_json::Value) -> (String, String, String) {
     )
 }
 
+/// This node as a v1 Node manifest (name, labels, InternalIPs): the agent reads its labels
+/// (topology zone) from the manifests directory as it would from the API.
+fn node_manifest(node: &NodeInfo) -> serde_json::Value {
+    let addresses: Vec<serde_json::Value> = node
+        .ips
+        .iter()
+        .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": node.labels},
+        "status": {"addresses": addresses},
+    })
+}
+
 fn write_objects(dir: &Path, objects: &Objects) -> Result<()> {
     for entry in std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
@@ -102,7 +119,7 @@ fn expected_rows(
     config: &ProxyConfig,
 ) -> Result<BTreeSet<Row>> {
     let values: Vec<serde_json::Value> = objects.values().cloned().collect();
-    let objs = objects_from_values(&values)?;
+    let objs = convert(&values)?;
     let mut store = Store::default();
     store.apply(Change::Reset {
         services: objs.services,
@@ -110,7 +127,7 @@ fn expected_rows(
     });
     let desired = compute(&store, node, config);
     let mut snapshot = MapsSnapshot::default();
-    let (_, errors) = EbpfRenderer::default().sync(&desired, &mut snapshot, &[]);
+    let (_, errors) = MapDiff::default().sync(&desired, &mut snapshot, &[]);
     if let Some(e) = errors.into_iter().next() {
         return Err(e);
     }
@@ -179,18 +196,8 @@ fn endpoint_ports(fx: &Fixture) -> BTreeMap<Ipv4Addr, BTreeSet<u16>> {
     out
 }
 
-fn all_flows(fx: &Fixture) -> impl Iterator<Item = &FixtureFlow> {
-    fx.flows
-        .iter()
-        .chain(fx.steps.iter().flat_map(|s| s.flows.iter()))
-}
-
 fn build(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Plan> {
-    let node = NodeInfo {
-        name: fx.node.name.clone(),
-        ips: fx.node.ips.clone(),
-        labels: fx.node.labels.clone(),
-    };
+    let node = fx.node_info();
     let config = proxy_config(&fx.config, mode)?;
     let mut t = Topology::new(&format!("cf{index}"));
     let node_v4: Vec<Ipv4Addr> = node.ips.iter().filter_map(|ip| v4(*ip)).collect();
@@ -210,7 +217,7 @@ fn build(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Plan> {
         t.serve(&name, &ports);
         clients.insert(IpAddr::V4(*ip), Client::Pod(name));
     }
-    let sources: BTreeSet<IpAddr> = all_flows(fx).map(|f| f.src).collect();
+    let sources: BTreeSet<IpAddr> = fx.all_flows().map(|f| f.src).collect();
     for (i, src) in sources.iter().enumerate() {
         if clients.contains_key(src) {
             continue;
@@ -369,6 +376,7 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
     let mut objects: Objects = fx
         .objects
         .iter()
+        .chain(std::iter::once(&node_manifest(&plan.node)))
         .map(|o| (object_key(o), o.clone()))
         .collect();
     write_objects(&dir, &objects)?;

@@ -9,27 +9,13 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::store::{
-    EndpointInfo, ObjectRef, Protocol, ServiceInfo, ServicePortInfo, ServiceType, Store,
-};
+use crate::store::{EndpointInfo, ServiceInfo, ServicePortInfo, ServiceType, Store};
+pub use crate::store::{NodeInfo, ObjectRef, Protocol};
 
-/// This node, as the model needs it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeInfo {
-    pub name: String,
-    /// The first is the primary node IP.
-    pub ips: Vec<IpAddr>,
-    pub labels: BTreeMap<String, String>,
-}
-
-impl NodeInfo {
-    #[must_use]
-    pub fn zone(&self) -> Option<&str> {
-        self.labels
-            .get("topology.kubernetes.io/zone")
-            .map(String::as_str)
-    }
-}
+mod cache;
+mod resolve;
+pub use cache::DesiredCache;
+pub use resolve::{Decision, Flow, SourceClass, classify_source, resolve};
 
 /// Which node addresses NodePorts are served on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -118,7 +104,36 @@ pub struct FrontendKey {
     pub protocol: Protocol,
 }
 
-/// One address:port:protocol a Service answers on, and where its traffic goes.
+/// When one class of traffic is masqueraded (its source rewritten to a node IP, so replies
+/// come back through this node). Traffic from a backend to itself through its Service
+/// (hairpin) is always masqueraded, whatever this says: that rule is per backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Masquerade {
+    Never,
+    Always,
+    /// Unless the source is pod traffic by the local-traffic detector (`clusterCIDR`):
+    /// ClusterIP traffic without `masqueradeAll`.
+    UnlessFromPods,
+    /// Only traffic from the node itself (externalTrafficPolicy Local: pods and outside
+    /// clients keep their address).
+    FromNode,
+}
+
+impl Masquerade {
+    /// Whether traffic from `class` is masqueraded.
+    #[must_use]
+    pub fn applies(self, class: SourceClass) -> bool {
+        match self {
+            Self::Never => false,
+            Self::Always => true,
+            Self::UnlessFromPods => class != SourceClass::Pod,
+            Self::FromNode => class == SourceClass::Node,
+        }
+    }
+}
+
+/// One address:port:protocol a Service answers on, and what happens to each class of its
+/// traffic: everything a renderer needs, so no renderer restates a rule of the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub service: ObjectRef,
@@ -128,12 +143,48 @@ pub struct Frontend {
     pub internal: Targets,
     /// Traffic from outside the cluster (equal to `internal` for ClusterIP frontends).
     pub external: Targets,
+    /// When `internal` traffic is masqueraded.
+    pub internal_masquerade: Masquerade,
+    /// When `external` traffic is masqueraded.
+    pub external_masquerade: Masquerade,
     pub external_policy_local: bool,
     pub affinity_timeout_secs: Option<u32>,
     /// Pick backends by Maglev (consistent across nodes) instead of at random.
     pub maglev: bool,
     /// loadBalancerSourceRanges (LoadBalancer frontends only; empty: everyone).
     pub source_ranges: Vec<IpNet>,
+}
+
+impl Frontend {
+    /// A frontend of `kind` sending every class of traffic to `targets`, unmasqueraded, with
+    /// no affinity, Maglev or source ranges (the model fills these in; tests and benchmarks
+    /// set what they need).
+    #[must_use]
+    pub fn new(service: ObjectRef, kind: FrontendKind, targets: Targets) -> Self {
+        Self {
+            service,
+            port_name: String::new(),
+            kind,
+            internal: targets.clone(),
+            external: targets,
+            internal_masquerade: Masquerade::Never,
+            external_masquerade: Masquerade::Never,
+            external_policy_local: false,
+            affinity_timeout_secs: None,
+            maglev: false,
+            source_ranges: Vec::new(),
+        }
+    }
+
+    /// The targets and masquerade rule for traffic from `class`.
+    #[must_use]
+    pub fn for_source(&self, class: SourceClass) -> (&Targets, Masquerade) {
+        if class == SourceClass::External {
+            (&self.external, self.external_masquerade)
+        } else {
+            (&self.internal, self.internal_masquerade)
+        }
+    }
 }
 
 /// The desired state: every frontend on this node.
@@ -143,6 +194,11 @@ pub struct DesiredState {
     /// Services with externalTrafficPolicy Local: their healthCheckNodePort and local
     /// endpoint count.
     pub health_checks: BTreeMap<ObjectRef, (u16, usize)>,
+    /// The source address of masqueraded traffic: the first node IP of each family.
+    pub masquerade_ips: Vec<IpAddr>,
+    /// NodePorts also answer on IPv4 loopback (127.0.0.0/8) for traffic from the node itself
+    /// (upstream's `localhostNodePorts`, when `nodePortAddresses` includes loopback).
+    pub localhost_node_ports: bool,
 }
 
 /// One endpoint for one Service port, after slices are merged.
@@ -348,10 +404,36 @@ pub fn node_port_ips(node: &NodeInfo, config: &ProxyConfig) -> Vec<IpAddr> {
     }
 }
 
+/// The first node IP of each family: where masqueraded traffic comes from.
+#[must_use]
+pub fn masquerade_ips(node: &NodeInfo) -> Vec<IpAddr> {
+    let v4 = node.ips.iter().find(|ip| ip.is_ipv4());
+    let v6 = node.ips.iter().find(|ip| ip.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
+}
+
+/// upstream `localhostNodePorts`: IPv4 only, and only when `nodePortAddresses` includes
+/// loopback (every address, or a CIDR holding 127.0.0.1).
+#[must_use]
+pub fn localhost_node_ports(config: &ProxyConfig) -> bool {
+    config.localhost_node_ports
+        && match &config.node_port_addresses {
+            NodePortAddresses::All => true,
+            NodePortAddresses::Primary => false,
+            NodePortAddresses::Cidrs(c) => {
+                c.iter().any(|c| c.contains(&IpAddr::from([127, 0, 0, 1])))
+            }
+        }
+}
+
 /// Computes the desired state. Pure: the same inputs give the same output.
 #[must_use]
 pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredState {
-    let mut state = DesiredState::default();
+    let mut state = DesiredState {
+        masquerade_ips: masquerade_ips(node),
+        localhost_node_ports: localhost_node_ports(config),
+        ..DesiredState::default()
+    };
     let node_port_ips = node_port_ips(node, config);
     for svc in store.services() {
         let (frontends, health) = compute_service(store, svc, node, config, &node_port_ips);
@@ -416,6 +498,21 @@ pub fn compute_service(
                 }
                 other => other.clone(),
             };
+            // upstream: ClusterIP traffic is masqueraded under masqueradeAll, or when it does
+            // not come from the cluster CIDR; external traffic under eTP=Cluster, and under
+            // eTP=Local only when it comes from the node itself.
+            let cluster_ip_masquerade = if config.masquerade_all {
+                Masquerade::Always
+            } else if config.cluster_cidrs.is_empty() {
+                Masquerade::Never
+            } else {
+                Masquerade::UnlessFromPods
+            };
+            let (internal_masquerade, external_masquerade) = if svc.external_policy_local {
+                (Masquerade::FromNode, Masquerade::Never)
+            } else {
+                (Masquerade::Always, Masquerade::Always)
+            };
             let mut add = |ip: IpAddr,
                            port_num: u16,
                            kind: FrontendKind,
@@ -434,6 +531,16 @@ pub fn compute_service(
                         kind,
                         internal: same_family(internal, &ip),
                         external: same_family(external, &ip),
+                        internal_masquerade: if kind == FrontendKind::ClusterIp {
+                            cluster_ip_masquerade
+                        } else {
+                            internal_masquerade
+                        },
+                        external_masquerade: if kind == FrontendKind::ClusterIp {
+                            cluster_ip_masquerade
+                        } else {
+                            external_masquerade
+                        },
                         external_policy_local: svc.external_policy_local,
                         affinity_timeout_secs: svc.affinity_timeout_secs,
                         maglev: svc.maglev.unwrap_or(config.maglev_default),
@@ -493,101 +600,6 @@ pub fn compute_service(
             None
         };
         (out, health)
-    }
-}
-
-/// One packet arriving at (or leaving from) the node, for [`resolve`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Flow {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub dport: u16,
-    pub protocol: Protocol,
-}
-
-/// What happens to a [`Flow`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Translated to one of these; the flag says whether the backend sees a node IP as source.
-    Backends(Vec<(SocketAddr, bool)>),
-    Reject,
-    Drop,
-    /// Not a Service address: left alone.
-    None,
-    /// Delivered to the node itself, untranslated (e.g. a healthCheckNodePort).
-    Accept,
-}
-
-/// Where a flow's source is, for policy and masquerade decisions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourceClass {
-    Pod,
-    Node,
-    External,
-}
-
-#[must_use]
-pub fn classify_source(src: IpAddr, node: &NodeInfo, config: &ProxyConfig) -> SourceClass {
-    if src.is_loopback() || node.ips.contains(&src) {
-        SourceClass::Node
-    } else if config.cluster_cidrs.iter().any(|c| c.contains(&src)) {
-        SourceClass::Pod
-    } else {
-        SourceClass::External
-    }
-}
-
-/// The decision for one flow, with upstream's masquerade rules:
-/// ClusterIP traffic is masqueraded under masqueradeAll or when it does not come from the
-/// cluster CIDR; traffic to external frontends is masqueraded under eTP=Cluster, and under
-/// eTP=Local only when it comes from the node itself; a pod reaching itself (hairpin) always is.
-#[must_use]
-pub fn resolve(
-    state: &DesiredState,
-    node: &NodeInfo,
-    config: &ProxyConfig,
-    flow: &Flow,
-) -> Decision {
-    let key = FrontendKey {
-        ip: flow.dst,
-        port: flow.dport,
-        protocol: flow.protocol,
-    };
-    let Some(fe) = state.frontends.get(&key) else {
-        let is_health_check = node.ips.contains(&flow.dst)
-            && flow.protocol == Protocol::Tcp
-            && state.health_checks.values().any(|(p, _)| *p == flow.dport);
-        return if is_health_check {
-            Decision::Accept
-        } else {
-            Decision::None
-        };
-    };
-    let class = classify_source(flow.src, node, config);
-    let (targets, masq) = if fe.kind == FrontendKind::ClusterIp {
-        let off_cluster = !config.cluster_cidrs.is_empty()
-            && !config.cluster_cidrs.iter().any(|c| c.contains(&flow.src));
-        (&fe.internal, config.masquerade_all || off_cluster)
-    } else if !fe.external_policy_local {
-        let t = if class == SourceClass::External {
-            &fe.external
-        } else {
-            &fe.internal
-        };
-        (t, true)
-    } else {
-        match class {
-            SourceClass::Pod => (&fe.internal, false),
-            SourceClass::Node => (&fe.internal, true),
-            SourceClass::External => (&fe.external, false),
-        }
-    };
-    match targets {
-        Targets::Reject => Decision::Reject,
-        Targets::Drop => Decision::Drop,
-        Targets::Backends(b) => {
-            Decision::Backends(b.iter().map(|a| (*a, masq || a.ip() == flow.src)).collect())
-        }
     }
 }
 

@@ -5,7 +5,6 @@
 //! backoff after errors; a relist replaces that kind's objects in the store at once
 //! (`InitDone`). While the API server is unreachable nothing is sent, so the programmed
 //! datapath stays as it was.
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use futures::StreamExt as _;
@@ -15,34 +14,17 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::mpsc;
 
-use crate::model::NodeInfo;
-use crate::store::{Change, ObjectRef, ServiceInfo, SliceInfo};
+use super::convert::{self, ProxySelector};
+use crate::store::{Change, NodeInfo, ObjectRef, ServiceInfo, SliceInfo};
 use crate::{Error, Result};
-
-/// Upstream's label selector: Services claimed by another proxy and headless Services are
-/// not ours.
-const SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-const HEADLESS: &str = "service.kubernetes.io/headless";
 
 /// Where and how to reach the API server.
 #[derive(Clone, Debug, Default)]
 pub struct ApiConfig {
     pub kubeconfig: Option<PathBuf>,
     pub master: Option<String>,
-    /// Claim Services labelled `service.kubernetes.io/service-proxy-name=<this>`.
-    pub service_proxy_name: Option<String>,
+    pub selector: ProxySelector,
     pub node_name: String,
-}
-
-impl ApiConfig {
-    /// The label selector kube-proxy uses for Services and EndpointSlices.
-    #[must_use]
-    pub fn label_selector(&self) -> String {
-        match &self.service_proxy_name {
-            Some(name) => format!("{SERVICE_PROXY_NAME}={name},!{HEADLESS}"),
-            None => format!("!{SERVICE_PROXY_NAME},!{HEADLESS}"),
-        }
-    }
 }
 
 /// Builds a client from `--kubeconfig` / `--master`, or in-cluster / default config.
@@ -78,7 +60,7 @@ pub async fn client(cfg: &ApiConfig) -> Result<kube::Client> {
     kube::Client::try_from(config).map_err(|e| Error::invalid(format!("API client: {e}")))
 }
 
-fn convert<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T> {
+fn decode<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T> {
     let value = serde_json::to_value(obj).map_err(|e| Error::invalid(e.to_string()))?;
     serde_json::from_value(value).map_err(|e| {
         Error::invalid(format!(
@@ -90,48 +72,15 @@ fn convert<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T> {
 }
 
 fn to_service(obj: &DynamicObject) -> Result<ServiceInfo> {
-    ServiceInfo::from_api(&convert::<Service>(obj)?)
+    convert::service(&decode::<Service>(obj)?)
 }
 
 fn to_slice(obj: &DynamicObject) -> Result<SliceInfo> {
-    SliceInfo::from_api(&convert::<EndpointSlice>(obj)?)
+    convert::endpoint_slice(&decode::<EndpointSlice>(obj)?)
 }
 
-/// This node's name, InternalIPs (then ExternalIPs) and labels.
-///
-/// # Errors
-/// The object is not a valid Node.
-pub fn to_node(obj: &DynamicObject) -> Result<NodeInfo> {
-    let node: Node = convert(obj)?;
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for wanted in ["InternalIP", "ExternalIP"] {
-        for a in node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if a.type_ == wanted
-                && let Ok(ip) = a.address.parse()
-                && !ips.contains(&ip)
-            {
-                ips.push(ip);
-            }
-        }
-    }
-    Ok(NodeInfo {
-        name: node.metadata.name.unwrap_or_default(),
-        ips,
-        labels: node.metadata.labels.unwrap_or_default(),
-    })
-}
-
-fn object_ref(obj: &DynamicObject) -> ObjectRef {
-    ObjectRef::new(
-        obj.metadata.namespace.as_deref().unwrap_or("default"),
-        obj.metadata.name.as_deref().unwrap_or(""),
-    )
+fn to_node(obj: &DynamicObject) -> Result<NodeInfo> {
+    Ok(convert::node(&decode::<Node>(obj)?))
 }
 
 /// How one kind's events become store changes.
@@ -175,7 +124,9 @@ async fn watch_kind<T: Send + 'static>(
                     None
                 }
             },
-            Ok(watcher::Event::Delete(obj)) => Some((ops.delete)(object_ref(&obj))),
+            Ok(watcher::Event::Delete(obj)) => {
+                Some((ops.delete)(convert::object_ref(&obj.metadata)))
+            }
             Err(e) => {
                 tracing::warn!(kind = ops.what, "watch failed, retrying with backoff: {e}");
                 None
@@ -191,7 +142,7 @@ async fn watch_kind<T: Send + 'static>(
 
 /// Starts the watchers; changes arrive on `tx`.
 pub fn spawn(client: &kube::Client, cfg: &ApiConfig, tx: &mpsc::Sender<Change>) {
-    let selector = cfg.label_selector();
+    let selector = cfg.selector.label_selector();
     let svc_api =
         Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<Service>(&()));
     let slice_api =

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use proxy_common::{CtKey, ct_kind};
 
-use crate::ebpf::datapath::{PinLayout, PinnedMaps, load_object};
-use crate::ebpf::render::LbMaps as _;
-use crate::store::Protocol;
+use super::datapath::{PinLayout, load_object, program};
+use super::maps::LbMaps as _;
+use super::pinned::PinnedMaps;
+use crate::model::Protocol;
 use crate::{Error, Result};
 
 /// A scratch bpffs directory, removed on drop.
@@ -112,9 +113,9 @@ fn addr_at(p: &[u8], ip: usize, port: usize) -> SocketAddr {
 fn run(ebpf: &aya::Ebpf, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
     let p: &SchedClassifier = ebpf
         .program(prog)
-        .ok_or_else(|| Error::bpf(format!("{prog} missing")))?
+        .ok_or_else(|| Error::Unsupported(format!("program {prog} is missing from the object")))?
         .try_into()
-        .map_err(|e| Error::bpf(format!("{prog}: {e}")))?;
+        .map_err(|e| Error::program(prog, "typing", e))?;
     let mut out = vec![0u8; 1600];
     let r = p
         .test_run(TestRunOptions {
@@ -123,7 +124,7 @@ fn run(ebpf: &aya::Ebpf, prog: &str, pkt: &[u8]) -> Result<(u32, Vec<u8>)> {
             repeat: 1,
             ..Default::default()
         })
-        .map_err(|e| Error::bpf(format!("BPF_PROG_TEST_RUN {prog}: {e}")))?;
+        .map_err(|e| Error::program(prog, "BPF_PROG_TEST_RUN", e))?;
     out.truncate(r.data_size_out as usize);
     Ok((r.return_value, out))
 }
@@ -146,7 +147,7 @@ pub fn trace(
             "--src and --dst must be of the same IP family",
         ));
     }
-    let (src16, dst16) = (crate::ebpf::addr16(src), crate::ebpf::addr16(dst));
+    let (src16, dst16) = (super::addr16(src), super::addr16(dst));
     let live = PinnedMaps::open(&PinLayout::new(bpf_fs_path))?;
     let snapshot = live.snapshot()?;
     let scratch = Scratch(bpf_fs_path.with_file_name(format!(
@@ -157,9 +158,9 @@ pub fn trace(
     let layout = PinLayout::new(&scratch.0);
     let mut ebpf = load_object(&layout)?;
     for name in ["kpr_tc_ingress", "kpr_tc_egress"] {
-        let prog: &mut SchedClassifier = crate::ebpf::datapath::program(&mut ebpf, name)?;
+        let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         prog.load()
-            .map_err(|e| Error::bpf(format!("verifier rejected {name}: {e}")))?;
+            .map_err(|e| Error::program(name, "loading (verifier)", e))?;
     }
     let mut copy = PinnedMaps::open(&layout)?;
     for (k, v) in &snapshot.services {

@@ -1,5 +1,5 @@
-//! The eBPF renderer: turns the desired state into map entries and applies only the
-//! difference from what the maps hold.
+//! The map diff: turns the desired state into load-balancing map entries and applies only the
+//! difference from what the maps hold (the eBPF renderer's core, over any [`LbMaps`]).
 //!
 //! A frontend's backend set changes atomically: the new set is written as slots of a new
 //! revision, then one update of the service entry publishes it, then the old revision's slots
@@ -14,15 +14,22 @@ use proxy_common::{
 };
 
 use super::{addr16, sockaddr_from16};
-use crate::model::{DesiredState, Frontend, FrontendKey, FrontendKind, Targets};
+use crate::model::{
+    DesiredState, Frontend, FrontendKey, FrontendKind, Masquerade, Protocol, Targets,
+};
+use crate::render::MAX_REPORTED_ERRORS;
 use crate::{Error, Result};
 use ipnet::IpNet;
 
-/// How many per-frontend errors one sync reports in full.
-const MAX_REPORTED_ERRORS: usize = 10;
-
 /// Flag in `ServiceValue::flags`: no usable endpoint and the policy says drop, not reject.
 pub const FLAG_DROP: u32 = service_flags::DROP;
+
+fn too_many_backends() -> Error {
+    Error::MapFull {
+        map: proxy_common::map_names::BACKEND_SLOTS.into(),
+        detail: "more than 2^32 backends for one frontend".into(),
+    }
+}
 
 /// Writes to the load-balancing maps. Implemented by the pinned kernel maps and, for tests,
 /// by [`MapsSnapshot`] itself.
@@ -67,7 +74,14 @@ impl LbMaps for MapsSnapshot {
             && self.slots.len() >= cap
             && !self.slots.contains_key(key)
         {
-            return Err(Error::bpf("KPR_SLOTS: map is full (E2BIG)"));
+            return Err(Error::map(
+                proxy_common::map_names::BACKEND_SLOTS,
+                "insert",
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+                }),
+            ));
         }
         self.slots.insert(*key, backend_id);
         Ok(())
@@ -151,7 +165,7 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The renderer's memory of what the maps hold (rebuilt from the maps at start).
 #[derive(Debug, Default)]
-pub struct EbpfRenderer {
+pub struct MapDiff {
     services: FastMap<ServiceKey, Programmed>,
     /// backend address -> (id, number of slots using it)
     backend_ids: FastMap<SocketAddr, (u32, usize)>,
@@ -164,7 +178,7 @@ pub struct EbpfRenderer {
     /// Generation handed to a reused backend id.
     next_generation: u32,
     /// (frontend, backend) pairs of UDP frontends that lost a backend since the last
-    /// [`EbpfRenderer::take_removed_udp`]: sockets connected through them are destroyed.
+    /// [`MapDiff::take_removed_udp`]: sockets connected through them are destroyed.
     removed_udp: BTreeSet<(SocketAddr, SocketAddr)>,
 }
 
@@ -179,7 +193,9 @@ fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
 
 fn wanted(fe: &Frontend, targets: &Targets, frontend: SocketAddr, external: bool) -> WantedService {
     let mut flags = 0;
-    if external && !fe.external_policy_local {
+    // The TC path serves external traffic: masquerade it when the model says so for every
+    // external source. (Socket-level load balancing never rewrites a source.)
+    if external && fe.external_masquerade == Masquerade::Always {
         flags |= service_flags::EXTERNAL_MASQ;
     }
     if fe.kind == FrontendKind::ClusterIp {
@@ -239,7 +255,7 @@ fn wanted_for(fe_key: &FrontendKey, fe: &Frontend) -> Vec<(ServiceKey, WantedSer
     out
 }
 
-impl EbpfRenderer {
+impl MapDiff {
     /// Rebuilds the renderer's memory from what the maps hold, so a restarted agent applies
     /// only the difference. Slots of revisions no service points at (left by a crash between
     /// publish and cleanup) are returned for deletion by the next sync.
@@ -307,10 +323,10 @@ impl EbpfRenderer {
             return Ok(id);
         }
         if self.next_service_id as usize >= map_sizes::SERVICES {
-            return Err(Error::bpf(format!(
-                "KPR_SERVICES: all {} frontend ids are in use",
-                map_sizes::SERVICES
-            )));
+            return Err(Error::MapFull {
+                map: proxy_common::map_names::SERVICES.into(),
+                detail: format!("all {} frontend ids are in use", map_sizes::SERVICES),
+            });
         }
         self.next_service_id += 1;
         Ok(self.next_service_id - 1)
@@ -439,15 +455,16 @@ impl EbpfRenderer {
                     errors.push(e.context(format!(
                         "frontend {} {}",
                         want.frontend,
-                        crate::store::Protocol::from_number(key.proto).map_or("?", |p| p.as_str())
+                        Protocol::from_number(key.proto).map_or("?", |p| p.as_str())
                     )));
                 }
             }
         }
         if stats.errors > errors.len() {
-            errors.push(Error::bpf(format!(
-                "{} more frontends failed the same way",
-                stats.errors - errors.len()
+            let more = stats.errors - errors.len();
+            let first = errors.first().map(ToString::to_string).unwrap_or_default();
+            errors.push(Error::invalid(format!(
+                "{more} more frontends failed like the first ({first})"
             )));
         }
         (stats, errors)
@@ -528,7 +545,7 @@ impl EbpfRenderer {
                 let sk = BackendSlotKey {
                     service_id: id,
                     revision,
-                    slot: u32::try_from(slot).map_err(|_| Error::bpf("too many backends"))?,
+                    slot: u32::try_from(slot).map_err(|_| too_many_backends())?,
                 };
                 maps.put_slot(&sk, backend_id)?;
                 written.push(sk);
@@ -550,8 +567,7 @@ impl EbpfRenderer {
             }
             let value = ServiceValue {
                 id,
-                backend_count: u32::try_from(ids.len())
-                    .map_err(|_| Error::bpf("too many backends"))?,
+                backend_count: u32::try_from(ids.len()).map_err(|_| too_many_backends())?,
                 revision,
                 flags: want.flags,
                 affinity_timeout_secs: want.affinity_timeout_secs,
@@ -698,7 +714,7 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
             };
             FrontendView {
                 frontend: sockaddr_from16(k.addr, k.port).to_string(),
-                protocol: crate::store::Protocol::from_number(k.proto)
+                protocol: Protocol::from_number(k.proto)
                     .map_or_else(|| k.proto.to_string(), |p| p.as_str().to_string()),
                 scope: if k.scope == scope::EXTERNAL {
                     "external"
@@ -724,8 +740,7 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::FrontendKey;
-    use crate::store::{ObjectRef, Protocol};
+    use crate::model::{FrontendKey, ObjectRef};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -741,17 +756,11 @@ mod tests {
                     port: addr.port(),
                     protocol: *proto,
                 },
-                Frontend {
-                    service: ObjectRef::new("ns", "svc"),
-                    port_name: String::new(),
-                    kind: FrontendKind::ClusterIp,
-                    internal: targets.clone(),
-                    external: targets.clone(),
-                    external_policy_local: false,
-                    affinity_timeout_secs: None,
-                    maglev: false,
-                    source_ranges: Vec::new(),
-                },
+                Frontend::new(
+                    ObjectRef::new("ns", "svc"),
+                    FrontendKind::ClusterIp,
+                    targets.clone(),
+                ),
             );
         }
         d
@@ -761,7 +770,7 @@ mod tests {
         Targets::Backends(list.iter().map(|s| sa(s)).collect())
     }
 
-    fn sync(r: &mut EbpfRenderer, d: &DesiredState, m: &mut MapsSnapshot) -> SyncStats {
+    fn sync(r: &mut MapDiff, d: &DesiredState, m: &mut MapsSnapshot) -> SyncStats {
         let (stats, errors) = r.sync(d, m, &[]);
         assert!(errors.is_empty(), "{errors:?}");
         stats
@@ -786,7 +795,7 @@ mod tests {
             ("10.96.0.11:53", Protocol::Udp, backends(&both)),
             ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:80"])),
         ]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         assert!(
@@ -828,7 +837,7 @@ mod tests {
             ),
             ("10.96.0.11:53", Protocol::Udp, backends(&["10.0.1.2:53"])),
         ]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         let s = sync(&mut r, &d, &mut m);
         assert_eq!(
@@ -850,7 +859,7 @@ mod tests {
             ),
             ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.4:8080"])),
         ]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         let other_before = m
@@ -887,7 +896,7 @@ mod tests {
             ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
             ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
         ]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         assert_eq!(m.backends.len(), 1);
@@ -906,7 +915,7 @@ mod tests {
             ("10.96.0.10:80", Protocol::Tcp, Targets::Reject),
             ("10.96.0.11:80", Protocol::Tcp, Targets::Drop),
         ]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         let verdicts: Vec<_> = view(&m)
@@ -936,7 +945,7 @@ mod tests {
                 backends(&["[fd00:1::2]:8080"]),
             ),
         ]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         // A crash between publish and retire leaves a stray slot behind.
@@ -948,7 +957,7 @@ mod tests {
             },
             0,
         );
-        let (mut adopted, stale) = EbpfRenderer::adopt(&m);
+        let (mut adopted, stale) = MapDiff::adopt(&m);
         assert_eq!(stale.len(), 1);
         let (s, errors) = adopted.sync(&d, &mut m, &stale);
         assert!(errors.is_empty());
@@ -970,7 +979,7 @@ mod tests {
     #[test]
     fn a_full_map_keeps_the_old_backend_set() {
         let d = state(&[("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"]))]);
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         let before = m.clone();
@@ -982,10 +991,15 @@ mod tests {
         )]);
         let (_, errors) = r.sync(&bigger, &mut m, &[]);
         assert_eq!(errors.len(), 1);
-        let msg = errors[0].to_string();
         assert!(
-            msg.contains("10.96.0.10:80") && msg.contains("full"),
-            "{msg}"
+            errors[0].is_map_full(),
+            "a full map, typed: {:?}",
+            errors[0]
+        );
+        assert!(
+            errors[0].to_string().contains("10.96.0.10:80"),
+            "the error names the frontend: {}",
+            errors[0]
         );
         m.slot_capacity = None;
         assert_eq!(
@@ -1009,7 +1023,7 @@ mod tests {
             fe.maglev = true;
             fe.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
         }
-        let mut r = EbpfRenderer::default();
+        let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
         // internal + external keys, each a full table
@@ -1027,7 +1041,7 @@ mod tests {
         }
         sync(&mut r, &d, &mut m);
         assert!(m.src_ranges.is_empty());
-        let (mut adopted, _) = EbpfRenderer::adopt(&m);
+        let (mut adopted, _) = MapDiff::adopt(&m);
         assert!(adopted.sync(&d, &mut m, &[]).0.is_noop());
         sync(&mut r, &DesiredState::default(), &mut m);
         assert!(m.slots.is_empty() && m.backends.is_empty());

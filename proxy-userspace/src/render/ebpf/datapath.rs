@@ -1,0 +1,500 @@
+//! Loading, attaching, pinning, adopting and removing kpr's eBPF programs and maps.
+//!
+//! Layout under the bpffs path (default `/sys/fs/bpf/kpr`):
+//! ```text
+//! v<MAP_LAYOUT_VERSION>/maps/KPR_SERVICES ...        pinned maps (shared by every program)
+//! v<MAP_LAYOUT_VERSION>/prog-<object hash>/connect4  pinned cgroup links, one per hook
+//! ```
+//! A restarted agent whose object hash matches adopts the pinned links and maps without
+//! loading anything. A new kpr binary (another hash) loads its programs and swaps them into
+//! the existing links atomically (`BPF_LINK_UPDATE`), so the datapath never has a gap.
+use std::fs;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+
+use aya::EbpfLoader;
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::links::LinkOrder;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttach};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
+use proxy_common::{MAP_LAYOUT_VERSION, map_names};
+
+use crate::render::CleanupReport;
+use crate::{Error, Result};
+
+/// The eBPF object built from `proxy-ebpf`, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpr-ebpf"));
+
+/// The socket-LB programs: (program name in the object, pin name of its link).
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
+    ("kpr_connect4", "connect4"),
+    ("kpr_connect6", "connect6"),
+    ("kpr_sendmsg4", "sendmsg4"),
+    ("kpr_sendmsg6", "sendmsg6"),
+    ("kpr_recvmsg4", "recvmsg4"),
+    ("kpr_recvmsg6", "recvmsg6"),
+    ("kpr_getpeername4", "getpeername4"),
+    ("kpr_getpeername6", "getpeername6"),
+];
+
+/// The TC programs: (program name in the object, pin name of the program).
+pub const TC_PROGRAMS: [(&str, &str); 2] = [
+    ("kpr_tc_ingress", "tc_ingress"),
+    ("kpr_tc_egress", "tc_egress"),
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `tc-<ifindex>-<ifname>-<direction>` -> direction.
+fn tc_link_direction(pin_name: &str) -> Option<&'static str> {
+    if !pin_name.starts_with("tc-") {
+        return None;
+    }
+    if pin_name.ends_with("-ingress") {
+        Some("ingress")
+    } else if pin_name.ends_with("-egress") {
+        Some("egress")
+    } else {
+        None
+    }
+}
+
+/// The network interfaces of the current network namespace: (ifindex, name).
+#[must_use]
+pub fn interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns a NULL-terminated array we free with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*p).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*p).if_index, name));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Which interfaces get the TC programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TcInterfaces {
+    /// Every interface of the agent's network namespace but loopback (rescanned, so pod
+    /// interfaces created later are covered).
+    All,
+    /// Only these names.
+    Named(Vec<String>),
+    /// No TC programs (socket load balancing only).
+    None,
+}
+
+/// Attaches this build's pinned TC programs (ingress and egress, tcx) to every selected
+/// interface that lacks them, pins the links, and forgets links of interfaces that are gone.
+/// Returns the interfaces newly attached.
+///
+/// # Errors
+/// The pinned programs cannot be opened. Per-interface failures are logged and skipped.
+pub fn sync_tc_links(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<String>> {
+    if *select == TcInterfaces::None {
+        return Ok(Vec::new());
+    }
+    let dir = layout.links_dir(&object_hash());
+    let ifaces = interfaces();
+    // Links of vanished interfaces: unpin (the kernel already detached them).
+    for entry in fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if tc_link_direction(&name).is_none() {
+            continue;
+        }
+        let alive = ifaces
+            .iter()
+            .any(|(idx, ifname)| name.starts_with(&format!("tc-{idx}-{ifname}-")));
+        if !alive {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let mut programs = Vec::new();
+    for (_, pin) in TC_PROGRAMS {
+        let path = dir.join(pin);
+        programs.push(
+            SchedClassifier::from_pin(&path)
+                .map_err(|e| Error::program(path.display().to_string(), "opening", e))?,
+        );
+    }
+    let mut attached = Vec::new();
+    for (idx, name) in ifaces {
+        let wanted = match select {
+            TcInterfaces::All => name != "lo",
+            TcInterfaces::Named(names) => names.contains(&name),
+            TcInterfaces::None => false,
+        };
+        if !wanted {
+            continue;
+        }
+        for (i, direction, attach_type) in [
+            (0, "ingress", TcAttachType::Ingress),
+            (1, "egress", TcAttachType::Egress),
+        ] {
+            let prog = &mut programs[i];
+            let pin = dir.join(format!("tc-{idx}-{name}-{direction}"));
+            if pin.exists() {
+                continue;
+            }
+            let result = prog
+                .attach(
+                    idx,
+                    TcAttach::Tcx {
+                        attach_type,
+                        order: LinkOrder::default(),
+                    },
+                )
+                .and_then(|id| prog.take_link(id))
+                .map_err(|e| Error::program(format!("TC {direction} on {name}"), "attaching", e))
+                .and_then(|link| {
+                    FdLink::try_from(link).map_err(|e| Error::link(&name, "taking the link", e))
+                })
+                .and_then(|fd| {
+                    fd.pin(&pin).map(|_| ()).map_err(|source| Error::Pin {
+                        path: pin.clone(),
+                        source,
+                    })
+                });
+            match result {
+                Ok(()) => attached.push(format!("{name}/{direction}")),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+    Ok(attached)
+}
+
+/// FNV-1a of the embedded object: names the directory of this build's links.
+#[must_use]
+pub fn object_hash() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in EBPF_OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Where things are pinned.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    #[must_use]
+    pub fn new(bpf_fs_path: &Path) -> Self {
+        Self {
+            root: bpf_fs_path.to_path_buf(),
+        }
+    }
+    #[must_use]
+    pub fn versioned(&self) -> PathBuf {
+        self.root.join(format!("v{MAP_LAYOUT_VERSION}"))
+    }
+    #[must_use]
+    pub fn maps_dir(&self) -> PathBuf {
+        self.versioned().join("maps")
+    }
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    #[must_use]
+    pub fn links_dir(&self, hash: &str) -> PathBuf {
+        self.versioned().join(format!("prog-{hash}"))
+    }
+    /// Link directories of other builds.
+    fn other_link_dirs(&self, hash: &str) -> Vec<PathBuf> {
+        let mine = format!("prog-{hash}");
+        fs::read_dir(self.versioned())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("prog-") && n != mine
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+/// Mounts a bpffs at /sys/fs/bpf when `path` is below it and nothing is mounted there yet
+/// (what a DaemonSet's host mount or systemd normally provides).
+fn mount_bpffs_if_missing(path: &Path) {
+    let bpf = Path::new("/sys/fs/bpf");
+    if !path.starts_with(bpf) || statfs_magic(bpf) == Some(BPF_FS_MAGIC) {
+        return;
+    }
+    let _ = fs::create_dir_all(bpf);
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(
+            "mounting bpffs at /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn statfs_magic(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs with a valid C string and an out-parameter of the right type.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_type)
+}
+
+/// Fails with a clear message unless `path` is on a bpffs.
+fn check_bpffs(path: &Path) -> Result<()> {
+    mount_bpffs_if_missing(path);
+    let probe = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/"));
+    if statfs_magic(probe) != Some(BPF_FS_MAGIC) {
+        return Err(Error::invalid(format!(
+            "{} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+            probe.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Loads the eBPF object with its maps pinned (or reused) under `layout`, without loading
+/// or attaching any program.
+///
+/// # Errors
+/// The kernel refused a map.
+pub fn load_object(layout: &PinLayout) -> Result<aya::Ebpf> {
+    check_object()?;
+    let dir = layout.maps_dir();
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Object(Box::new(e)))
+}
+
+/// Fails clearly when this binary was built without the eBPF object.
+fn check_object() -> Result<()> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(Error::Unsupported(
+            "this kpr was built without its eBPF programs (bpf-linker was missing): run `cargo xtask setup` and rebuild".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The program `name` of the object, as its concrete type.
+pub(crate) fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Unsupported(format!("program {name} is missing from the object")))?
+        .try_into()
+        .map_err(|e| Error::program(name, "typing", e))
+}
+
+/// How `ensure_loaded` found the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// Links of this very build were pinned: nothing was loaded.
+    Adopted,
+    /// Programs were loaded and attached for the first time.
+    Attached,
+    /// Programs of another build were replaced in place.
+    Upgraded,
+}
+
+/// Makes sure this build's programs are attached to `cgroup` with pinned links and the maps
+/// are pinned; adopts what is already there.
+///
+/// # Errors
+/// No bpffs, an unusable cgroup path, or the kernel refused to load or attach.
+pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
+    check_object()?;
+    check_bpffs(&layout.root)?;
+    let hash = object_hash();
+    let links_dir = layout.links_dir(&hash);
+    let maps_present = map_names::ALL.iter().all(|m| layout.map(m).exists());
+    let links_present = SOCK_PROGRAMS
+        .iter()
+        .chain(TC_PROGRAMS.iter())
+        .all(|(_, pin)| links_dir.join(pin).exists());
+    if maps_present && links_present {
+        return Ok(LoadOutcome::Adopted);
+    }
+    for dir in [layout.maps_dir(), links_dir.clone()] {
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let cgroup_file = fs::File::open(cgroup).map_err(|e| {
+        Error::io(cgroup, e).context("opening the cgroup to attach to (--cgroup-path)")
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(layout.maps_dir())
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Object(Box::new(e)))?;
+    let old_dirs = layout.other_link_dirs(&hash);
+    let mut upgraded = false;
+    for (prog_name, pin) in SOCK_PROGRAMS {
+        let target = links_dir.join(pin);
+        if target.exists() {
+            continue;
+        }
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, prog_name)?;
+        prog.load()
+            .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+        let old = old_dirs.iter().map(|d| d.join(pin)).find(|p| p.exists());
+        let link_id = if let Some(old) = &old {
+            let what = old.display().to_string();
+            let pinned = PinnedLink::from_pin(old).map_err(|e| Error::link(&what, "opening", e))?;
+            let fd_link: FdLink = pinned.into();
+            let link = CgroupSockAddrLink::try_from(fd_link)
+                .map_err(|e| Error::link(&what, "typing", e))?;
+            upgraded = true;
+            prog.attach_to_link(link)
+                .map_err(|e| Error::program(prog_name, "replacing in place", e))?
+        } else {
+            prog.attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| {
+                    Error::program(prog_name, "attaching", e)
+                        .context(format!("cgroup {}", cgroup.display()))
+                })?
+        };
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| Error::program(prog_name, "taking the link", e))?;
+        let fd_link = FdLink::try_from(link)
+            .map_err(|e| Error::link(prog_name, "converting to a bpf_link", e))?;
+        fd_link.pin(&target).map_err(|source| Error::Pin {
+            path: target.clone(),
+            source,
+        })?;
+        if let Some(old) = old {
+            let _ = fs::remove_file(old);
+        }
+    }
+    for (prog_name, pin) in TC_PROGRAMS {
+        let target = links_dir.join(pin);
+        if target.exists() {
+            continue;
+        }
+        let prog: &mut SchedClassifier = program(&mut ebpf, prog_name)?;
+        prog.load()
+            .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+        prog.pin(&target).map_err(|source| Error::Pin {
+            path: target.clone(),
+            source,
+        })?;
+    }
+    // TC links of an older build: swap this build's programs in, keep them attached.
+    for old in &old_dirs {
+        for entry in fs::read_dir(old).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(attach) = tc_link_direction(&name) else {
+                continue;
+            };
+            let target = links_dir.join(&name);
+            let prog_pin = links_dir.join(if attach == "ingress" {
+                TC_PROGRAMS[0].1
+            } else {
+                TC_PROGRAMS[1].1
+            });
+            let migrated = (|| -> Result<()> {
+                let mut prog = SchedClassifier::from_pin(&prog_pin)
+                    .map_err(|e| Error::program(prog_pin.display().to_string(), "opening", e))?;
+                let fd_link: FdLink = PinnedLink::from_pin(entry.path())
+                    .map_err(|e| Error::link(&name, "opening", e))?
+                    .into();
+                let link = SchedClassifierLink::try_from(fd_link)
+                    .map_err(|e| Error::link(&name, "typing", e))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .and_then(|id| prog.take_link(id))
+                    .map_err(|e| Error::program(&name, "replacing in place", e))?;
+                FdLink::try_from(id)
+                    .map_err(|e| Error::link(&name, "converting to a bpf_link", e))?
+                    .pin(&target)
+                    .map_err(|source| Error::Pin {
+                        path: target.clone(),
+                        source,
+                    })?;
+                Ok(())
+            })();
+            if let Err(e) = migrated {
+                tracing::warn!(
+                    "could not upgrade TC link {name} in place ({e}); it will be re-attached"
+                );
+            }
+            upgraded = true;
+        }
+    }
+    for d in old_dirs {
+        let _ = fs::remove_dir_all(d);
+    }
+    Ok(if upgraded {
+        LoadOutcome::Upgraded
+    } else {
+        LoadOutcome::Attached
+    })
+}
+
+/// Removes every link, map and directory kpr pinned under `root`. Unpinning a link detaches
+/// its program; unpinning the last reference to a map frees it.
+///
+/// # Errors
+/// A pin could not be removed.
+pub fn cleanup(root: &Path) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    if !root.exists() {
+        return Ok(report);
+    }
+    fn walk(dir: &Path, report: &mut CleanupReport) -> Result<()> {
+        let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            if ft.is_dir() {
+                walk(&path, report)?;
+                fs::remove_dir(&path).map_err(|e| Error::io(&path, e))?;
+            } else {
+                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+            report.removed.push(path.display().to_string());
+        }
+        Ok(())
+    }
+    walk(root, &mut report)?;
+    fs::remove_dir(root).map_err(|e| Error::io(root, e))?;
+    report.removed.push(root.display().to_string());
+    Ok(report)
+}

@@ -1,0 +1,122 @@
+//! Renderers: each proxy mode turns the model's desired state into its own kernel objects and
+//! applies only the difference from what the kernel holds. The agent owns one [`Renderer`],
+//! chosen at start, and knows nothing of maps, rules or links.
+//!
+//! A renderer has no opinion about which endpoints serve what, or which traffic is
+//! masqueraded: the model's [`Frontend`](crate::model::Frontend) says that per traffic class,
+//! and a renderer only expresses it in its kernel's terms.
+use std::collections::BTreeSet;
+
+use crate::Error;
+use crate::model::{DesiredState, FrontendKey};
+
+pub mod ebpf;
+
+/// The proxy modes, named as kube-proxy names them (`--proxy-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    #[default]
+    Ebpf,
+    Iptables,
+    Nftables,
+    Ipvs,
+}
+
+impl ProxyMode {
+    /// The name `/proxyMode` answers.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::Ipvs => "ipvs",
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How many per-frontend errors one sync reports in full; the rest are counted.
+pub const MAX_REPORTED_ERRORS: usize = 10;
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Kernel objects written or removed (0: the kernel already held the desired state).
+    pub changes: usize,
+    /// What each kind of change counted, for the log (e.g. `("slots_written", 3)`).
+    pub detail: Vec<(&'static str, usize)>,
+    /// Frontends or objects that could not be programmed. Each keeps what it had before;
+    /// everything else was synced.
+    pub errors: Vec<Error>,
+}
+
+impl SyncReport {
+    /// Adds an error, keeping the first [`MAX_REPORTED_ERRORS`] in full and counting the rest.
+    pub fn error(&mut self, e: Error, failed: &mut usize) {
+        *failed += 1;
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(e);
+        }
+    }
+}
+
+/// A counter or gauge a renderer exports in `/metrics` (as `kpr_<name>`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeMetric {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: MetricKind,
+    pub value: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// What `kpr cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    /// Each removed object (a pinned path, a chain, a table).
+    pub removed: Vec<String>,
+}
+
+/// One proxy mode. Implementations own every kernel object of their mode.
+pub trait Renderer: Send {
+    /// The mode this renderer implements.
+    fn mode(&self) -> ProxyMode;
+
+    /// Re-reads what the kernel holds (so changes made behind the agent's back are repaired)
+    /// and applies the whole desired state.
+    fn sync_full(&mut self, desired: &DesiredState) -> SyncReport;
+
+    /// Applies the desired state of `keys` only: the frontends of the Services that changed
+    /// (absent from `desired`: removed). Work is proportional to `keys`, not to the cluster.
+    fn sync_frontends(
+        &mut self,
+        desired: &DesiredState,
+        keys: &BTreeSet<FrontendKey>,
+    ) -> SyncReport;
+
+    /// Periodic work between syncs (e.g. attaching to interfaces that appeared).
+    fn tick(&mut self) {}
+
+    /// Removes every kernel object of this mode.
+    ///
+    /// # Errors
+    /// Something could not be removed; what could was.
+    fn cleanup(&mut self) -> crate::Result<CleanupReport>;
+
+    /// The mode's own counters and gauges.
+    fn metrics(&self) -> Vec<ModeMetric> {
+        Vec::new()
+    }
+}
