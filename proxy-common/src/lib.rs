@@ -307,28 +307,69 @@ mod user {
         RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
     };
 
+    /// Implements the Pod traits for a map type, after proving at compile time that its
+    /// layout has no implicit padding: every listed field starts where the previous one ended
+    /// and nothing follows the last. Removing a `_pad` field (or reordering fields so the
+    /// compiler pads) fails the build, because every byte of a Pod type must be a field.
     macro_rules! pod {
-        ($($t:ty),*) => {$(
-            // SAFETY: repr(C), every field an integer or integer array, no implicit padding
-            // (checked by the size assertions in the tests below).
+        ($($t:ident { $($f:ident: $ft:ty),* $(,)? })*) => {$(
+            const _: () = {
+                let mut end = 0usize;
+                $(
+                    assert!(
+                        core::mem::offset_of!($t, $f) == end,
+                        concat!(stringify!($t), ".", stringify!($f), ": implicit padding before this field")
+                    );
+                    end += core::mem::size_of::<$ft>();
+                )*
+                assert!(
+                    core::mem::size_of::<$t>() == end,
+                    concat!(stringify!($t), ": trailing padding or an unlisted field")
+                );
+            };
+            // SAFETY: repr(C), every field an integer or integer array, and the assertion
+            // above proves there is no padding byte.
             unsafe impl aya::Pod for $t {}
             unsafe impl bytemuck::Zeroable for $t {}
             unsafe impl bytemuck::Pod for $t {}
         )*};
     }
     pod!(
-        ServiceKey,
-        ServiceValue,
-        BackendSlotKey,
-        Backend,
-        RevNatValue,
-        SockRevNatKey,
-        SockRevNatValue,
-        CtKey,
-        CtValue,
-        NodeConfig,
-        AffinityKey,
-        AffinityValue
+        ServiceKey { addr: [u8; 16], port: u16, proto: u8, scope: u8 }
+        ServiceValue {
+            id: u32,
+            backend_count: u32,
+            revision: u32,
+            flags: u32,
+            affinity_timeout_secs: u32,
+            _pad: u32,
+        }
+        BackendSlotKey { service_id: u32, revision: u32, slot: u32 }
+        Backend { addr: [u8; 16], port: u16, _pad: u16, generation: u32 }
+        RevNatValue { addr: [u8; 16], port: u16, _pad: u16 }
+        SockRevNatKey { cookie: u64, addr: [u8; 16], port: u16, _pad: [u8; 6] }
+        SockRevNatValue { addr: [u8; 16], port: u16, _pad: u16, service_id: u32 }
+        CtKey {
+            saddr: [u8; 16],
+            daddr: [u8; 16],
+            sport: u16,
+            dport: u16,
+            proto: u8,
+            kind: u8,
+            _pad: [u8; 2],
+        }
+        CtValue {
+            addr: [u8; 16],
+            port: u16,
+            flags: u8,
+            _pad: u8,
+            backend_id: u32,
+            generation: u32,
+            service_id: u32,
+        }
+        NodeConfig { snat_v4: [u8; 16], snat_v6: [u8; 16] }
+        AffinityKey { client: [u8; 16], service_id: u32, _pad: u32 }
+        AffinityValue { backend_id: u32, generation: u32, last_used_ns: u64 }
     );
 }
 
@@ -337,9 +378,10 @@ mod tests {
     use super::*;
     use core::mem::size_of;
 
+    /// The sizes the eBPF side's maps were created with (padding itself is ruled out at
+    /// compile time by `pod!`).
     #[test]
-    fn layouts_have_no_implicit_padding() {
-        // Sum of field sizes == struct size means no hidden padding.
+    fn map_types_have_their_abi_sizes() {
         assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<ServiceValue>(), 6 * 4);
         assert_eq!(size_of::<BackendSlotKey>(), 3 * 4);

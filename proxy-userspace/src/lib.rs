@@ -13,6 +13,7 @@ pub mod render;
 pub mod serve;
 pub mod source;
 pub mod store;
+pub mod testkit;
 pub mod testnet;
 
 use std::path::PathBuf;

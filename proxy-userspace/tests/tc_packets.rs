@@ -7,18 +7,17 @@
 //!   node       192.168.0.2 (masquerade address), NodePort 3001
 //!   LB IP      1.2.3.4:80 (externalTrafficPolicy Local service "local")
 //!   backends   10.180.0.1:80 (local), 10.180.2.1:80 (remote)
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use kpr::model::{NodeInfo, ProxyConfig, compute};
-use kpr::render::ebpf::datapath::{PinLayout, load_object};
-use kpr::render::ebpf::maps::MapDiff;
-use kpr::render::ebpf::pinned::PinnedMaps;
+use kpr::render::Renderer as _;
+use kpr::render::ebpf::EbpfRenderer;
+use kpr::render::ebpf::packet::{self as pkt, L4};
+use kpr::render::ebpf::scratch::{ScratchDatapath, ScratchPins};
 use kpr::source::convert::ProxySelector;
 use kpr::source::manifests::parse_manifest;
 use kpr::store::{Change, Store};
-use proxy_common::{NodeConfig, ct_kind, v4_mapped};
+use proxy_common::ct_kind;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -28,7 +27,7 @@ const CLIENT: [u8; 4] = [203, 0, 113, 2];
 const NODE: [u8; 4] = [192, 168, 0, 2];
 const LB: [u8; 4] = [1, 2, 3, 4];
 const BACKEND_LOCAL: [u8; 4] = [10, 180, 0, 1];
-const NODE6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 
 fn manifests(local_endpoints: bool, cluster_endpoints: &[&str]) -> String {
     let eps: String = cluster_endpoints
@@ -62,50 +61,24 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns,
     )
 }
 
-/// A private bpffs directory, removed on drop (also when loading fails).
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A loaded TC datapath with its maps pinned in a private bpffs directory.
+/// A scratch TC datapath whose maps are programmed by the real eBPF renderer from a
+/// model-built desired state.
 struct Datapath {
-    ebpf: aya::Ebpf,
-    maps: PinnedMaps,
-    renderer: MapDiff,
-    _root: PinDir,
+    scratch: ScratchDatapath,
+    renderer: EbpfRenderer,
 }
 
 impl Datapath {
     fn new(tag: &str) -> Self {
         kpr_testnet::require_root();
         kpr_testnet::ensure_bpffs();
-        let root = PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/{}",
-            kpr_testnet::unique(tag)
-        )));
-        let layout = PinLayout::new(&root.0);
-        let mut ebpf = load_object(&layout).expect("load object");
-        for name in ["kpr_tc_ingress", "kpr_tc_egress"] {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
-        }
-        let mut maps = PinnedMaps::open(&layout).expect("open maps");
-        maps.set_node_config(&NodeConfig {
-            snat_v4: v4_mapped(NODE),
-            snat_v6: NODE6.octets(),
-        })
-        .unwrap();
-        Self {
-            ebpf,
-            maps,
-            renderer: MapDiff::default(),
-            _root: root,
-        }
+        let scratch = ScratchDatapath::load(ScratchPins::new(
+            std::path::Path::new("/sys/fs/bpf"),
+            &kpr_testnet::unique(tag),
+        ))
+        .expect("load the TC programs");
+        let renderer = EbpfRenderer::with_maps(scratch.layout.clone()).expect("open the maps");
+        Self { scratch, renderer }
     }
 
     fn program(&mut self, yaml: &str) {
@@ -124,29 +97,19 @@ impl Datapath {
             cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
             ..ProxyConfig::default()
         };
-        let desired = compute(&store, &node, &config);
-        let (_, errors) = self.renderer.sync(&desired, &mut self.maps, &[]);
-        assert!(errors.is_empty(), "{errors:?}");
+        let report = self.renderer.sync_full(&compute(&store, &node, &config));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
     fn run(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; 1600];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let r = self.scratch.run(prog, packet).expect("BPF_PROG_TEST_RUN");
+        (r.action, r.packet)
     }
 
     fn ct_kinds(&self) -> Vec<u8> {
         let mut k: Vec<u8> = self
-            .maps
+            .renderer
+            .maps()
             .conntrack()
             .unwrap()
             .iter()
@@ -157,20 +120,7 @@ impl Datapath {
     }
 }
 
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-/// Builds Ethernet + IPv4 + TCP (flags) or UDP with correct checksums.
+/// An IPv4 TCP segment (`Some(flags)`) or UDP datagram (`None`), checksums right.
 fn packet(
     src: [u8; 4],
     sport: u16,
@@ -179,76 +129,32 @@ fn packet(
     tcp_flags: Option<u8>,
     payload: &[u8],
 ) -> Vec<u8> {
-    let udp = tcp_flags.is_none();
-    let l4_len = if udp { 8 } else { 20 } + payload.len();
-    let mut p = vec![0u8; 14 + 20 + l4_len];
-    p[..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = 14;
-    p[ip] = 0x45;
-    p[ip + 2..ip + 4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-    p[ip + 8] = 64;
-    p[ip + 9] = if udp { 17 } else { 6 };
-    p[ip + 12..ip + 16].copy_from_slice(&src);
-    p[ip + 16..ip + 20].copy_from_slice(&dst);
-    let c = fold(sum16(&p[ip..ip + 20]));
-    p[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
-    let l4 = 34;
-    p[l4..l4 + 2].copy_from_slice(&sport.to_be_bytes());
-    p[l4 + 2..l4 + 4].copy_from_slice(&dport.to_be_bytes());
-    if udp {
-        p[l4 + 4..l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        p[l4 + 8..].copy_from_slice(payload);
-    } else {
-        p[l4 + 4..l4 + 8].copy_from_slice(&1000u32.to_be_bytes());
-        p[l4 + 12] = 5 << 4;
-        p[l4 + 13] = tcp_flags.unwrap();
-        p[l4 + 14..l4 + 16].copy_from_slice(&64240u16.to_be_bytes());
-        p[l4 + 20..].copy_from_slice(payload);
-    }
-    let csum_off = if udp { l4 + 6 } else { l4 + 16 };
-    let c = l4_checksum(&p);
-    p[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
-    p
+    pkt::build(
+        SocketAddr::from((src, sport)),
+        SocketAddr::from((dst, dport)),
+        tcp_flags.map_or(L4::Udp, L4::Tcp),
+        payload,
+    )
 }
 
-fn l4_checksum(p: &[u8]) -> u16 {
-    let proto = p[23];
-    let l4 = &p[34..];
-    let pseudo = sum16(&p[26..34]) + u32::from(proto) + l4.len() as u32;
-    let csum_off = if proto == 17 { 6 } else { 16 };
-    let mut copy = l4.to_vec();
-    copy[csum_off] = 0;
-    copy[csum_off + 1] = 0;
-    let c = fold(pseudo + sum16(&copy));
-    if proto == 17 && c == 0 { 0xffff } else { c }
-}
-
-/// Panics unless the IPv4 and L4 checksums of `p` verify.
-fn assert_checksums(p: &[u8]) {
-    assert_eq!(fold(sum16(&p[14..34])), 0, "IPv4 header checksum");
-    let proto = p[23];
-    let off = 34 + if proto == 17 { 6 } else { 16 };
-    let stored = u16::from_be_bytes([p[off], p[off + 1]]);
-    if proto == 17 && stored == 0 {
-        return;
+fn v4(a: SocketAddr) -> ([u8; 4], u16) {
+    match a.ip() {
+        IpAddr::V4(ip) => (ip.octets(), a.port()),
+        IpAddr::V6(ip) => panic!("{ip} is not IPv4"),
     }
-    assert_eq!(stored, l4_checksum(p), "L4 checksum");
 }
 
 fn src(p: &[u8]) -> ([u8; 4], u16) {
-    (
-        [p[26], p[27], p[28], p[29]],
-        u16::from_be_bytes([p[34], p[35]]),
-    )
+    v4(pkt::ends(p).0)
 }
 
 fn dst(p: &[u8]) -> ([u8; 4], u16) {
-    (
-        [p[30], p[31], p[32], p[33]],
-        u16::from_be_bytes([p[36], p[37]]),
-    )
+    v4(pkt::ends(p).1)
+}
+
+/// Panics unless every checksum of `p` verifies.
+fn assert_checksums(p: &[u8]) {
+    pkt::verify_checksums(p).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -365,8 +271,7 @@ fn no_endpoints_rejects_with_rst_and_local_policy_without_local_endpoints_drops(
         &udp[14..42],
         "quotes the datagram's IP header and 8 bytes"
     );
-    assert_eq!(fold(sum16(&icmp[14..34])), 0, "IPv4 header checksum");
-    assert_eq!(fold(sum16(&icmp[34..])), 0, "ICMP checksum");
+    assert_checksums(&icmp);
     // eTP=Local with only a remote endpoint: external traffic is dropped.
     let lb = packet(CLIENT, 40004, LB, 80, Some(0x02), &[]);
     assert_eq!(dp.run("kpr_tc_ingress", &lb).0, TC_ACT_SHOT);
@@ -484,7 +389,32 @@ fn maglev_picks_the_same_backend_on_every_node() {
     let mut node_a = Datapath::new("tcmaga");
     let mut node_b = Datapath::new("tcmagb");
     node_a.program(&yaml);
-    node_b.program(&yaml);
+    // Node B came to the same state by another path: its slice lists the endpoints in
+    // another order, and an earlier Service made it hand out other backend ids and
+    // generations. Only what every node agrees on (the addresses) may decide the pick.
+    let reordered = yaml.replace(
+        "- {addresses: [10.180.0.1], conditions: {ready: true}, nodeName: test-node}\n- {addresses: [10.180.0.2], conditions: {ready: true}, nodeName: test-node}\n",
+        "- {addresses: [10.180.0.2], conditions: {ready: true}, nodeName: test-node}\n- {addresses: [10.180.0.1], conditions: {ready: true}, nodeName: test-node}\n",
+    );
+    assert_ne!(reordered, yaml, "the reordering applies");
+    node_b.program(&manifests(true, &["10.180.0.1", "10.180.2.1"]));
+    node_b.program(&format!(
+        "{reordered}---\n{}",
+        manifests(true, &["10.180.2.1"])
+    ));
+    let ids = |dp: &Datapath| -> Vec<u32> {
+        let mut ids: Vec<u32> = dp
+            .renderer
+            .maps()
+            .snapshot()
+            .unwrap()
+            .backends
+            .into_keys()
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_ne!(ids(&node_a), ids(&node_b), "the nodes' backend ids differ");
     let backends: Vec<std::net::SocketAddr> = ["10.180.0.1:80", "10.180.0.2:80", "10.180.0.3:80"]
         .iter()
         .map(|s| s.parse().unwrap())
@@ -531,48 +461,13 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     assert_ne!(dst(&fwd).0, NODE, "the NodePort is not restricted");
 }
 
-/// An ICMP error (type, code) from `from` to `to`, quoting `inner` (an IPv4 packet built by
-/// `packet`, Ethernet header included).
 fn icmp_error(from: [u8; 4], to: [u8; 4], icmp_type: u8, code: u8, inner: &[u8]) -> Vec<u8> {
-    let quote = &inner[14..14 + 28];
-    let mut p = vec![0u8; 14 + 20 + 8 + 28];
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    p[14] = 0x45;
-    p[16..18].copy_from_slice(&((20 + 8 + 28) as u16).to_be_bytes());
-    p[22] = 64;
-    p[23] = 1;
-    p[26..30].copy_from_slice(&from);
-    p[30..34].copy_from_slice(&to);
-    let c = fold(sum16(&p[14..34]));
-    p[24..26].copy_from_slice(&c.to_be_bytes());
-    p[34] = icmp_type;
-    p[35] = code;
-    p[38..40].copy_from_slice(&1400u16.to_be_bytes()); // next-hop MTU for "fragmentation needed"
-    p[42..].copy_from_slice(quote);
-    let c = fold(sum16(&p[34..]));
-    p[36..38].copy_from_slice(&c.to_be_bytes());
-    p
-}
-
-fn assert_icmp_checksums(p: &[u8]) {
-    assert_eq!(fold(sum16(&p[14..34])), 0, "outer IPv4 checksum");
-    assert_eq!(fold(sum16(&p[34..])), 0, "ICMP checksum");
-    assert_eq!(fold(sum16(&p[42..62])), 0, "quoted IPv4 header checksum");
+    pkt::icmp_error(from.into(), to.into(), icmp_type, code, inner)
 }
 
 fn quoted(p: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
-    let ip = 42;
-    let l4 = 62;
-    (
-        (
-            [p[ip + 12], p[ip + 13], p[ip + 14], p[ip + 15]],
-            u16::from_be_bytes([p[l4], p[l4 + 1]]),
-        ),
-        (
-            [p[ip + 16], p[ip + 17], p[ip + 18], p[ip + 19]],
-            u16::from_be_bytes([p[l4 + 2], p[l4 + 3]]),
-        ),
-    )
+    let (s, d) = pkt::quoted_ends(p);
+    (v4(s), v4(d))
 }
 
 #[test]
@@ -599,7 +494,7 @@ fn icmp_errors_follow_their_flow() {
         ((BACKEND_LOCAL, 80), (NODE, 40000)),
         "the packet the backend sent"
     );
-    assert_icmp_checksums(&out);
+    assert_checksums(&out);
 
     // A UDP flow; the backend answers a datagram with port unreachable.
     let (_, fwd) = dp.run(
@@ -613,7 +508,7 @@ fn icmp_errors_follow_their_flow() {
     assert_eq!(rc, TC_ACT_OK);
     assert_eq!(dst(&back).0, CLIENT, "to the client");
     assert_eq!(quoted(&back).0, (CLIENT, 40005));
-    assert_icmp_checksums(&back);
+    assert_checksums(&back);
     let (rc, out) = dp.run("kpr_tc_egress", &back);
     assert_eq!(rc, TC_ACT_OK);
     assert_eq!(src(&out).0, NODE, "from the frontend, not the backend");
@@ -622,7 +517,7 @@ fn icmp_errors_follow_their_flow() {
         ((CLIENT, 40005), (NODE, 3053)),
         "about the packet the client sent"
     );
-    assert_icmp_checksums(&out);
+    assert_checksums(&out);
 
     // Errors about unknown flows pass untouched.
     let stray = icmp_error(
@@ -654,56 +549,34 @@ endpoints: [{addresses: ['fd00:180::1'], conditions: {ready: true}, nodeName: te
 ports: [{name: p, port: 80, protocol: TCP}]
 ";
 
-/// Ethernet + IPv6 + TCP with a correct checksum.
-fn packet6(
-    src: std::net::Ipv6Addr,
-    sport: u16,
-    dst: std::net::Ipv6Addr,
-    dport: u16,
-    flags: u8,
-) -> Vec<u8> {
-    let mut p = vec![0u8; 14 + 40 + 20];
-    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    p[14] = 0x60;
-    p[18..20].copy_from_slice(&20u16.to_be_bytes());
-    p[20] = 6;
-    p[21] = 64;
-    p[22..38].copy_from_slice(&src.octets());
-    p[38..54].copy_from_slice(&dst.octets());
-    p[54..56].copy_from_slice(&sport.to_be_bytes());
-    p[56..58].copy_from_slice(&dport.to_be_bytes());
-    p[58..62].copy_from_slice(&1000u32.to_be_bytes());
-    p[66] = 5 << 4;
-    p[67] = flags;
-    p[68..70].copy_from_slice(&64240u16.to_be_bytes());
-    let c = tcp6_checksum(&p);
-    p[70..72].copy_from_slice(&c.to_be_bytes());
-    p
-}
-
-fn tcp6_checksum(p: &[u8]) -> u16 {
-    let l4 = &p[54..];
-    let pseudo = sum16(&p[22..54]) + l4.len() as u32 + 6;
-    let mut copy = l4.to_vec();
-    copy[16] = 0;
-    copy[17] = 0;
-    fold(pseudo + sum16(&copy))
-}
-
-fn ends6(p: &[u8]) -> ((std::net::Ipv6Addr, u16), (std::net::Ipv6Addr, u16)) {
-    let a = |o: usize| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[o..o + 16]).unwrap());
-    (
-        (a(22), u16::from_be_bytes([p[54], p[55]])),
-        (a(38), u16::from_be_bytes([p[56], p[57]])),
+/// An IPv6 TCP segment, checksum right.
+fn packet6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
+    pkt::build(
+        SocketAddr::from((src, sport)),
+        SocketAddr::from((dst, dport)),
+        L4::Tcp(flags),
+        &[],
     )
+}
+
+fn v6(a: SocketAddr) -> (Ipv6Addr, u16) {
+    match a.ip() {
+        IpAddr::V6(ip) => (ip, a.port()),
+        IpAddr::V4(ip) => panic!("{ip} is not IPv6"),
+    }
+}
+
+fn ends6(p: &[u8]) -> ((Ipv6Addr, u16), (Ipv6Addr, u16)) {
+    let (s, d) = pkt::ends(p);
+    (v6(s), v6(d))
 }
 
 #[test]
 fn ipv6_nodeport_dnat_masquerade_and_reverse() {
     let mut dp = Datapath::new("tcv6");
     dp.program(DUAL_STACK);
-    let client: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
-    let backend: std::net::Ipv6Addr = "fd00:180::1".parse().unwrap();
+    let client: Ipv6Addr = "2001:db8::2".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:180::1".parse().unwrap();
     let (rc, fwd) = dp.run("kpr_tc_ingress", &packet6(client, 41000, NODE6, 3201, 0x02));
     assert_eq!(rc, TC_ACT_OK);
     assert_eq!(
@@ -711,18 +584,14 @@ fn ipv6_nodeport_dnat_masquerade_and_reverse() {
         ((client, 41000), (backend, 80)),
         "DNAT to the IPv6 backend"
     );
-    assert_eq!(
-        u16::from_be_bytes([fwd[70], fwd[71]]),
-        tcp6_checksum(&fwd),
-        "TCP checksum"
-    );
+    assert_checksums(&fwd);
     let (_, out) = dp.run("kpr_tc_egress", &fwd);
     assert_eq!(
         ends6(&out),
         ((NODE6, 41000), (backend, 80)),
         "masqueraded to the node's IPv6"
     );
-    assert_eq!(u16::from_be_bytes([out[70], out[71]]), tcp6_checksum(&out));
+    assert_checksums(&out);
     let (_, back) = dp.run("kpr_tc_ingress", &packet6(backend, 80, NODE6, 41000, 0x12));
     let (_, back) = dp.run("kpr_tc_egress", &back);
     assert_eq!(
@@ -730,10 +599,7 @@ fn ipv6_nodeport_dnat_masquerade_and_reverse() {
         ((NODE6, 3201), (client, 41000)),
         "the reply shows the NodePort"
     );
-    assert_eq!(
-        u16::from_be_bytes([back[70], back[71]]),
-        tcp6_checksum(&back)
-    );
+    assert_checksums(&back);
     // Not a Service: untouched.
     let other = packet6(client, 41001, NODE6, 22, 0x02);
     assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_ACT_OK, other.clone()));
@@ -746,7 +612,7 @@ fn ipv6_reject_answers_with_rst() {
         "endpoints: [{addresses: ['fd00:180::1'], conditions: {ready: true}, nodeName: test-node}]",
         "endpoints: []",
     ));
-    let client: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
+    let client: Ipv6Addr = "2001:db8::2".parse().unwrap();
     let syn = packet6(client, 41002, NODE6, 3201, 0x02);
     let (rc, rst) = dp.run("kpr_tc_ingress", &syn);
     assert_eq!(rc, TC_ACT_REDIRECT);
@@ -758,11 +624,7 @@ fn ipv6_reject_answers_with_rst() {
         1001,
         "acks the SYN"
     );
-    assert_eq!(
-        u16::from_be_bytes([rst[70], rst[71]]),
-        tcp6_checksum(&rst),
-        "TCP checksum"
-    );
+    assert_checksums(&rst);
 }
 
 #[test]
@@ -770,7 +632,7 @@ fn trace_follows_ipv6_too() {
     let mut dp = Datapath::new("tctrace6");
     dp.program(DUAL_STACK);
     let r = kpr::render::ebpf::trace::trace(
-        &dp._root.0,
+        dp.scratch.pin_dir(),
         "2001:db8::7".parse().unwrap(),
         40000,
         NODE6.into(),
@@ -786,80 +648,39 @@ fn trace_follows_ipv6_too() {
         "masqueraded to the node's IPv6"
     );
     assert!(
-        dp.maps.conntrack().unwrap().is_empty(),
+        dp.renderer.maps().conntrack().unwrap().is_empty(),
         "tracing leaves live conntrack alone"
     );
 }
 
-/// An ICMPv6 error (type, code) from `from` to `to`, quoting the IPv6 header and first 8 L4
-/// bytes of `inner` (built by `packet6`), with its checksum.
-fn icmp6_error(
-    from: std::net::Ipv6Addr,
-    to: std::net::Ipv6Addr,
-    icmp_type: u8,
-    inner: &[u8],
-) -> Vec<u8> {
-    let quote = &inner[14..14 + 48];
-    let mut p = vec![0u8; 14 + 40 + 8 + 48];
-    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    p[14] = 0x60;
-    p[18..20].copy_from_slice(&56u16.to_be_bytes());
-    p[20] = 58;
-    p[21] = 64;
-    p[22..38].copy_from_slice(&from.octets());
-    p[38..54].copy_from_slice(&to.octets());
-    p[54] = icmp_type;
-    if icmp_type == 2 {
-        p[58..62].copy_from_slice(&1280u32.to_be_bytes()); // MTU
-    }
-    p[62..].copy_from_slice(quote);
-    let c = icmp6_checksum(&p);
-    p[56..58].copy_from_slice(&c.to_be_bytes());
-    p
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, icmp_type: u8, inner: &[u8]) -> Vec<u8> {
+    pkt::icmp_error(from.into(), to.into(), icmp_type, 0, inner)
 }
 
-fn icmp6_checksum(p: &[u8]) -> u16 {
-    let body = &p[54..];
-    let pseudo = sum16(&p[22..54]) + body.len() as u32 + 58;
-    let mut copy = body.to_vec();
-    copy[2] = 0;
-    copy[3] = 0;
-    fold(pseudo + sum16(&copy))
-}
-
-fn quoted6(p: &[u8]) -> ((std::net::Ipv6Addr, u16), (std::net::Ipv6Addr, u16)) {
-    let a = |o: usize| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&p[o..o + 16]).unwrap());
-    let ip = 62;
-    let l4 = ip + 40;
-    (
-        (a(ip + 8), u16::from_be_bytes([p[l4], p[l4 + 1]])),
-        (a(ip + 24), u16::from_be_bytes([p[l4 + 2], p[l4 + 3]])),
-    )
+fn quoted6(p: &[u8]) -> ((Ipv6Addr, u16), (Ipv6Addr, u16)) {
+    let (s, d) = pkt::quoted_ends(p);
+    (v6(s), v6(d))
 }
 
 #[test]
 fn icmpv6_packet_too_big_reaches_the_backend() {
     let mut dp = Datapath::new("tcicmp6");
     dp.program(DUAL_STACK);
-    let client: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
-    let backend: std::net::Ipv6Addr = "fd00:180::1".parse().unwrap();
-    let router: std::net::Ipv6Addr = "2001:db8:ffff::1".parse().unwrap();
+    let client: Ipv6Addr = "2001:db8::2".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:180::1".parse().unwrap();
+    let router: Ipv6Addr = "2001:db8:ffff::1".parse().unwrap();
     dp.run("kpr_tc_ingress", &packet6(client, 42000, NODE6, 3201, 0x02));
     // "Packet too big" about our reply (node:3201 -> client:42000).
     let reply = packet6(NODE6, 3201, client, 42000, 0x10);
     let err = icmp6_error(router, NODE6, 2, &reply);
     let (rc, out) = dp.run("kpr_tc_ingress", &err);
     assert_eq!(rc, TC_ACT_OK);
-    let dst = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap());
     assert_eq!(dst, backend, "outer destination: the backend");
     assert_eq!(
         quoted6(&out),
         ((backend, 80), (NODE6, 42000)),
         "the packet the backend sent"
     );
-    assert_eq!(
-        u16::from_be_bytes([out[56], out[57]]),
-        icmp6_checksum(&out),
-        "ICMPv6 checksum"
-    );
+    assert_checksums(&out);
 }

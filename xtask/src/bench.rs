@@ -7,31 +7,23 @@
 //!   (netns topology, interleaved rounds, medians);
 //! - agent RSS at 10k Services / 100k endpoints.
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::SchedClassifier;
 use kpr::model::DesiredCache;
 use kpr::model::{
-    DesiredState, Frontend, FrontendKey, FrontendKind, NodeInfo, ProxyConfig, Targets,
+    DesiredState, Frontend, FrontendKey, FrontendKind, Masquerade, NodeInfo, ProxyConfig, Targets,
 };
 use kpr::render::Renderer as _;
 use kpr::render::ebpf::EbpfRenderer;
 use kpr::render::ebpf::datapath::{PinLayout, load_object};
 use kpr::render::ebpf::maps::MapDiff;
+use kpr::render::ebpf::packet::{self, L4, tcp_flags};
 use kpr::render::ebpf::pinned::PinnedMaps;
-use kpr::store::{
-    AddressType, Change, EndpointInfo, EndpointPortInfo, ObjectRef, Protocol, ServiceInfo,
-    ServicePortInfo, ServiceType, SliceInfo, Store, TargetPort,
-};
+use kpr::render::ebpf::scratch::{ScratchDatapath, ScratchPins};
+use kpr::store::{Change, ObjectRef, Protocol, ServiceInfo, SliceInfo, Store};
+use kpr::testkit::{endpoint, service, slice};
 use kpr_testnet::Topology;
-
-struct PinDir(PathBuf);
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// N ClusterIP frontends 10.96.x.y:80 with `eps` endpoints each, plus extra.
 fn desired(n: usize, eps: usize) -> DesiredState {
@@ -62,32 +54,21 @@ fn desired(n: usize, eps: usize) -> DesiredState {
     d
 }
 
+/// A TCP SYN from an outside client to the node.
 fn tc_packet(sport: u16, dport: u16) -> Vec<u8> {
-    let mut p = vec![0u8; 54];
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    p[14] = 0x45;
-    p[16..18].copy_from_slice(&40u16.to_be_bytes());
-    p[22] = 64;
-    p[23] = 6;
-    p[26..30].copy_from_slice(&[203, 0, 113, 2]);
-    p[30..34].copy_from_slice(&[192, 168, 0, 2]);
-    p[34..36].copy_from_slice(&sport.to_be_bytes());
-    p[36..38].copy_from_slice(&dport.to_be_bytes());
-    p[46] = 0x50;
-    p[47] = 0x02;
-    p
+    packet::build(
+        SocketAddr::from(([203, 0, 113, 2], sport)),
+        SocketAddr::from(([192, 168, 0, 2], dport)),
+        L4::Tcp(tcp_flags::SYN),
+        &[],
+    )
 }
 
 fn bench_tc() -> anyhow::Result<()> {
-    let root = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/kpr-bench-{}",
-        std::process::id()
-    )));
-    let layout = PinLayout::new(&root.0);
-    let mut ebpf = load_object(&layout)?;
-    let prog: &mut SchedClassifier = ebpf.program_mut("kpr_tc_ingress").unwrap().try_into()?;
-    prog.load()?;
-    let mut maps = PinnedMaps::open(&layout)?;
+    let mut scratch = ScratchDatapath::load(ScratchPins::new(
+        std::path::Path::new("/sys/fs/bpf"),
+        "kpr-bench-tc",
+    ))?;
     let mut d = desired(1000, 3);
     let np = FrontendKey {
         ip: "192.168.0.2".parse()?,
@@ -98,23 +79,20 @@ fn bench_tc() -> anyhow::Result<()> {
     fe.kind = FrontendKind::NodePort;
     fe.external_policy_local = true;
     d.frontends.insert(np, fe.clone());
+    // eTP=Cluster: external traffic masqueraded.
     fe.external_policy_local = false;
+    fe.internal_masquerade = Masquerade::Always;
+    fe.external_masquerade = Masquerade::Always;
     d.frontends.insert(FrontendKey { port: 3002, ..np }, fe);
-    maps.set_node_config(&proxy_common::NodeConfig {
+    scratch.maps.set_node_config(&proxy_common::NodeConfig {
         snat_v4: proxy_common::v4_mapped([192, 168, 0, 2]),
         snat_v6: [0; 16],
     })?;
-    let (_, errors) = MapDiff::default().sync(&d, &mut maps, &[]);
+    let (_, errors) = MapDiff::default().sync(&d, &mut scratch.maps, &[]);
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
-    let prog: &SchedClassifier = ebpf.program("kpr_tc_ingress").unwrap().try_into()?;
-    let mut out = vec![0u8; 256];
-    let mut run = |pkt: &[u8], repeat: u32| -> anyhow::Result<f64> {
-        let r = prog.test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })?;
+    let prog: &SchedClassifier = scratch.ebpf.program("kpr_tc_ingress").unwrap().try_into()?;
+    let run = |pkt: &[u8], repeat: u32| -> anyhow::Result<f64> {
+        let r = scratch.run_repeat("kpr_tc_ingress", pkt, repeat)?;
         Ok(r.duration.as_nanos() as f64)
     };
     let stats = || -> anyhow::Result<(f64, u64)> {
@@ -178,64 +156,24 @@ fn bench_tc() -> anyhow::Result<()> {
 }
 
 fn service_info(i: usize) -> ServiceInfo {
-    ServiceInfo {
-        id: ObjectRef::new("bench", &format!("s{i}")),
-        type_: ServiceType::ClusterIp,
-        cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(
-            10,
-            96 + (i >> 16) as u8,
-            (i >> 8) as u8,
-            i as u8,
-        ))],
-        ports: vec![ServicePortInfo {
-            name: "p".into(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            target_port: TargetPort::Number(8080),
-            node_port: None,
-        }],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        maglev: None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: None,
-        affinity_timeout_secs: None,
-        publish_not_ready_addresses: false,
-        traffic_distribution: None,
-    }
+    let ip = Ipv4Addr::new(10, 96 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+    service("bench", &format!("s{i}"))
+        .cluster_ip(&ip.to_string())
+        .port("p", 80, Protocol::Tcp, 8080)
+        .build()
 }
 
 fn slice_info(i: usize, eps: usize) -> SliceInfo {
-    SliceInfo {
-        id: ObjectRef::new("bench", &format!("s{i}-1")),
-        service: ObjectRef::new("bench", &format!("s{i}")),
-        address_type: AddressType::IPv4,
-        ports: vec![EndpointPortInfo {
-            name: "p".into(),
-            port: 8080,
-            protocol: Protocol::Tcp,
-        }],
-        endpoints: (0..eps)
-            .map(|j| EndpointInfo {
-                addresses: vec![IpAddr::V4(Ipv4Addr::new(
-                    10,
-                    200 + (j % 50) as u8,
-                    (i >> 8) as u8,
-                    i as u8,
-                ))],
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: None,
-                zone: None,
-                hint_zones: None,
-                hint_nodes: None,
-            })
-            .collect(),
-        trigger_time: None,
-    }
+    let eps: Vec<_> = (0..eps)
+        .map(|j| {
+            let ip = Ipv4Addr::new(10, 200 + (j % 50) as u8, (i >> 8) as u8, i as u8);
+            endpoint(&ip.to_string(), "elsewhere")
+        })
+        .collect();
+    slice("bench", &format!("s{i}-1"), &format!("s{i}"))
+        .port("p", 8080, Protocol::Tcp)
+        .endpoints(&eps)
+        .build()
 }
 
 fn bench_programming() -> anyhow::Result<()> {
@@ -243,11 +181,11 @@ fn bench_programming() -> anyhow::Result<()> {
         "Programming the maps (cold: batched writes; agent work = store + model + diff + map writes):"
     );
     for n in [10_000usize, 50_000] {
-        let root = PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/kpr-bench-p{n}-{}",
-            std::process::id()
-        )));
-        let layout = PinLayout::new(&root.0);
+        let pins = ScratchPins::new(
+            std::path::Path::new("/sys/fs/bpf"),
+            &format!("kpr-bench-p{n}"),
+        );
+        let layout = PinLayout::new(pins.path());
         let _ebpf = load_object(&layout)?;
         let node = NodeInfo {
             name: "bench".into(),

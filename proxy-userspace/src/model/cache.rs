@@ -73,35 +73,25 @@ impl DesiredCache {
 mod tests {
     use super::DesiredCache;
     use crate::model::{NodeInfo, ProxyConfig, compute};
-    use crate::source::convert::{Objects, ProxySelector};
-    use crate::source::manifests::parse_manifest;
-    use crate::store::{Change, ObjectRef, Store};
+    use crate::store::{Change, ObjectRef, Protocol, ServiceInfo, SliceInfo, Store};
+    use crate::testkit::{self, endpoint, service};
 
-    fn objects(yaml: &str) -> Objects {
-        parse_manifest(yaml, &ProxySelector::default()).expect("valid")
+    fn svc(name: &str, ip: &str, np: Option<u16>) -> ServiceInfo {
+        let b = service("ns", name)
+            .cluster_ip(ip)
+            .port("p", 80, Protocol::Tcp, 80);
+        match np {
+            Some(p) => b.node_port(p).build(),
+            None => b.build(),
+        }
     }
 
-    fn svc(name: &str, ip: &str, np: Option<u16>) -> String {
-        let ty = if np.is_some() {
-            "NodePort"
-        } else {
-            "ClusterIP"
-        };
-        let np = np.map_or(String::new(), |p| format!(", nodePort: {p}"));
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: {name}}}\nspec: {{type: {ty}, clusterIP: {ip}, ports: [{{name: p, port: 80{np}}}]}}\n"
-        )
-    }
-
-    fn slice(name: &str, svc: &str, ips: &[&str]) -> String {
-        let eps: Vec<String> = ips
-            .iter()
-            .map(|ip| format!("{{addresses: [{ip}]}}"))
-            .collect();
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: {name}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: p, port: 8080}}]\n",
-            eps.join(", ")
-        )
+    fn slice(name: &str, svc: &str, ips: &[&str]) -> SliceInfo {
+        let eps: Vec<_> = ips.iter().map(|ip| endpoint(ip, "n2")).collect();
+        testkit::slice("ns", name, svc)
+            .port("p", 8080, Protocol::Tcp)
+            .endpoints(&eps)
+            .build()
     }
 
     #[test]
@@ -114,16 +104,15 @@ mod tests {
         let config = ProxyConfig::default();
         let mut store = Store::default();
         let mut cache = DesiredCache::default();
-        let base = objects(&format!(
-            "{}---\n{}---\n{}---\n{}",
-            svc("a", "10.96.0.1", None),
-            svc("b", "10.96.0.2", Some(30001)),
-            slice("a-1", "a", &["10.0.0.1"]),
-            slice("b-1", "b", &["10.0.0.2", "10.0.0.3"])
-        ));
         store.apply(Change::Reset {
-            services: base.services,
-            slices: base.slices,
+            services: vec![
+                svc("a", "10.96.0.1", None),
+                svc("b", "10.96.0.2", Some(30001)),
+            ],
+            slices: vec![
+                slice("a-1", "a", &["10.0.0.1"]),
+                slice("b-1", "b", &["10.0.0.2", "10.0.0.3"]),
+            ],
         });
         let dirty = store.take_dirty();
         assert!(
@@ -131,14 +120,10 @@ mod tests {
             "first update is full"
         );
         let steps: Vec<Change> = vec![
-            Change::SliceUpsert(objects(&slice("a-1", "a", &["10.0.0.9"])).slices.remove(0)),
-            Change::ServiceUpsert(
-                objects(&svc("c", "10.96.0.3", Some(30003)))
-                    .services
-                    .remove(0),
-            ),
+            Change::SliceUpsert(slice("a-1", "a", &["10.0.0.9"])),
+            Change::ServiceUpsert(svc("c", "10.96.0.3", Some(30003))),
             // a slice moves from one Service to another
-            Change::SliceUpsert(objects(&slice("b-1", "c", &["10.0.0.4"])).slices.remove(0)),
+            Change::SliceUpsert(slice("b-1", "c", &["10.0.0.4"])),
             Change::ServiceDelete(ObjectRef::new("ns", "a")),
             Change::SliceDelete(ObjectRef::new("ns", "a-1")),
         ];

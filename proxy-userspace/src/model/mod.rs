@@ -609,7 +609,8 @@ mod tests {
     //! endpoints 10.1.0.x on node-a (local), 10.2.0.x on node-b (remote);
     //! ClusterIP 172.30.0.10, external IP 192.168.99.1, LB IP 1.2.3.4, NodePort 30080.
     use super::*;
-    use crate::store::{AddressType, EndpointPortInfo, SliceInfo, TargetPort};
+    use crate::store::SliceInfo;
+    use crate::testkit::{self, EndpointBuilder, ServiceBuilder, endpoint as ep, service};
 
     const NODE: &str = "node-a";
 
@@ -632,127 +633,42 @@ mod tests {
         }
     }
 
-    /// A Service builder in the spirit of controller-rs' test documents.
-    struct Svc(ServiceInfo);
+    /// The Service every case starts from: ClusterIP 172.30.0.10, port "http" 80 -> 8080.
+    fn svc(name: &str) -> ServiceBuilder {
+        service("ns", name)
+            .cluster_ip("172.30.0.10")
+            .port("http", 80, Protocol::Tcp, 8080)
+    }
 
-    impl Svc {
-        fn new(name: &str) -> Self {
-            Self(ServiceInfo {
-                id: ObjectRef::new("ns", name),
-                type_: ServiceType::ClusterIp,
-                cluster_ips: vec!["172.30.0.10".parse().unwrap()],
-                ports: vec![ServicePortInfo {
-                    name: "http".into(),
-                    port: 80,
-                    protocol: Protocol::Tcp,
-                    target_port: TargetPort::Number(8080),
-                    node_port: None,
-                }],
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                external_policy_local: false,
-                internal_policy_local: false,
-                health_check_node_port: None,
-                affinity_timeout_secs: None,
-                maglev: None,
-                publish_not_ready_addresses: false,
-                traffic_distribution: None,
-            })
-        }
-        fn cluster_ips(mut self, ips: &[&str]) -> Self {
-            self.0.cluster_ips = ips.iter().map(|s| s.parse().unwrap()).collect();
-            self
-        }
-        fn itp_local(mut self) -> Self {
-            self.0.internal_policy_local = true;
-            self
-        }
-        fn external(mut self, etp_local: bool) -> Self {
-            self.0.type_ = ServiceType::LoadBalancer;
-            self.0.external_ips = vec!["192.168.99.1".parse().unwrap()];
-            self.0.load_balancer_ips = vec!["1.2.3.4".parse().unwrap()];
-            self.0.ports[0].node_port = Some(30080);
-            self.0.external_policy_local = etp_local;
-            self.0.health_check_node_port = etp_local.then_some(30000);
-            self
-        }
-        fn type_(mut self, t: ServiceType) -> Self {
-            self.0.type_ = t;
-            self
-        }
-        fn publish_not_ready(mut self) -> Self {
-            self.0.publish_not_ready_addresses = true;
-            self
+    /// Reachable from outside: external IP, LB IP, NodePort 30080; eTP=Local with health
+    /// check port 30000 when asked.
+    trait External {
+        fn external(self, etp_local: bool) -> Self;
+    }
+
+    impl External for ServiceBuilder {
+        fn external(self, etp_local: bool) -> Self {
+            let b = self
+                .load_balancer(&["1.2.3.4"])
+                .external_ips(&["192.168.99.1"])
+                .node_port(30080);
+            if etp_local { b.etp_local(30000) } else { b }
         }
     }
 
-    /// An endpoint builder: ready, on `node`, no hints unless added.
-    #[derive(Clone)]
-    struct Ep(EndpointInfo);
-
-    fn ep(ip: &str, node: &str) -> Ep {
-        Ep(EndpointInfo {
-            addresses: vec![ip.parse().unwrap()],
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: Some(node.into()),
-            zone: None,
-            hint_zones: None,
-            hint_nodes: None,
-        })
+    /// Slice `name` of Service `svc` with port "http" 8080.
+    fn slice(svc: &str, name: &str, eps: &[EndpointBuilder]) -> SliceInfo {
+        testkit::slice("ns", name, svc)
+            .port("http", 8080, Protocol::Tcp)
+            .endpoints(eps)
+            .build()
     }
 
-    impl Ep {
-        fn not_ready(mut self) -> Self {
-            self.0.ready = false;
-            self.0.serving = false;
-            self
-        }
-        fn terminating(mut self) -> Self {
-            self.0.ready = false;
-            self.0.serving = true;
-            self.0.terminating = true;
-            self
-        }
-        fn zones(mut self, z: &[&str]) -> Self {
-            self.0.hint_zones = Some(z.iter().map(|s| (*s).to_string()).collect());
-            self
-        }
-        fn nodes(mut self, n: &[&str]) -> Self {
-            self.0.hint_nodes = Some(n.iter().map(|s| (*s).to_string()).collect());
-            self
-        }
-    }
-
-    fn slice(svc: &str, name: &str, eps: &[Ep]) -> SliceInfo {
-        let v6 = eps.first().is_some_and(|e| e.0.addresses[0].is_ipv6());
-        SliceInfo {
-            id: ObjectRef::new("ns", name),
-            service: ObjectRef::new("ns", svc),
-            address_type: if v6 {
-                AddressType::IPv6
-            } else {
-                AddressType::IPv4
-            },
-            ports: vec![EndpointPortInfo {
-                name: "http".into(),
-                port: 8080,
-                protocol: Protocol::Tcp,
-            }],
-            endpoints: eps.iter().map(|e| e.0.clone()).collect(),
-            trigger_time: None,
-        }
-    }
-
-    fn store(svcs: Vec<Svc>, slices: Vec<SliceInfo>) -> Store {
-        let mut s = Store::default();
-        s.apply(Change::Reset {
-            services: svcs.into_iter().map(|s| s.0).collect(),
+    fn store(svcs: Vec<ServiceBuilder>, slices: Vec<SliceInfo>) -> Store {
+        testkit::store(
+            svcs.into_iter().map(ServiceBuilder::build).collect(),
             slices,
-        });
-        s
+        )
     }
 
     fn decide(st: &Store, src: &str, dst: &str, port: u16) -> Decision {
@@ -779,15 +695,13 @@ mod tests {
         )
     }
 
-    use crate::store::Change;
-
     const POD: &str = "10.9.9.9";
     const OUTSIDE: &str = "203.0.113.5";
     const VIP: &str = "172.30.0.10";
 
     #[test]
     fn endpoint_conditions() {
-        let cases: Vec<(&str, Vec<Ep>, Decision)> = vec![
+        let cases: Vec<(&str, Vec<EndpointBuilder>, Decision)> = vec![
             (
                 "ready endpoints serve, not-ready ones do not",
                 vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b").not_ready()],
@@ -813,14 +727,14 @@ mod tests {
             ),
         ];
         for (name, eps, want) in cases {
-            let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &eps)]);
+            let st = store(vec![svc("s")], vec![slice("s", "s-1", &eps)]);
             assert_eq!(decide(&st, POD, VIP, 80), want, "{name}");
         }
     }
 
     #[test]
     fn internal_traffic_policy_local() {
-        let cases: Vec<(&str, Vec<Ep>, Decision)> = vec![
+        let cases: Vec<(&str, Vec<EndpointBuilder>, Decision)> = vec![
             (
                 "only the local endpoint",
                 vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")],
@@ -839,10 +753,7 @@ mod tests {
             ),
         ];
         for (name, eps, want) in cases {
-            let st = store(
-                vec![Svc::new("s").itp_local()],
-                vec![slice("s", "s-1", &eps)],
-            );
+            let st = store(vec![svc("s").itp_local()], vec![slice("s", "s-1", &eps)]);
             assert_eq!(decide(&st, POD, VIP, 80), want, "{name}");
         }
     }
@@ -851,12 +762,9 @@ mod tests {
     fn external_traffic_policy() {
         let eps = vec![ep("10.1.0.1", NODE), ep("10.2.0.1", "node-b")];
         let both = ["10.1.0.1:8080", "10.2.0.1:8080"];
-        let local = store(
-            vec![Svc::new("s").external(true)],
-            vec![slice("s", "s-1", &eps)],
-        );
+        let local = store(vec![svc("s").external(true)], vec![slice("s", "s-1", &eps)]);
         let cluster = store(
-            vec![Svc::new("s").external(false)],
+            vec![svc("s").external(false)],
             vec![slice("s", "s-1", &eps)],
         );
         let cases: Vec<(&str, &Store, &str, &str, u16, Decision)> = vec![
@@ -945,7 +853,7 @@ mod tests {
             assert_eq!(decide(st, src, dst, port), want, "{name}");
         }
         let remote_only = store(
-            vec![Svc::new("s").external(true)],
+            vec![svc("s").external(true)],
             vec![slice("s", "s-1", &[ep("10.2.0.1", "node-b")])],
         );
         assert_eq!(
@@ -966,7 +874,7 @@ mod tests {
 
     #[test]
     fn topology_hints() {
-        let cases: Vec<(&str, Vec<Ep>, Vec<&str>)> = vec![
+        let cases: Vec<(&str, Vec<EndpointBuilder>, Vec<&str>)> = vec![
             (
                 "zone hints: only endpoints for this zone",
                 vec![
@@ -1003,7 +911,7 @@ mod tests {
             ),
         ];
         for (name, eps, want) in cases {
-            let st = store(vec![Svc::new("s")], vec![slice("s", "s-1", &eps)]);
+            let st = store(vec![svc("s")], vec![slice("s", "s-1", &eps)]);
             assert_eq!(decide(&st, POD, VIP, 80), to(&want, false), "{name}");
         }
     }
@@ -1012,7 +920,7 @@ mod tests {
     fn service_kinds_and_families() {
         let eps = vec![ep("10.1.0.1", NODE)];
         let headless = store(
-            vec![Svc::new("s").cluster_ips(&[])],
+            vec![svc("s").cluster_ips(&[])],
             vec![slice("s", "s-1", &eps)],
         );
         assert!(
@@ -1020,7 +928,7 @@ mod tests {
             "headless is not proxied"
         );
         let ext = store(
-            vec![Svc::new("s").type_(ServiceType::ExternalName)],
+            vec![svc("s").type_(ServiceType::ExternalName)],
             vec![slice("s", "s-1", &eps)],
         );
         assert!(
@@ -1029,7 +937,7 @@ mod tests {
         );
 
         let dual = store(
-            vec![Svc::new("s").cluster_ips(&["172.30.0.10", "fd00::10"])],
+            vec![svc("s").cluster_ips(&["172.30.0.10", "fd00::10"])],
             vec![
                 slice("s", "s-v4", &eps),
                 slice("s", "s-v6", &[ep("fd00:1::1", NODE)]),
@@ -1046,7 +954,7 @@ mod tests {
     #[test]
     fn slices_merge_and_publish_not_ready() {
         let st = store(
-            vec![Svc::new("s")],
+            vec![svc("s")],
             vec![
                 slice(
                     "s",
@@ -1062,7 +970,7 @@ mod tests {
             "an address in two slices appears once and is ready if any copy is"
         );
         let pnr = store(
-            vec![Svc::new("s").publish_not_ready()],
+            vec![svc("s").publish_not_ready()],
             vec![slice("s", "s-1", &[ep("10.1.0.1", NODE).not_ready()])],
         );
         assert_eq!(decide(&pnr, POD, VIP, 80), to(&["10.1.0.1:8080"], false));
@@ -1072,7 +980,7 @@ mod tests {
     fn ports_match_by_name_and_protocol() {
         let mut s = slice("s", "s-1", &[ep("10.1.0.1", NODE)]);
         s.ports[0].protocol = Protocol::Udp;
-        let st = store(vec![Svc::new("s")], vec![s]);
+        let st = store(vec![svc("s")], vec![s]);
         assert_eq!(
             decide(&st, POD, VIP, 80),
             Decision::Reject,
@@ -1083,7 +991,7 @@ mod tests {
     #[test]
     fn masquerade_rules_for_cluster_ips() {
         let st = store(
-            vec![Svc::new("s")],
+            vec![svc("s")],
             vec![slice(
                 "s",
                 "s-1",

@@ -862,11 +862,15 @@ mod tests {
         let mut r = MapDiff::default();
         let mut m = MapsSnapshot::default();
         sync(&mut r, &d, &mut m);
-        let other_before = m
-            .services
-            .iter()
-            .find(|(k, _)| k.addr[15] == 11)
-            .map(|(_, v)| *v);
+        let other = key_for(
+            &FrontendKey {
+                ip: "10.96.0.11".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            scope::INTERNAL,
+        );
+        let other_before = *m.services.get(&other).expect("10.96.0.11:80 is programmed");
         d = state(&[
             ("10.96.0.10:80", Protocol::Tcp, backends(&["10.0.1.2:8080"])),
             ("10.96.0.11:80", Protocol::Tcp, backends(&["10.0.1.4:8080"])),
@@ -880,12 +884,11 @@ mod tests {
             frontend_backends(&m, "10.96.0.10:80"),
             vec!["10.0.1.2:8080"]
         );
-        let other_after = m
+        let other_after = *m
             .services
-            .iter()
-            .find(|(k, _)| k.addr[15] == 11)
-            .map(|(_, v)| *v);
-        assert_eq!(other_before, other_after);
+            .get(&other)
+            .expect("10.96.0.11:80 is still programmed");
+        assert_eq!(other_before, other_after, "untouched: same id and revision");
         // No slot of a retired revision is left.
         assert_eq!(m.slots.len(), 2);
     }

@@ -11,7 +11,9 @@
 pub mod datapath;
 pub mod maglev;
 pub mod maps;
+pub mod packet;
 pub mod pinned;
+pub mod scratch;
 pub mod sockterm;
 pub mod trace;
 
