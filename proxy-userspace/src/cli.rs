@@ -270,7 +270,9 @@ pub fn services(bpf_fs_path: &std::path::Path, output: Output) -> Result<String>
     Ok(match output {
         Output::Table => format_table(&rows),
         Output::Json => {
-            serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))? + "\n"
+            serde_json::to_string_pretty(&rows)
+                .map_err(|e| Error::decode("kpr services as JSON", e))?
+                + "\n"
         }
     })
 }

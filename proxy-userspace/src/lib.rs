@@ -75,6 +75,21 @@ pub enum Error {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    /// A document that does not parse or does not have the shape of its kind (YAML, JSON,
+    /// an API object), with the parser's error.
+    #[error("{what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The API server configuration or client could not be set up.
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// This build or kernel cannot do what was asked.
     #[error("{0}")]
     Unsupported(String),
@@ -97,6 +112,26 @@ impl Error {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub fn decode(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Decode {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+
+    pub fn api(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Api {
+            what: what.into(),
+            source: Box::new(source),
         }
     }
 

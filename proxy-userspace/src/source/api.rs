@@ -35,15 +35,15 @@ pub async fn client(cfg: &ApiConfig) -> Result<kube::Client> {
     let mut config = match (&cfg.kubeconfig, &cfg.master) {
         (Some(path), _) => {
             let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| Error::invalid(format!("kubeconfig {}: {e}", path.display())))?;
+                .map_err(|e| Error::api(format!("kubeconfig {}", path.display()), e))?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| Error::invalid(format!("kubeconfig {}: {e}", path.display())))?
+                .map_err(|e| Error::api(format!("kubeconfig {}", path.display()), e))?
         }
         (None, Some(master)) => kube::Config::new(
             master
                 .parse()
-                .map_err(|e| Error::invalid(format!("--master {master:?}: {e}")))?,
+                .map_err(|e| Error::api(format!("--master {master:?}"), e))?,
         ),
         (None, None) => kube::Config::infer().await.map_err(|e| {
             Error::invalid(format!(
@@ -55,19 +55,23 @@ pub async fn client(cfg: &ApiConfig) -> Result<kube::Client> {
     if let (Some(_), Some(master)) = (&cfg.kubeconfig, &cfg.master) {
         config.cluster_url = master
             .parse()
-            .map_err(|e| Error::invalid(format!("--master {master:?}: {e}")))?;
+            .map_err(|e| Error::api(format!("--master {master:?}"), e))?;
     }
-    kube::Client::try_from(config).map_err(|e| Error::invalid(format!("API client: {e}")))
+    kube::Client::try_from(config).map_err(|e| Error::api("API client", e))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T> {
-    let value = serde_json::to_value(obj).map_err(|e| Error::invalid(e.to_string()))?;
+    let value =
+        serde_json::to_value(obj).map_err(|e| Error::decode("re-encoding a watched object", e))?;
     serde_json::from_value(value).map_err(|e| {
-        Error::invalid(format!(
-            "{}/{}: {e}",
-            obj.metadata.namespace.as_deref().unwrap_or(""),
-            obj.metadata.name.as_deref().unwrap_or("?")
-        ))
+        Error::decode(
+            format!(
+                "{}/{}",
+                obj.metadata.namespace.as_deref().unwrap_or(""),
+                obj.metadata.name.as_deref().unwrap_or("?")
+            ),
+            e,
+        )
     })
 }
 

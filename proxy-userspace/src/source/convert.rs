@@ -389,7 +389,7 @@ pub fn object(value: serde_json::Value, selector: &ProxySelector, out: &mut Obje
         }
         ("v1", "Service") => {
             let svc: Service = serde_json::from_value(value)
-                .map_err(|e| Error::invalid(format!("not a valid v1 Service: {e}")))?;
+                .map_err(|e| Error::decode("not a valid v1 Service", e))?;
             let svc = service(&svc)?;
             if selected {
                 out.services.push(svc);
@@ -397,11 +397,8 @@ pub fn object(value: serde_json::Value, selector: &ProxySelector, out: &mut Obje
             Ok(())
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let slice: EndpointSlice = serde_json::from_value(value).map_err(|e| {
-                Error::invalid(format!(
-                    "not a valid discovery.k8s.io/v1 EndpointSlice: {e}"
-                ))
-            })?;
+            let slice: EndpointSlice = serde_json::from_value(value)
+                .map_err(|e| Error::decode("not a valid discovery.k8s.io/v1 EndpointSlice", e))?;
             let slice = endpoint_slice(&slice)?;
             if selected {
                 out.slices.push(slice);
@@ -410,7 +407,7 @@ pub fn object(value: serde_json::Value, selector: &ProxySelector, out: &mut Obje
         }
         ("v1", "Node") => {
             let n: Node = serde_json::from_value(value)
-                .map_err(|e| Error::invalid(format!("not a valid v1 Node: {e}")))?;
+                .map_err(|e| Error::decode("not a valid v1 Node", e))?;
             if n.metadata.name.as_deref().is_none_or(str::is_empty) {
                 return Err(Error::invalid("Node has no metadata.name"));
             }

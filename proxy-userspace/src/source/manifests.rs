@@ -25,12 +25,12 @@ pub fn parse_manifest(text: &str, selector: &ProxySelector) -> Result<Objects> {
     let mut out = Objects::default();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = <serde_norway::Value as serde::Deserialize>::deserialize(doc)
-            .map_err(|e| Error::invalid(format!("document {}: YAML: {e}", i + 1)))?;
+            .map_err(|e| Error::decode(format!("document {}: YAML", i + 1), e))?;
         if value.is_null() {
             continue;
         }
         let json = serde_json::to_value(&value)
-            .map_err(|e| Error::invalid(format!("document {}: {e}", i + 1)))?;
+            .map_err(|e| Error::decode(format!("document {}", i + 1), e))?;
         convert::object(json, selector, &mut out)
             .map_err(|e| e.context(format!("document {}", i + 1)))?;
     }
