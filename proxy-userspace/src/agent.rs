@@ -53,8 +53,9 @@ pub fn start_renderer(cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
             tracing::info!(?outcome, cgroup = %cfg.ebpf.cgroup_path.display(), "eBPF datapath ready");
             Ok(Box::new(renderer))
         }
+        ProxyMode::Iptables => Ok(Box::new(crate::render::iptables::IptablesRenderer::start()?)),
         other => Err(Error::Unsupported(format!(
-            "--proxy-mode {other} is not available in this build (modes: ebpf)"
+            "--proxy-mode {other} is not available in this build (modes: ebpf, iptables)"
         ))),
     }
 }

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use super::fixture::{Expect, Fixture, FixtureFlow, FlowResult, objects as convert, proxy_config};
 use crate::model::{NodeInfo, ProxyConfig, SourceClass, classify_source, compute};
 use crate::render::ProxyMode;
+use crate::render::iptables::Backend;
+use crate::render::plan::Family;
 use crate::render::ebpf::datapath::PinLayout;
 use crate::render::ebpf::maps::{FrontendView, MapDiff, MapsSnapshot, view};
 use crate::render::ebpf::pinned::PinnedMaps;
@@ -113,11 +115,34 @@ fn rows(views: Vec<FrontendView>) -> BTreeSet<Row> {
         .collect()
 }
 
-fn expected_rows(
+/// What the kernel must hold before flows are checked, per mode.
+#[derive(Debug, PartialEq, Eq)]
+enum Programmed {
+    /// The eBPF maps' frontends.
+    Maps(BTreeSet<Row>),
+    /// (table, chain) -> number of rules, for the iptables modes (rule text is normalised
+    /// by iptables-save, counts are not).
+    Chains(BTreeMap<(String, String), usize>),
+}
+
+fn chain_counts(filter: &ChainsOf, nat: &ChainsOf) -> BTreeMap<(String, String), usize> {
+    let mut out = BTreeMap::new();
+    for (table, chains) in [("filter", filter), ("nat", nat)] {
+        for (c, rules) in chains {
+            out.insert((table.to_string(), c.clone()), rules.len());
+        }
+    }
+    out
+}
+
+type ChainsOf = crate::render::iptables::rules::Chains;
+
+fn expected(
+    mode: ProxyMode,
     objects: &Objects,
     node: &NodeInfo,
     config: &ProxyConfig,
-) -> Result<BTreeSet<Row>> {
+) -> Result<Programmed> {
     let values: Vec<serde_json::Value> = objects.values().cloned().collect();
     let objs = convert(&values)?;
     let mut store = Store::default();
@@ -126,25 +151,50 @@ fn expected_rows(
         slices: objs.slices,
     });
     let desired = compute(&store, node, config);
-    let mut snapshot = MapsSnapshot::default();
-    let (_, errors) = MapDiff::default().sync(&desired, &mut snapshot, &[]);
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e);
+    match mode {
+        ProxyMode::Iptables => {
+            let rs = crate::render::iptables::rules::build(&desired, Family::V4);
+            Ok(Programmed::Chains(chain_counts(&rs.filter, &rs.nat)))
+        }
+        _ => {
+            let mut snapshot = MapsSnapshot::default();
+            let (_, errors) = MapDiff::default().sync(&desired, &mut snapshot, &[]);
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e);
+            }
+            Ok(Programmed::Maps(rows(view(&snapshot))))
+        }
     }
-    Ok(rows(view(&snapshot)))
 }
 
-fn wait_programmed(layout: &PinLayout, want: &BTreeSet<Row>) -> Result<()> {
+/// What the node's kernel holds now, in the form of `want`.
+fn programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Option<Programmed> {
+    match want {
+        Programmed::Maps(_) => {
+            let maps = PinnedMaps::open(layout).ok()?;
+            Some(Programmed::Maps(rows(view(&maps.snapshot().ok()?))))
+        }
+        Programmed::Chains(_) => {
+            let save = |table: &str| -> Option<ChainsOf> {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", plan.topology.node.path().display()))
+                    .args([&Backend::detect().command(Family::V4, "iptables-save"), "-t", table])
+                    .output()
+                    .ok()?;
+                Some(crate::render::iptables::parse_save(&String::from_utf8_lossy(&out.stdout)))
+            };
+            Some(Programmed::Chains(chain_counts(&save("filter")?, &save("nat")?)))
+        }
+    }
+}
+
+fn wait_programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Result<()> {
     let start = Instant::now();
-    let mut last = BTreeSet::new();
+    let mut last = None;
     while start.elapsed() < Duration::from_secs(20) {
-        if let Ok(maps) = PinnedMaps::open(layout)
-            && let Ok(snapshot) = maps.snapshot()
-        {
-            last = rows(view(&snapshot));
-            if &last == want {
-                return Ok(());
-            }
+        last = programmed(plan, layout, want);
+        if last.as_ref() == Some(want) {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -363,10 +413,9 @@ fn judge(
 /// # Errors
 /// The mode is not implemented at this level, or the topology could not be built.
 pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<FlowResult>> {
-    if mode != ProxyMode::Ebpf {
+    if !matches!(mode, ProxyMode::Ebpf | ProxyMode::Iptables) {
         return Err(Error::invalid(format!(
-            "--level datapath is implemented for the ebpf mode only (not {})",
-            mode.as_str()
+            "--level datapath is implemented for the ebpf and iptables modes (not {mode})"
         )));
     }
     let sctp = kernel_has_sctp();
@@ -405,13 +454,15 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
     if plan.config.masquerade_all {
         args.push("--masquerade-all".into());
     }
+    args.push("--proxy-mode".into());
+    args.push(mode.as_str().into());
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let _agent: ChildGuard = plan.topology.start_agent_in_node(&dir, &arg_refs);
     let layout = PinLayout::new(&plan.topology.bpffs);
     let overrides = fx.modes.get(mode.as_str());
     let mut results = Vec::new();
     let mut check = |objects: &Objects, flows: &[FixtureFlow]| -> Result<()> {
-        wait_programmed(&layout, &expected_rows(objects, &plan.node, &plan.config)?)?;
+        wait_programmed(&plan, &layout, &expected(mode, objects, &plan.node, &plan.config)?)?;
         // The TC programs attach on the agent's interface scan (every 2 s).
         std::thread::sleep(Duration::from_millis(100));
         for f in flows {
@@ -431,7 +482,9 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
         }
         Ok(())
     };
-    wait_for_tc(&plan.topology);
+    if mode == ProxyMode::Ebpf {
+        wait_for_tc(&plan.topology);
+    }
     check(&objects, &fx.flows)?;
     for step in &fx.steps {
         for d in &step.delete {

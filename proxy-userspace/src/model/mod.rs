@@ -199,6 +199,9 @@ pub struct DesiredState {
     /// NodePorts also answer on IPv4 loopback (127.0.0.0/8) for traffic from the node itself
     /// (upstream's `localhostNodePorts`, when `nodePortAddresses` includes loopback).
     pub localhost_node_ports: bool,
+    /// The local-traffic detector that [`Masquerade::UnlessFromPods`] refers to: traffic from
+    /// these CIDRs is pod traffic (`detectLocalMode: ClusterCIDR`).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// One endpoint for one Service port, after slices are merged.
@@ -432,6 +435,7 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
     let mut state = DesiredState {
         masquerade_ips: masquerade_ips(node),
         localhost_node_ports: localhost_node_ports(config),
+        pod_cidrs: config.cluster_cidrs.clone(),
         ..DesiredState::default()
     };
     let node_port_ips = node_port_ips(node, config);

@@ -11,6 +11,8 @@ use crate::Error;
 use crate::model::{DesiredState, FrontendKey};
 
 pub mod ebpf;
+pub mod iptables;
+pub mod plan;
 
 /// The proxy modes, named as kube-proxy names them (`--proxy-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]

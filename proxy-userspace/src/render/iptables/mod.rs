@@ -1,0 +1,401 @@
+//! The iptables mode: the desired state as iptables rules in upstream kube-proxy's layout
+//! ([`rules`]), applied with one `iptables-restore --noflush` per family and sync.
+//!
+//! - **Backend**: iptables-nft or iptables-legacy, whichever already holds `KUBE-*` chains
+//!   (so a node that ran kube-proxy keeps one backend), else the one `iptables` points at.
+//! - **Partial syncs** (upstream's KEP-3453): kpr remembers the rules it wrote per chain and
+//!   rewrites only chains whose rules changed; chains that are no longer wanted are flushed
+//!   and deleted in the same transaction. A full sync re-reads the kernel first (`iptables-save`),
+//!   so chains changed or left behind by someone else are rewritten or removed.
+//! - The jumps from the built-in chains are ensured with `-C`/`-I` at each full sync.
+//! - `/run/xtables.lock` is honoured (`-w`).
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+pub mod rules;
+
+use self::rules::{JUMPS, Ruleset};
+use super::plan::Family;
+use super::{CleanupReport, MetricKind, ModeMetric, ProxyMode, Renderer, SyncReport};
+use crate::model::{DesiredState, FrontendKey};
+use crate::{Error, Result};
+
+/// Which iptables binaries to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    /// The binary for `tool` (`iptables`, `iptables-restore`, `iptables-save`) of `family`.
+    #[must_use]
+    pub fn command(self, family: Family, tool: &str) -> String {
+        let base = match family {
+            Family::V4 => tool.to_string(),
+            Family::V6 => tool.replacen("iptables", "ip6tables", 1),
+        };
+        let (head, tail) = base.split_once('-').map_or((base.as_str(), ""), |(h, t)| (h, t));
+        let variant = match self {
+            Self::Nft => "nft",
+            Self::Legacy => "legacy",
+        };
+        if tail.is_empty() {
+            format!("{head}-{variant}")
+        } else {
+            format!("{head}-{variant}-{tail}")
+        }
+    }
+
+    /// The backend to use: the one holding `KUBE-*` chains, else the system default.
+    #[must_use]
+    pub fn detect() -> Self {
+        let has_kube = |b: Self| {
+            Command::new(b.command(Family::V4, "iptables-save"))
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":KUBE-"))
+        };
+        if has_kube(Self::Nft) {
+            return Self::Nft;
+        }
+        if has_kube(Self::Legacy) {
+            return Self::Legacy;
+        }
+        let default_is_legacy = Command::new("iptables")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("legacy"));
+        if default_is_legacy {
+            Self::Legacy
+        } else {
+            Self::Nft
+        }
+    }
+}
+
+fn run(cmd: &mut Command, input: Option<&str>) -> std::io::Result<String> {
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        )))
+    }
+}
+
+/// The `KUBE-*` chains the kernel holds in `table`, with their rules, as `iptables-save`
+/// prints them.
+fn read_kernel(backend: Backend, family: Family) -> Result<Ruleset> {
+    let mut rs = Ruleset::default();
+    for table in ["filter", "nat"] {
+        let save = backend.command(family, "iptables-save");
+        let text = run(Command::new(&save).args(["-t", table]), None)
+            .map_err(|e| Error::io(&save, e).context(format!("reading the {table} table")))?;
+        let chains = if table == "filter" {
+            &mut rs.filter
+        } else {
+            &mut rs.nat
+        };
+        *chains = parse_save(&text);
+    }
+    Ok(rs)
+}
+
+/// The `KUBE-*` chains of one table in `iptables-save` output, with their rules.
+#[must_use]
+pub fn parse_save(text: &str) -> rules::Chains {
+    let mut chains = rules::Chains::new();
+    for line in text.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            if name.starts_with("KUBE-") {
+                chains.entry(name.to_string()).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            if let Some(rules) = chains.get_mut(chain) {
+                rules.push(line.to_string());
+            }
+        }
+    }
+    chains
+}
+
+/// Sets a sysctl of this network namespace.
+fn sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|e| Error::io(path, e))
+}
+
+/// The iptables mode for the families this node has.
+pub struct IptablesRenderer {
+    backend: Backend,
+    families: Vec<Family>,
+    /// What kpr wrote last, per family (the diff base of partial syncs).
+    written: Vec<(Family, Ruleset)>,
+    restores: u64,
+}
+
+impl IptablesRenderer {
+    /// Finds the backend and the families whose tools work here.
+    ///
+    /// # Errors
+    /// No working `iptables-restore` at all.
+    pub fn start() -> Result<Self> {
+        let backend = Backend::detect();
+        let families: Vec<Family> = [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|f| {
+                Command::new(backend.command(*f, "iptables-save"))
+                    .args(["-t", "nat"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect();
+        if families.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "no working {} (install iptables)",
+                backend.command(Family::V4, "iptables-save")
+            )));
+        }
+        tracing::info!(?backend, ?families, "iptables mode");
+        Ok(Self {
+            backend,
+            families,
+            written: Vec::new(),
+            restores: 0,
+        })
+    }
+
+    fn ensure_jumps(&self, family: Family) -> Result<()> {
+        let iptables = self.backend.command(family, "iptables");
+        // Inserted at the top in reverse, so they end up in `JUMPS` order.
+        for (table, chain, spec) in JUMPS.iter().rev() {
+            let args = shell_words(spec);
+            let present = Command::new(&iptables)
+                .args(["-w", "-t", table, "-C", chain])
+                .args(&args)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !present {
+                run(
+                    Command::new(&iptables)
+                        .args(["-w", "-t", table, "-I", chain, "1"])
+                        .args(&args),
+                    None,
+                )
+                .map_err(|e| Error::io(&iptables, e).context(format!("jump {table}/{chain}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, family: Family, input: &str) -> Result<()> {
+        let restore = self.backend.command(family, "iptables-restore");
+        run(
+            Command::new(&restore).args(["-w", "5", "--noflush", "--counters"]),
+            Some(input),
+        )
+        .map_err(|e| Error::io(&restore, e).context("applying the rules"))?;
+        self.restores += 1;
+        Ok(())
+    }
+
+    fn sync(&mut self, desired: &DesiredState, full: bool) -> SyncReport {
+        let mut report = SyncReport::default();
+        if full && desired.localhost_node_ports {
+            // upstream: localhost NodePorts need route_localnet.
+            if let Err(e) = sysctl("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+                report.errors.push(e);
+            }
+        }
+        for family in self.families.clone() {
+            let new = rules::build(desired, family);
+            let old = if full {
+                if let Err(e) = self.ensure_jumps(family) {
+                    report.errors.push(e);
+                }
+                match read_kernel(self.backend, family) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        report.errors.push(e);
+                        continue;
+                    }
+                }
+            } else {
+                self.written
+                    .iter()
+                    .find(|(f, _)| *f == family)
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or_default()
+            };
+            let Some(input) = rules::restore_input(&old, &new) else {
+                self.remember(family, new);
+                continue;
+            };
+            let chains = input.lines().filter(|l| l.starts_with(':')).count();
+            match self.restore(family, &input) {
+                Ok(()) => {
+                    report.changes += chains;
+                    report.detail.push((
+                        if family == Family::V4 {
+                            "ipv4_chains_written"
+                        } else {
+                            "ipv6_chains_written"
+                        },
+                        chains,
+                    ));
+                    self.remember(family, new);
+                }
+                Err(e) => {
+                    // The next sync starts from what the kernel holds.
+                    self.written.retain(|(f, _)| *f != family);
+                    report.errors.push(e);
+                }
+            }
+        }
+        report
+    }
+
+    fn remember(&mut self, family: Family, rs: Ruleset) {
+        self.written.retain(|(f, _)| *f != family);
+        self.written.push((family, rs));
+    }
+}
+
+/// Splits a rule spec into arguments, keeping double-quoted strings whole.
+fn shell_words(spec: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in spec.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Removes every `KUBE-*` chain and the jumps to them from both backends and families
+/// (kube-proxy's iptables state and kpr's alike). Leaves everything else alone; does nothing
+/// where no `KUBE-*` chain exists.
+///
+/// # Errors
+/// A table could not be rewritten.
+pub fn cleanup() -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        for family in [Family::V4, Family::V6] {
+            let Ok(kernel) = read_kernel(backend, family) else {
+                continue;
+            };
+            if kernel.filter.is_empty() && kernel.nat.is_empty() {
+                continue;
+            }
+            let iptables = backend.command(family, "iptables");
+            for (table, chain, spec) in JUMPS {
+                let _ = Command::new(&iptables)
+                    .args(["-w", "-t", table, "-D", chain])
+                    .args(shell_words(spec))
+                    .output();
+            }
+            if let Some(input) = rules::restore_input(&kernel, &Ruleset::default()) {
+                let restore = backend.command(family, "iptables-restore");
+                run(
+                    Command::new(&restore).args(["-w", "5", "--noflush"]),
+                    Some(&input),
+                )
+                .map_err(|e| Error::io(&restore, e).context("removing KUBE-* chains"))?;
+            }
+            for c in kernel.filter.keys().chain(kernel.nat.keys()) {
+                report.removed.push(format!("{iptables} {c}"));
+            }
+        }
+    }
+    Ok(report)
+}
+
+impl Renderer for IptablesRenderer {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Iptables
+    }
+
+    fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
+        self.sync(desired, true)
+    }
+
+    fn sync_frontends(
+        &mut self,
+        desired: &DesiredState,
+        _keys: &BTreeSet<FrontendKey>,
+    ) -> SyncReport {
+        // The rule set is rebuilt from the desired state, but only chains whose rules
+        // changed are written: the touched Services' chains and the dispatch chains.
+        self.sync(desired, false)
+    }
+
+    fn cleanup(&mut self) -> Result<CleanupReport> {
+        self.written.clear();
+        cleanup()
+    }
+
+    fn metrics(&self) -> Vec<ModeMetric> {
+        vec![ModeMetric {
+            name: "iptables_restores_total",
+            help: "iptables-restore runs (one per family and sync that changed something).",
+            kind: MetricKind::Counter,
+            #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
+            value: self.restores as f64,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_commands() {
+        assert_eq!(
+            Backend::Nft.command(Family::V4, "iptables-restore"),
+            "iptables-nft-restore"
+        );
+        assert_eq!(
+            Backend::Legacy.command(Family::V6, "iptables-save"),
+            "ip6tables-legacy-save"
+        );
+        assert_eq!(Backend::Nft.command(Family::V6, "iptables"), "ip6tables-nft");
+    }
+
+    #[test]
+    fn rule_specs_split_like_a_shell() {
+        assert_eq!(
+            shell_words("-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
+            ["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]
+        );
+    }
+}

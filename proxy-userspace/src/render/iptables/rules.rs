@@ -1,0 +1,551 @@
+//! The iptables rule set for one IP family, generated from the desired state in upstream
+//! kube-proxy's layout (`pkg/proxy/iptables/proxier.go`): pure text, no kernel access.
+//!
+//! nat: `KUBE-SERVICES` dispatches Service addresses to per-Service-port chains
+//! (`KUBE-SVC-*` for the backends pods and the node use, `KUBE-SVL-*` for the local backends of
+//! eTP=Local, `KUBE-EXT-*` for external frontends, `KUBE-FW-*` for loadBalancerSourceRanges),
+//! which pick a `KUBE-SEP-*` (one per endpoint, DNAT) with `statistic` probabilities;
+//! `KUBE-NODEPORTS` holds NodePorts; `KUBE-MARK-MASQ` marks, `KUBE-POSTROUTING` masquerades.
+//! filter: REJECT and DROP for frontends without usable endpoints (`KUBE-SERVICES`,
+//! `KUBE-EXTERNAL-SERVICES`), health-check ports (`KUBE-NODEPORTS`), forwarding of marked and
+//! established traffic (`KUBE-FORWARD`), and the localnet guard (`KUBE-FIREWALL`).
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::model::{DesiredState, FrontendKind, Masquerade, Targets};
+use crate::render::plan::{ClassHandling, Family, Handling, ServicePort, proto_lower, service_ports};
+
+/// The masquerade mark (upstream's default `masqueradeBit` 14).
+pub const MASQ_MARK: &str = "0x4000";
+
+/// One table: chain name -> its rules, each a whole `-A CHAIN ...` line.
+pub type Chains = BTreeMap<String, Vec<String>>;
+
+/// Everything kpr owns in the filter and nat tables of one family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub filter: Chains,
+    pub nat: Chains,
+}
+
+/// The jumps from built-in chains into kpr's chains: (table, built-in chain, rule spec), in
+/// the order they are inserted at the top of the built-in chain.
+pub const JUMPS: [(&str, &str, &str); 10] = [
+    (
+        "filter",
+        "INPUT",
+        "-m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS",
+    ),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+    ),
+    ("filter", "INPUT", "-j KUBE-FIREWALL"),
+    (
+        "filter",
+        "FORWARD",
+        "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "PREROUTING",
+        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "OUTPUT",
+        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    ),
+    (
+        "nat",
+        "POSTROUTING",
+        "-m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+    ),
+];
+
+/// The chains every rule set has, even when empty.
+const FILTER_BASE: [&str; 5] = [
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-FORWARD",
+    "KUBE-FIREWALL",
+];
+const NAT_BASE: [&str; 4] = [
+    "KUBE-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-MARK-MASQ",
+];
+
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}/32"),
+        IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}
+
+fn push(chains: &mut Chains, chain: &str, rule: impl AsRef<str>) {
+    chains
+        .entry(chain.to_string())
+        .or_default()
+        .push(format!("-A {chain} {}", rule.as_ref()));
+}
+
+/// Builds the rule set of `family` from `desired`.
+#[must_use]
+pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
+    let mut rs = Ruleset::default();
+    for c in FILTER_BASE {
+        rs.filter.entry(c.into()).or_default();
+    }
+    for c in NAT_BASE {
+        rs.nat.entry(c.into()).or_default();
+    }
+    let pod_cidr = desired
+        .pod_cidrs
+        .iter()
+        .find(|c| Family::of(&c.addr()) == family)
+        .map(ToString::to_string);
+    let localhost = family == Family::V4 && desired.localhost_node_ports;
+    let ports = service_ports(desired);
+    for port in ports.values().filter(|p| p.family == family) {
+        service_port(&mut rs, port, pod_cidr.as_deref(), localhost);
+    }
+    for (svc, (hc_port, _)) in &desired.health_checks {
+        push(
+            &mut rs.filter,
+            "KUBE-NODEPORTS",
+            format!(
+                "-m comment --comment \"{}/{} health check node port\" -m tcp -p tcp --dport {hc_port} -j ACCEPT",
+                svc.namespace, svc.name
+            ),
+        );
+    }
+    let nodeports_jump = if localhost || family == Family::V6 {
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".to_string()
+    } else {
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS".to_string()
+    };
+    push(&mut rs.nat, "KUBE-SERVICES", nodeports_jump);
+    push(
+        &mut rs.nat,
+        "KUBE-MARK-MASQ",
+        format!("-j MARK --or-mark {MASQ_MARK}"),
+    );
+    push(
+        &mut rs.nat,
+        "KUBE-POSTROUTING",
+        format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
+    );
+    push(
+        &mut rs.nat,
+        "KUBE-POSTROUTING",
+        format!("-j MARK --xor-mark {MASQ_MARK}"),
+    );
+    push(
+        &mut rs.nat,
+        "KUBE-POSTROUTING",
+        "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+    );
+    push(
+        &mut rs.filter,
+        "KUBE-FORWARD",
+        format!(
+            "-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT"
+        ),
+    );
+    push(
+        &mut rs.filter,
+        "KUBE-FORWARD",
+        "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    );
+    if localhost {
+        push(
+            &mut rs.filter,
+            "KUBE-FIREWALL",
+            "-m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        );
+    }
+    rs
+}
+
+/// The rules of one Service port.
+fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>, localhost: bool) {
+    let name = port.name();
+    let hash = port.hash();
+    let proto = proto_lower(port.protocol);
+    let sets = port.backend_sets();
+    let chain_of = |backends: &[SocketAddr]| -> String {
+        match sets.iter().position(|s| *s == backends) {
+            Some(0) => format!("KUBE-SVC-{hash}"),
+            Some(1) => format!("KUBE-SVL-{hash}"),
+            _ => format!("KUBE-SVX-{}", crate::render::plan::chain_hash(&format!("{name}{proto}{backends:?}"))),
+        }
+    };
+    let affinity = port.frontends.first().and_then(|(_, fe)| fe.affinity_timeout_secs);
+    // Endpoint chains, shared by every backend set that holds the endpoint.
+    let mut endpoints: Vec<SocketAddr> = sets.iter().flat_map(|s| s.iter().copied()).collect();
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    for ep in &endpoints {
+        let sep = format!("KUBE-SEP-{}", port.endpoint_hash(ep));
+        push(
+            &mut rs.nat,
+            &sep,
+            format!(
+                "-m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
+                host(ep.ip())
+            ),
+        );
+        let recent = if affinity.is_some() {
+            format!("-m recent --name {sep} --mask {} --rsource --set ", full_mask(ep.ip()))
+        } else {
+            String::new()
+        };
+        push(
+            &mut rs.nat,
+            &sep,
+            format!("-m comment --comment {name} {recent}-m {proto} -p {proto} -j DNAT --to-destination {ep}"),
+        );
+    }
+    // Backend-set chains: affinity first, then a random pick.
+    let mut masq_in_set: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, fe) in &port.frontends {
+        if fe.kind != FrontendKind::ClusterIp {
+            continue;
+        }
+        // ClusterIP masquerade rules sit at the top of the chain the ClusterIP jumps to,
+        // restricted to the ClusterIP (the chain is shared with external frontends).
+        if let Targets::Backends(b) = &fe.internal {
+            let matcher = format!(
+                "-m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {}",
+                host(key.ip),
+                key.port
+            );
+            let rule = match (fe.internal_masquerade, pod_cidr) {
+                (Masquerade::Always, _) => Some(format!("{matcher} -j KUBE-MARK-MASQ")),
+                (Masquerade::UnlessFromPods, Some(c)) => {
+                    Some(format!("{matcher} ! -s {c} -j KUBE-MARK-MASQ"))
+                }
+                (Masquerade::FromNode, _) => Some(format!(
+                    "{matcher} -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"
+                )),
+                _ => None,
+            };
+            if let Some(r) = rule {
+                masq_in_set.entry(chain_of(b)).or_default().push(r);
+            }
+        }
+    }
+    for set in &sets {
+        let chain = chain_of(set);
+        rs.nat.entry(chain.clone()).or_default();
+        for r in masq_in_set.remove(&chain).unwrap_or_default() {
+            push(&mut rs.nat, &chain, r);
+        }
+        if let Some(secs) = affinity {
+            for ep in set.iter() {
+                let sep = format!("KUBE-SEP-{}", port.endpoint_hash(ep));
+                push(
+                    &mut rs.nat,
+                    &chain,
+                    format!(
+                        "-m comment --comment \"{name} -> {ep}\" -m recent --name {sep} --mask {} --rsource --rcheck --seconds {secs} --reap -j {sep}",
+                        full_mask(ep.ip())
+                    ),
+                );
+            }
+        }
+        let n = set.len();
+        for (i, ep) in set.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{}", port.endpoint_hash(ep));
+            let stat = if i + 1 < n {
+                #[expect(clippy::cast_precision_loss, reason = "endpoint counts are small")]
+                let p = 1.0 / (n - i) as f64;
+                format!("-m statistic --mode random --probability {p:.10} ")
+            } else {
+                String::new()
+            };
+            push(
+                &mut rs.nat,
+                &chain,
+                format!("-m comment --comment \"{name} -> {ep}\" {stat}-j {sep}"),
+            );
+        }
+    }
+    // Dispatch, and REJECT/DROP for classes without backends.
+    let ext_chain = format!("KUBE-EXT-{hash}");
+    let fw_chain = format!("KUBE-FW-{hash}");
+    let mut ext_written = false;
+    for (key, fe) in &port.frontends {
+        let h = Handling::of(fe);
+        let dport = format!("-m {proto} -p {proto} --dport {}", key.port);
+        let what = match fe.kind {
+            FrontendKind::ClusterIp => "cluster IP",
+            FrontendKind::NodePort => "node port",
+            FrontendKind::ExternalIp => "external IP",
+            FrontendKind::LoadBalancer => "loadbalancer IP",
+        };
+        let filter_chain = if fe.kind == FrontendKind::ClusterIp {
+            "KUBE-SERVICES"
+        } else {
+            "KUBE-EXTERNAL-SERVICES"
+        };
+        let dst = format!("-d {}", host(key.ip));
+        filter_verdicts(rs, filter_chain, &name, &format!("{dst} {dport}"), &h, pod_cidr);
+        if fe.kind == FrontendKind::NodePort && localhost && key.ip.is_ipv4() {
+            filter_verdicts(rs, filter_chain, &name, &format!("-d 127.0.0.0/8 {dport}"), &h, pod_cidr);
+        }
+        let any_backends = matches!(h.internal.targets, Targets::Backends(_))
+            || matches!(h.external.targets, Targets::Backends(_));
+        if !any_backends {
+            continue;
+        }
+        if fe.kind == FrontendKind::ClusterIp {
+            if let Targets::Backends(b) = &fe.internal {
+                push(
+                    &mut rs.nat,
+                    "KUBE-SERVICES",
+                    format!("-m comment --comment \"{name} cluster IP\" {dst} {dport} -j {}", chain_of(b)),
+                );
+            }
+            continue;
+        }
+        // External frontends go through KUBE-EXT (one per Service port: every external
+        // frontend of a port is handled alike).
+        if !ext_written {
+            ext_written = true;
+            external_chain(rs, &ext_chain, &name, &h, pod_cidr, &chain_of);
+        }
+        let target = if fe.source_ranges.is_empty() {
+            ext_chain.clone()
+        } else {
+            rs.nat.entry(fw_chain.clone()).or_default();
+            if rs.nat[&fw_chain].is_empty() {
+                for r in &fe.source_ranges {
+                    push(
+                        &mut rs.nat,
+                        &fw_chain,
+                        format!("-m comment --comment \"{name} loadbalancer IP\" -s {r} -j {ext_chain}"),
+                    );
+                }
+                // Node traffic that the network presents with the LB IP as its source.
+                push(
+                    &mut rs.nat,
+                    &fw_chain,
+                    format!("-m comment --comment \"{name} loadbalancer IP\" -s {} -j {ext_chain}", host(key.ip)),
+                );
+                push(
+                    &mut rs.nat,
+                    &fw_chain,
+                    format!("-m comment --comment \"{name} loadbalancer IP\" -j KUBE-MARK-DROP"),
+                );
+            }
+            fw_chain.clone()
+        };
+        if fe.kind == FrontendKind::NodePort {
+            push(
+                &mut rs.nat,
+                "KUBE-NODEPORTS",
+                format!("-m comment --comment {name} {dst} {dport} -j {target}"),
+            );
+            if localhost && key.ip.is_ipv4() {
+                push(
+                    &mut rs.nat,
+                    "KUBE-NODEPORTS",
+                    format!("-m comment --comment {name} -d 127.0.0.0/8 {dport} -j {target}"),
+                );
+            }
+        } else {
+            push(
+                &mut rs.nat,
+                "KUBE-SERVICES",
+                format!("-m comment --comment \"{name} {what}\" {dst} {dport} -j {target}"),
+            );
+        }
+    }
+    if rs.nat.contains_key(&fw_chain) {
+        rs.nat.entry("KUBE-MARK-DROP".into()).or_default();
+        if rs.nat["KUBE-MARK-DROP"].is_empty() {
+            push(&mut rs.nat, "KUBE-MARK-DROP", "-j MARK --or-mark 0x8000");
+            push(
+                &mut rs.filter,
+                "KUBE-FIREWALL",
+                "-m comment --comment \"kubernetes firewall for dropping marked packets\" -m mark --mark 0x8000/0x8000 -j DROP",
+            );
+        }
+    }
+}
+
+/// `--mask` for `recent`: the whole address.
+const fn full_mask(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "255.255.255.255"
+    } else {
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    }
+}
+
+/// The source match of the internal class's two halves: pods and the node.
+fn internal_sources(pod_cidr: Option<&str>) -> Vec<(String, crate::model::SourceClass)> {
+    let mut out = Vec::new();
+    if let Some(c) = pod_cidr {
+        out.push((format!("-s {c}"), crate::model::SourceClass::Pod));
+    }
+    out.push((
+        "-m addrtype --src-type LOCAL".to_string(),
+        crate::model::SourceClass::Node,
+    ));
+    out
+}
+
+/// `KUBE-EXT-*`: masquerade and pick per traffic class.
+fn external_chain(
+    rs: &mut Ruleset,
+    chain: &str,
+    name: &str,
+    h: &Handling<'_>,
+    pod_cidr: Option<&str>,
+    chain_of: &dyn Fn(&[SocketAddr]) -> String,
+) {
+    rs.nat.entry(chain.to_string()).or_default();
+    let jump = |c: &ClassHandling<'_>| match c.targets {
+        Targets::Backends(b) => Some(chain_of(b)),
+        Targets::Reject | Targets::Drop => None,
+    };
+    if h.split() {
+        for (m, class) in internal_sources(pod_cidr) {
+            if h.internal.masquerade.applies(class) {
+                push(
+                    &mut rs.nat,
+                    chain,
+                    format!("-m comment --comment \"masquerade traffic for {name} external destinations\" {m} -j KUBE-MARK-MASQ"),
+                );
+            }
+            // Without backends for this class, stop here: the filter table answers.
+            let target = jump(&h.internal).unwrap_or_else(|| "RETURN".into());
+            push(
+                &mut rs.nat,
+                chain,
+                format!("-m comment --comment \"route internal traffic for {name} external destinations\" {m} -j {target}"),
+            );
+        }
+    }
+    let c = if h.split() { &h.external } else { &h.internal };
+    let masq_rule = match c.masquerade {
+        Masquerade::Never => None,
+        Masquerade::Always => Some(String::new()),
+        Masquerade::UnlessFromPods => pod_cidr.map(|p| format!("! -s {p} ")),
+        Masquerade::FromNode => Some("-m addrtype --src-type LOCAL ".to_string()),
+    };
+    if let Some(m) = masq_rule {
+        push(
+            &mut rs.nat,
+            chain,
+            format!("-m comment --comment \"masquerade traffic for {name} external destinations\" {m}-j KUBE-MARK-MASQ"),
+        );
+    }
+    if let Some(target) = jump(c) {
+        push(&mut rs.nat, chain, format!("-j {target}"));
+    }
+}
+
+/// REJECT or DROP in the filter table for the classes of a frontend that have no backends.
+fn filter_verdicts(
+    rs: &mut Ruleset,
+    chain: &str,
+    name: &str,
+    matcher: &str,
+    h: &Handling<'_>,
+    pod_cidr: Option<&str>,
+) {
+    let verdict = |t: &Targets| match t {
+        Targets::Reject => Some(("has no endpoints", "REJECT")),
+        Targets::Drop => Some(("has no local endpoints", "DROP")),
+        Targets::Backends(_) => None,
+    };
+    let (vi, ve) = (verdict(h.internal.targets), verdict(h.external.targets));
+    if vi == ve {
+        if let Some((why, target)) = vi {
+            push(
+                &mut rs.filter,
+                chain,
+                format!("-m comment --comment \"{name} {why}\" {matcher} -j {target}"),
+            );
+        }
+        return;
+    }
+    // The classes differ. Translated packets never reach these rules (their destination
+    // changed), so each rule only has to name the sources it is for.
+    if let Some((why, target)) = vi {
+        for (m, _) in internal_sources(pod_cidr) {
+            push(
+                &mut rs.filter,
+                chain,
+                format!("-m comment --comment \"{name} {why}\" {m} {matcher} -j {target}"),
+            );
+        }
+    }
+    if let Some((why, target)) = ve {
+        push(
+            &mut rs.filter,
+            chain,
+            format!("-m comment --comment \"{name} {why}\" {matcher} -j {target}"),
+        );
+    }
+}
+
+/// The `iptables-restore --noflush` input that turns `old` (what kpr wrote last, or what the
+/// kernel holds) into `new`: every chain of `new` whose rules differ is declared (which
+/// flushes it) and rewritten; chains only in `old` are flushed and deleted. `None` when
+/// nothing differs.
+#[must_use]
+pub fn restore_input(old: &Ruleset, new: &Ruleset) -> Option<String> {
+    let mut out = String::new();
+    let mut changed = false;
+    for (table, o, n) in [("filter", &old.filter, &new.filter), ("nat", &old.nat, &new.nat)] {
+        let rewrite: Vec<(&String, &Vec<String>)> =
+            n.iter().filter(|(c, rules)| o.get(*c) != Some(*rules)).collect();
+        let gone: Vec<&String> = o.keys().filter(|c| !n.contains_key(*c)).collect();
+        if rewrite.is_empty() && gone.is_empty() {
+            continue;
+        }
+        changed = true;
+        let _ = writeln!(out, "*{table}");
+        for (c, _) in &rewrite {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for c in &gone {
+            let _ = writeln!(out, ":{c} - [0:0]");
+        }
+        for (_, rules) in &rewrite {
+            for r in *rules {
+                out.push_str(r);
+                out.push('\n');
+            }
+        }
+        for c in &gone {
+            let _ = writeln!(out, "-X {c}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    changed.then_some(out)
+}
