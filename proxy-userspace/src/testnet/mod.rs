@@ -231,7 +231,8 @@ pub fn target_bin(name: &str) -> PathBuf {
 }
 
 impl Topology {
-    /// A node namespace with forwarding on and no route out, a client cgroup, a bpffs dir.
+    /// A node namespace with forwarding on and no route out (its default route ends in a
+    /// dummy sink device), a client cgroup, a bpffs dir.
     pub fn new(tag: &str) -> Self {
         require_root();
         ensure_bpffs();
@@ -246,6 +247,22 @@ impl Topology {
             "-q",
             "-w",
             "net.ipv4.ip_forward=1",
+        ]);
+        // The pods' gateway, as Calico does it: the node-side veths carry no address; the node
+        // owns 169.254.1.1 (link scope, on lo) and answers ARP for it on every veth. So the
+        // node's own traffic to pods, and masquerade towards them, leave with a node IP.
+        node.ip(&["addr", "add", "169.254.1.1/32", "dev", "lo", "scope", "link"]);
+        // A default route into a sink: a veth whose peer (in the same namespace) stays down,
+        // so it drops everything it is given and nothing leaves the namespace, yet traffic to
+        // addresses nobody owns is *forwarded* (through the FORWARD hook, where rule-based
+        // modes REJECT) as on a real node, instead of failing the route lookup. (This kernel
+        // has no dummy devices.)
+        node.ip(&["link", "add", "sink0", "type", "veth", "peer", "name", "sink1"]);
+        node.ip(&["link", "set", "sink0", "up"]);
+        node.ip(&["route", "add", "default", "dev", "sink0"]);
+        // ICMP errors (REJECT) without the 1/s rate limit, so every attempt hears its answer.
+        sh(&[
+            "ip", "netns", "exec", &node.name, "sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0",
         ]);
         let cgroup = Cgroup::new(&prefix);
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
@@ -271,8 +288,6 @@ impl Topology {
         self.node.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
-        self.node
-            .ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if]);
         self.node.ip(&["link", "set", &host_if, "up"]);
         self.node
             .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if]);

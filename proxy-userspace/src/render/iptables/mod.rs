@@ -227,9 +227,6 @@ impl IptablesRenderer {
         for family in self.families.clone() {
             let new = rules::build(desired, family);
             let old = if full {
-                if let Err(e) = self.ensure_jumps(family) {
-                    report.errors.push(e);
-                }
                 match read_kernel(self.backend, family) {
                     Ok(k) => k,
                     Err(e) => {
@@ -246,6 +243,9 @@ impl IptablesRenderer {
             };
             let Some(input) = rules::restore_input(&old, &new) else {
                 self.remember(family, new);
+                if full && let Err(e) = self.ensure_jumps(family) {
+                    report.errors.push(e);
+                }
                 continue;
             };
             let chains = input.lines().filter(|l| l.starts_with(':')).count();
@@ -261,6 +261,10 @@ impl IptablesRenderer {
                         chains,
                     ));
                     self.remember(family, new);
+                    // The chains exist now: hook them in.
+                    if full && let Err(e) = self.ensure_jumps(family) {
+                        report.errors.push(e);
+                    }
                 }
                 Err(e) => {
                     // The next sync starts from what the kernel holds.
