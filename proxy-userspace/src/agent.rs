@@ -54,8 +54,9 @@ pub fn start_renderer(cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
             Ok(Box::new(renderer))
         }
         ProxyMode::Iptables => Ok(Box::new(crate::render::iptables::IptablesRenderer::start()?)),
+        ProxyMode::Nftables => Ok(Box::new(crate::render::nftables::NftablesRenderer::start()?)),
         other => Err(Error::Unsupported(format!(
-            "--proxy-mode {other} is not available in this build (modes: ebpf, iptables)"
+            "--proxy-mode {other} is not available in this build (modes: ebpf, iptables, nftables)"
         ))),
     }
 }

@@ -124,6 +124,10 @@ pub struct RunArgs {
     /// "maglev" (consistent hashing: every node picks the same backend for a flow).
     #[arg(long, default_value = "random", value_parser = ["random", "maglev"])]
     pub lb_algorithm: String,
+    /// The Service CIDRs (kube-apiserver's --service-cluster-ip-range), for the nftables
+    /// mode's drop of traffic to unallocated ClusterIPs.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<ipnet::IpNet>,
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -210,6 +214,15 @@ impl RunArgs {
                 cluster_cidrs: self.cluster_cidr.clone(),
                 masquerade_all: self.masquerade_all,
                 maglev_default: self.lb_algorithm == "maglev",
+                service_cidrs: self.service_cidr.clone(),
+                // upstream's nftables mode: NodePorts on the primary node IP only, and
+                // ClusterIP checks.
+                node_port_addresses: if self.proxy_mode == ProxyMode::Nftables {
+                    crate::model::NodePortAddresses::Primary
+                } else {
+                    crate::model::NodePortAddresses::All
+                },
+                cluster_ip_checks: self.proxy_mode == ProxyMode::Nftables,
                 ..ProxyConfig::default()
             },
             min_sync_period: self.min_sync_period,

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use super::fixture::{Expect, Fixture, FixtureFlow, FlowResult, objects as convert, proxy_config};
 use crate::model::{NodeInfo, ProxyConfig, SourceClass, classify_source, compute};
 use crate::render::ProxyMode;
-use crate::render::iptables::Backend;
-use crate::render::plan::Family;
 use crate::render::ebpf::datapath::PinLayout;
 use crate::render::ebpf::maps::{FrontendView, MapDiff, MapsSnapshot, view};
 use crate::render::ebpf::pinned::PinnedMaps;
+use crate::render::iptables::Backend;
+use crate::render::plan::Family;
 use crate::store::{Change, Store};
 use crate::testnet::{ChildGuard, Topology};
 use crate::{Error, Result};
@@ -123,6 +123,8 @@ enum Programmed {
     /// (table, chain) -> number of rules, for the iptables modes (rule text is normalised
     /// by iptables-save, counts are not).
     Chains(BTreeMap<(String, String), usize>),
+    /// kpr's nftables table: chain -> rules, set -> elements.
+    Nft(BTreeMap<String, usize>),
 }
 
 fn chain_counts(filter: &ChainsOf, nat: &ChainsOf) -> BTreeMap<(String, String), usize> {
@@ -156,6 +158,9 @@ fn expected(
             let rs = crate::render::iptables::rules::build(&desired, Family::V4);
             Ok(Programmed::Chains(chain_counts(&rs.filter, &rs.nat)))
         }
+        ProxyMode::Nftables => Ok(Programmed::Nft(crate::render::nftables::counts_of(
+            &crate::render::nftables::rules::build(&desired, Family::V4),
+        ))),
         _ => {
             let mut snapshot = MapsSnapshot::default();
             let (_, errors) = MapDiff::default().sync(&desired, &mut snapshot, &[]);
@@ -178,12 +183,38 @@ fn programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Option<Prog
             let save = |table: &str| -> Option<ChainsOf> {
                 let out = std::process::Command::new("nsenter")
                     .arg(format!("--net={}", plan.topology.node.path().display()))
-                    .args([&Backend::detect().command(Family::V4, "iptables-save"), "-t", table])
+                    .args([
+                        &Backend::detect().command(Family::V4, "iptables-save"),
+                        "-t",
+                        table,
+                    ])
                     .output()
                     .ok()?;
-                Some(crate::render::iptables::parse_save(&String::from_utf8_lossy(&out.stdout)))
+                Some(crate::render::iptables::parse_save(
+                    &String::from_utf8_lossy(&out.stdout),
+                ))
             };
-            Some(Programmed::Chains(chain_counts(&save("filter")?, &save("nat")?)))
+            Some(Programmed::Chains(chain_counts(
+                &save("filter")?,
+                &save("nat")?,
+            )))
+        }
+        Programmed::Nft(_) => {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", plan.topology.node.path().display()))
+                .args([
+                    "nft",
+                    "-j",
+                    "list",
+                    "table",
+                    "ip",
+                    crate::render::nftables::rules::TABLE,
+                ])
+                .output()
+                .ok()?;
+            Some(Programmed::Nft(crate::render::nftables::counts_of_json(
+                &String::from_utf8_lossy(&out.stdout),
+            )))
         }
     }
 }
@@ -413,10 +444,10 @@ fn judge(
 /// # Errors
 /// The mode is not implemented at this level, or the topology could not be built.
 pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<FlowResult>> {
-    if !matches!(mode, ProxyMode::Ebpf | ProxyMode::Iptables) {
-        return Err(Error::invalid(format!(
-            "--level datapath is implemented for the ebpf and iptables modes (not {mode})"
-        )));
+    if mode == ProxyMode::Ipvs {
+        return Err(Error::invalid(
+            "--level datapath is implemented for the ebpf, iptables and nftables modes (not ipvs)",
+        ));
     }
     let sctp = kernel_has_sctp();
     let plan = build(fx, mode, index)?;
@@ -454,6 +485,17 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
     if plan.config.masquerade_all {
         args.push("--masquerade-all".into());
     }
+    if !plan.config.service_cidrs.is_empty() {
+        args.push("--service-cidr".into());
+        args.push(
+            plan.config
+                .service_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
     args.push("--proxy-mode".into());
     args.push(mode.as_str().into());
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -462,7 +504,11 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
     let overrides = fx.modes.get(mode.as_str());
     let mut results = Vec::new();
     let mut check = |objects: &Objects, flows: &[FixtureFlow]| -> Result<()> {
-        wait_programmed(&plan, &layout, &expected(mode, objects, &plan.node, &plan.config)?)?;
+        wait_programmed(
+            &plan,
+            &layout,
+            &expected(mode, objects, &plan.node, &plan.config)?,
+        )?;
         // The TC programs attach on the agent's interface scan (every 2 s).
         std::thread::sleep(Duration::from_millis(100));
         for f in flows {

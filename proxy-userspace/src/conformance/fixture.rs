@@ -199,6 +199,7 @@ pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
         maglev_default: false,
         node_port_addresses: node_port_addresses(&c.node_port_addresses, mode)?,
         localhost_node_ports: c.localhost_node_ports,
+        cluster_ip_checks: mode == ProxyMode::Nftables,
     })
 }
 

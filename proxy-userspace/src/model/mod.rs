@@ -40,6 +40,10 @@ pub struct ProxyConfig {
     pub maglev_default: bool,
     pub node_port_addresses: NodePortAddresses,
     pub localhost_node_ports: bool,
+    /// upstream nftables mode's ClusterIP checks: traffic to an active ClusterIP on a port it
+    /// does not serve is rejected, traffic to an unallocated address of `service_cidrs`
+    /// dropped.
+    pub cluster_ip_checks: bool,
 }
 
 impl Default for ProxyConfig {
@@ -51,6 +55,7 @@ impl Default for ProxyConfig {
             maglev_default: false,
             node_port_addresses: NodePortAddresses::All,
             localhost_node_ports: true,
+            cluster_ip_checks: false,
         }
     }
 }
@@ -202,6 +207,10 @@ pub struct DesiredState {
     /// The local-traffic detector that [`Masquerade::UnlessFromPods`] refers to: traffic from
     /// these CIDRs is pod traffic (`detectLocalMode: ClusterCIDR`).
     pub pod_cidrs: Vec<IpNet>,
+    /// When set (`ProxyConfig::cluster_ip_checks`): traffic to a ClusterIP on a port no
+    /// frontend serves is rejected, and traffic to an address of these Service CIDRs that is
+    /// no ClusterIP is dropped.
+    pub cluster_ip_checks: Option<Vec<IpNet>>,
 }
 
 /// One endpoint for one Service port, after slices are merged.
@@ -436,6 +445,9 @@ pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredS
         masquerade_ips: masquerade_ips(node),
         localhost_node_ports: localhost_node_ports(config),
         pod_cidrs: config.cluster_cidrs.clone(),
+        cluster_ip_checks: config
+            .cluster_ip_checks
+            .then(|| config.service_cidrs.clone()),
         ..DesiredState::default()
     };
     let node_port_ips = node_port_ips(node, config);

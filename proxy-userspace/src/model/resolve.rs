@@ -80,6 +80,18 @@ pub fn resolve(
             .map(|(_, fe)| fe)
     };
     let Some(fe) = state.frontends.get(&key).or_else(localhost_node_port) else {
+        if let Some(service_cidrs) = &state.cluster_ip_checks {
+            let is_cluster_ip = state
+                .frontends
+                .iter()
+                .any(|(k, fe)| fe.kind == FrontendKind::ClusterIp && k.ip == flow.dst);
+            if is_cluster_ip {
+                return Decision::Reject;
+            }
+            if service_cidrs.iter().any(|c| c.contains(&flow.dst)) {
+                return Decision::Drop;
+            }
+        }
         let is_health_check = node.ips.contains(&flow.dst)
             && flow.protocol == Protocol::Tcp
             && state.health_checks.values().any(|(p, _)| *p == flow.dport);

@@ -12,6 +12,7 @@ use crate::model::{DesiredState, FrontendKey};
 
 pub mod ebpf;
 pub mod iptables;
+pub mod nftables;
 pub mod plan;
 
 /// The proxy modes, named as kube-proxy names them (`--proxy-mode`).

@@ -251,18 +251,35 @@ impl Topology {
         // The pods' gateway, as Calico does it: the node-side veths carry no address; the node
         // owns 169.254.1.1 (link scope, on lo) and answers ARP for it on every veth. So the
         // node's own traffic to pods, and masquerade towards them, leave with a node IP.
-        node.ip(&["addr", "add", "169.254.1.1/32", "dev", "lo", "scope", "link"]);
+        node.ip(&[
+            "addr",
+            "add",
+            "169.254.1.1/32",
+            "dev",
+            "lo",
+            "scope",
+            "link",
+        ]);
         // A default route into a sink: a veth whose peer (in the same namespace) stays down,
         // so it drops everything it is given and nothing leaves the namespace, yet traffic to
         // addresses nobody owns is *forwarded* (through the FORWARD hook, where rule-based
         // modes REJECT) as on a real node, instead of failing the route lookup. (This kernel
         // has no dummy devices.)
-        node.ip(&["link", "add", "sink0", "type", "veth", "peer", "name", "sink1"]);
+        node.ip(&[
+            "link", "add", "sink0", "type", "veth", "peer", "name", "sink1",
+        ]);
         node.ip(&["link", "set", "sink0", "up"]);
         node.ip(&["route", "add", "default", "dev", "sink0"]);
         // ICMP errors (REJECT) without the 1/s rate limit, so every attempt hears its answer.
         sh(&[
-            "ip", "netns", "exec", &node.name, "sysctl", "-q", "-w", "net.ipv4.icmp_ratelimit=0",
+            "ip",
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.icmp_ratelimit=0",
         ]);
         let cgroup = Cgroup::new(&prefix);
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));

@@ -116,16 +116,18 @@ fn tcp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
     }
 }
 
+/// One UDP exchange on a connected socket, so an ICMP error (a REJECT) surfaces as
+/// ECONNREFUSED instead of a timeout.
 fn udp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
     let any: IpAddr = if to.is_ipv4() { "0.0.0.0" } else { "::" }.parse().unwrap();
     let bind = SocketAddr::new(bind.unwrap_or(any), 0);
     let sock = UdpSocket::bind(bind).expect("bind udp client");
     sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
-    if let Err(e) = sock.send_to(b"x", to) {
+    if let Err(e) = sock.connect(to).and_then(|()| sock.send(b"x").map(|_| ())) {
         return format!("{{\"error\":\"{}\"}}", errno_name(&e));
     }
     let mut buf = [0u8; 256];
-    match sock.recv_from(&mut buf) {
+    match sock.recv(&mut buf).map(|n| (n, sock.peer_addr().unwrap_or(to))) {
         Ok((n, from)) => {
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             let mut words = text.split(' ');

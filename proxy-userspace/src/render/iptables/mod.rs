@@ -36,7 +36,9 @@ impl Backend {
             Family::V4 => tool.to_string(),
             Family::V6 => tool.replacen("iptables", "ip6tables", 1),
         };
-        let (head, tail) = base.split_once('-').map_or((base.as_str(), ""), |(h, t)| (h, t));
+        let (head, tail) = base
+            .split_once('-')
+            .map_or((base.as_str(), ""), |(h, t)| (h, t));
         let variant = match self {
             Self::Nft => "nft",
             Self::Legacy => "legacy",
@@ -392,14 +394,24 @@ mod tests {
             Backend::Legacy.command(Family::V6, "iptables-save"),
             "ip6tables-legacy-save"
         );
-        assert_eq!(Backend::Nft.command(Family::V6, "iptables"), "ip6tables-nft");
+        assert_eq!(
+            Backend::Nft.command(Family::V6, "iptables"),
+            "ip6tables-nft"
+        );
     }
 
     #[test]
     fn rule_specs_split_like_a_shell() {
         assert_eq!(
             shell_words("-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"),
-            ["-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"]
+            [
+                "-m",
+                "comment",
+                "--comment",
+                "kubernetes service portals",
+                "-j",
+                "KUBE-SERVICES"
+            ]
         );
     }
 }

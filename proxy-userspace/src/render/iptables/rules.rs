@@ -14,7 +14,9 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::model::{DesiredState, FrontendKind, Masquerade, Targets};
-use crate::render::plan::{ClassHandling, Family, Handling, ServicePort, proto_lower, service_ports};
+use crate::render::plan::{
+    ClassHandling, Family, Handling, ServicePort, proto_lower, service_ports,
+};
 
 /// The masquerade mark (upstream's default `masqueradeBit` 14).
 pub const MASQ_MARK: &str = "0x4000";
@@ -197,10 +199,16 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
         match sets.iter().position(|s| *s == backends) {
             Some(0) => format!("KUBE-SVC-{hash}"),
             Some(1) => format!("KUBE-SVL-{hash}"),
-            _ => format!("KUBE-SVX-{}", crate::render::plan::chain_hash(&format!("{name}{proto}{backends:?}"))),
+            _ => format!(
+                "KUBE-SVX-{}",
+                crate::render::plan::chain_hash(&format!("{name}{proto}{backends:?}"))
+            ),
         }
     };
-    let affinity = port.frontends.first().and_then(|(_, fe)| fe.affinity_timeout_secs);
+    let affinity = port
+        .frontends
+        .first()
+        .and_then(|(_, fe)| fe.affinity_timeout_secs);
     // Endpoint chains, shared by every backend set that holds the endpoint.
     let mut endpoints: Vec<SocketAddr> = sets.iter().flat_map(|s| s.iter().copied()).collect();
     endpoints.sort_unstable();
@@ -216,14 +224,19 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
             ),
         );
         let recent = if affinity.is_some() {
-            format!("-m recent --name {sep} --mask {} --rsource --set ", full_mask(ep.ip()))
+            format!(
+                "-m recent --name {sep} --mask {} --rsource --set ",
+                full_mask(ep.ip())
+            )
         } else {
             String::new()
         };
         push(
             &mut rs.nat,
             &sep,
-            format!("-m comment --comment {name} {recent}-m {proto} -p {proto} -j DNAT --to-destination {ep}"),
+            format!(
+                "-m comment --comment {name} {recent}-m {proto} -p {proto} -j DNAT --to-destination {ep}"
+            ),
         );
     }
     // Backend-set chains: affinity first, then a random pick.
@@ -310,9 +323,23 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
             "KUBE-EXTERNAL-SERVICES"
         };
         let dst = format!("-d {}", host(key.ip));
-        filter_verdicts(rs, filter_chain, &name, &format!("{dst} {dport}"), &h, pod_cidr);
+        filter_verdicts(
+            rs,
+            filter_chain,
+            &name,
+            &format!("{dst} {dport}"),
+            &h,
+            pod_cidr,
+        );
         if fe.kind == FrontendKind::NodePort && localhost && key.ip.is_ipv4() {
-            filter_verdicts(rs, filter_chain, &name, &format!("-d 127.0.0.0/8 {dport}"), &h, pod_cidr);
+            filter_verdicts(
+                rs,
+                filter_chain,
+                &name,
+                &format!("-d 127.0.0.0/8 {dport}"),
+                &h,
+                pod_cidr,
+            );
         }
         let any_backends = matches!(h.internal.targets, Targets::Backends(_))
             || matches!(h.external.targets, Targets::Backends(_));
@@ -324,7 +351,10 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
                 push(
                     &mut rs.nat,
                     "KUBE-SERVICES",
-                    format!("-m comment --comment \"{name} cluster IP\" {dst} {dport} -j {}", chain_of(b)),
+                    format!(
+                        "-m comment --comment \"{name} cluster IP\" {dst} {dport} -j {}",
+                        chain_of(b)
+                    ),
                 );
             }
             continue;
@@ -344,14 +374,19 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
                     push(
                         &mut rs.nat,
                         &fw_chain,
-                        format!("-m comment --comment \"{name} loadbalancer IP\" -s {r} -j {ext_chain}"),
+                        format!(
+                            "-m comment --comment \"{name} loadbalancer IP\" -s {r} -j {ext_chain}"
+                        ),
                     );
                 }
                 // Node traffic that the network presents with the LB IP as its source.
                 push(
                     &mut rs.nat,
                     &fw_chain,
-                    format!("-m comment --comment \"{name} loadbalancer IP\" -s {} -j {ext_chain}", host(key.ip)),
+                    format!(
+                        "-m comment --comment \"{name} loadbalancer IP\" -s {} -j {ext_chain}",
+                        host(key.ip)
+                    ),
                 );
                 push(
                     &mut rs.nat,
@@ -437,7 +472,9 @@ fn external_chain(
                 push(
                     &mut rs.nat,
                     chain,
-                    format!("-m comment --comment \"masquerade traffic for {name} external destinations\" {m} -j KUBE-MARK-MASQ"),
+                    format!(
+                        "-m comment --comment \"masquerade traffic for {name} external destinations\" {m} -j KUBE-MARK-MASQ"
+                    ),
                 );
             }
             // Without backends for this class, stop here: the filter table answers.
@@ -445,7 +482,9 @@ fn external_chain(
             push(
                 &mut rs.nat,
                 chain,
-                format!("-m comment --comment \"route internal traffic for {name} external destinations\" {m} -j {target}"),
+                format!(
+                    "-m comment --comment \"route internal traffic for {name} external destinations\" {m} -j {target}"
+                ),
             );
         }
     }
@@ -460,7 +499,9 @@ fn external_chain(
         push(
             &mut rs.nat,
             chain,
-            format!("-m comment --comment \"masquerade traffic for {name} external destinations\" {m}-j KUBE-MARK-MASQ"),
+            format!(
+                "-m comment --comment \"masquerade traffic for {name} external destinations\" {m}-j KUBE-MARK-MASQ"
+            ),
         );
     }
     if let Some(target) = jump(c) {
@@ -521,9 +562,14 @@ fn filter_verdicts(
 pub fn restore_input(old: &Ruleset, new: &Ruleset) -> Option<String> {
     let mut out = String::new();
     let mut changed = false;
-    for (table, o, n) in [("filter", &old.filter, &new.filter), ("nat", &old.nat, &new.nat)] {
-        let rewrite: Vec<(&String, &Vec<String>)> =
-            n.iter().filter(|(c, rules)| o.get(*c) != Some(*rules)).collect();
+    for (table, o, n) in [
+        ("filter", &old.filter, &new.filter),
+        ("nat", &old.nat, &new.nat),
+    ] {
+        let rewrite: Vec<(&String, &Vec<String>)> = n
+            .iter()
+            .filter(|(c, rules)| o.get(*c) != Some(*rules))
+            .collect();
         let gone: Vec<&String> = o.keys().filter(|c| !n.contains_key(*c)).collect();
         if rewrite.is_empty() && gone.is_empty() {
             continue;
