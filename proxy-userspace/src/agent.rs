@@ -11,7 +11,8 @@ use tokio::sync::mpsc;
 
 use crate::model::{DesiredCache, NodeInfo, ProxyConfig};
 use crate::render::ebpf::{EbpfConfig, EbpfRenderer};
-use crate::render::{ProxyMode, Renderer, SyncReport};
+use crate::render::probe::ModeChoice;
+use crate::render::{CleanupReport, ProxyMode, Renderer, SyncReport};
 use crate::source::convert::ProxySelector;
 use crate::source::manifests::ManifestSource;
 use crate::store::{Change, ObjectRef, Store};
@@ -31,7 +32,8 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub source: SourceConfig,
-    pub mode: ProxyMode,
+    /// `None`: auto (see `render::probe`).
+    pub mode: Option<ProxyMode>,
     pub ebpf: EbpfConfig,
     pub node: NodeInfo,
     pub proxy: ProxyConfig,
@@ -42,12 +44,63 @@ pub struct AgentConfig {
     pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
-/// Starts the renderer of `cfg.mode`.
+/// Removes what every mode programmed: kpr's eBPF pins under `bpf_fs_path`, `KUBE-*` iptables
+/// chains and the nftables tables (kpr's and kube-proxy's): `kpr cleanup`.
+///
+/// # Errors
+/// Something could not be removed.
+pub fn cleanup_all(bpf_fs_path: &std::path::Path) -> Result<CleanupReport> {
+    let mut report = crate::render::ebpf::datapath::cleanup(bpf_fs_path)?;
+    report
+        .removed
+        .extend(crate::render::iptables::cleanup()?.removed);
+    report
+        .removed
+        .extend(crate::render::nftables::cleanup()?.removed);
+    Ok(report)
+}
+
+/// Removes what modes other than `mode` left behind (a previous kpr in another mode, or
+/// kube-proxy), as upstream does at start. Runs after the new mode is up, so traffic is never
+/// without a datapath.
+fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    if mode != ProxyMode::Ebpf {
+        let layout = crate::render::ebpf::datapath::PinLayout::new(&cfg.ebpf.bpf_fs_path);
+        if layout.root.exists() {
+            match crate::render::ebpf::datapath::cleanup(&layout.root) {
+                Ok(r) => removed.extend(r.removed),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    if mode != ProxyMode::Iptables {
+        match crate::render::iptables::cleanup() {
+            Ok(r) => removed.extend(r.removed),
+            Err(e) => errors.push(e),
+        }
+    }
+    if mode != ProxyMode::Nftables {
+        match crate::render::nftables::cleanup() {
+            Ok(r) => removed.extend(r.removed),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !removed.is_empty() {
+        tracing::info!(?removed, "removed what other modes left behind");
+    }
+    for e in errors {
+        tracing::warn!("removing what other modes left behind: {e}");
+    }
+}
+
+/// Starts the renderer of `mode`.
 ///
 /// # Errors
 /// The mode is not built yet, or its datapath could not be set up.
-pub fn start_renderer(cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
-    match cfg.mode {
+pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
+    match mode {
         ProxyMode::Ebpf => {
             let (renderer, outcome) = EbpfRenderer::start(&cfg.ebpf)?;
             tracing::info!(?outcome, cgroup = %cfg.ebpf.cgroup_path.display(), "eBPF datapath ready");
@@ -109,10 +162,11 @@ pub struct Syncer {
 
 impl Syncer {
     #[must_use]
-    pub fn new(cfg: &AgentConfig, renderer: Box<dyn Renderer>) -> Self {
+    pub fn new(cfg: &AgentConfig, renderer: Box<dyn Renderer>, choice: ModeChoice) -> Self {
         let status = crate::serve::AgentStatus {
             sync_period: cfg.sync_period,
             mode: renderer.mode(),
+            mode_choice: Some(choice),
             ..Default::default()
         };
         Self {
@@ -184,6 +238,12 @@ impl Syncer {
     #[must_use]
     pub const fn ready(&self) -> bool {
         self.services_listed && self.slices_listed
+    }
+
+    /// The renderer's mode.
+    #[must_use]
+    pub fn mode(&self) -> ProxyMode {
+        self.renderer.mode()
     }
 
     /// Periodic work of the renderer between syncs.
@@ -290,9 +350,17 @@ fn spawn_manifests(mut source: ManifestSource, poll: Duration, tx: mpsc::Sender<
 /// # Errors
 /// Start-up failed (the datapath could not be loaded).
 pub async fn run(cfg: AgentConfig) -> Result<()> {
-    let renderer = start_renderer(&cfg)?;
-    let mut syncer = Syncer::new(&cfg, renderer);
-    tracing::info!(mode = %cfg.mode, node = %cfg.node.name, "kpr agent started");
+    let choice = crate::render::probe::choose(cfg.mode, &cfg.ebpf.cgroup_path);
+    tracing::info!(mode = %choice.mode, requested = %choice.requested, reason = %choice.reason, "proxy mode");
+    for c in choice.checks.iter().filter(|c| !c.ok) {
+        tracing::info!(feature = c.feature, since = c.since, detail = %c.detail, "kernel feature missing");
+    }
+    let mut cfg = cfg;
+    crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, false);
+    let renderer = start_renderer(choice.mode, &cfg)?;
+    cleanup_other_modes(choice.mode, &cfg);
+    let mut syncer = Syncer::new(&cfg, renderer, choice);
+    tracing::info!(mode = %syncer.mode(), node = %cfg.node.name, "kpr agent started");
     let (tx, mut rx) = mpsc::channel::<Change>(1024);
     match &cfg.source {
         SourceConfig::Manifests { dir, selector } => spawn_manifests(

@@ -1,4 +1,4 @@
-//! The `kpr` command line: `run`, `services`, `cleanup`.
+//! The `kpr` command line: `run`, `services`, `trace`, `conformance`, `status`, `cleanup`.
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -73,10 +73,18 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Remove every program, link and map kpr pinned.
+    /// Remove everything every mode programmed: kpr's pinned programs, links and maps, the
+    /// KUBE-* iptables chains and the nftables tables (kpr's and kube-proxy's).
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
         bpf_fs_path: PathBuf,
+    },
+    /// What this kernel offers, and which mode `--proxy-mode auto` would pick.
+    Status {
+        #[arg(long, default_value = "/sys/fs/cgroup")]
+        cgroup_path: PathBuf,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -98,9 +106,10 @@ pub struct RunArgs {
     /// API server URL (overrides the kubeconfig's).
     #[arg(long)]
     pub master: Option<String>,
-    /// Which proxy mode renders the Services.
-    #[arg(long, value_enum, default_value_t = ProxyMode::Ebpf)]
-    pub proxy_mode: ProxyMode,
+    /// Which proxy mode renders the Services: "auto" (probe the kernel: ebpf, else nftables,
+    /// else iptables), "ebpf", "iptables" or "nftables".
+    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    pub proxy_mode: ModeArg,
     /// Serve only Services labelled service.kubernetes.io/service-proxy-name=<this>.
     #[arg(long)]
     pub service_proxy_name: Option<String>,
@@ -149,6 +158,23 @@ pub struct RunArgs {
     pub sync_period: Duration,
 }
 
+/// `--proxy-mode`: a mode, or `None` for "auto".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModeArg(pub Option<ProxyMode>);
+
+/// Parses a `--proxy-mode` ("auto" or "" for auto).
+///
+/// # Errors
+/// Not a mode.
+pub fn parse_mode(s: &str) -> Result<ModeArg, String> {
+    match s {
+        "" | "auto" => Ok(ModeArg(None)),
+        other => <ProxyMode as ValueEnum>::from_str(other, true)
+            .map(|m| ModeArg(Some(m)))
+            .map_err(|_| format!("unknown proxy mode {other:?} (auto, ebpf, iptables, nftables)")),
+    }
+}
+
 /// Parses "250ms", "5s", "1m", "1h" (the Go duration forms kube-proxy takes).
 ///
 /// # Errors
@@ -193,7 +219,7 @@ impl RunArgs {
         };
         AgentConfig {
             source,
-            mode: self.proxy_mode,
+            mode: self.proxy_mode.0,
             ebpf: EbpfConfig {
                 bpf_fs_path: self.bpf_fs_path.clone(),
                 cgroup_path: self.cgroup_path.clone(),
@@ -215,14 +241,6 @@ impl RunArgs {
                 masquerade_all: self.masquerade_all,
                 maglev_default: self.lb_algorithm == "maglev",
                 service_cidrs: self.service_cidr.clone(),
-                // upstream's nftables mode: NodePorts on the primary node IP only, and
-                // ClusterIP checks.
-                node_port_addresses: if self.proxy_mode == ProxyMode::Nftables {
-                    crate::model::NodePortAddresses::Primary
-                } else {
-                    crate::model::NodePortAddresses::All
-                },
-                cluster_ip_checks: self.proxy_mode == ProxyMode::Nftables,
                 ..ProxyConfig::default()
             },
             min_sync_period: self.min_sync_period,
@@ -288,4 +306,34 @@ pub fn services(bpf_fs_path: &std::path::Path, output: Output) -> Result<String>
                 + "\n"
         }
     })
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    fn mode_of(args: &[&str]) -> Result<Option<ProxyMode>, String> {
+        let mut full = vec!["kpr", "run", "--manifests", "/m"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full).map_err(|e| e.to_string())?.command {
+            Command::Run(r) => Ok(r.agent_config().mode),
+            _ => unreachable!("a run command"),
+        }
+    }
+
+    #[test]
+    fn proxy_mode_flag() {
+        assert_eq!(mode_of(&[]), Ok(None), "auto by default");
+        assert_eq!(mode_of(&["--proxy-mode", "auto"]), Ok(None));
+        assert_eq!(
+            mode_of(&["--proxy-mode", "nftables"]),
+            Ok(Some(ProxyMode::Nftables))
+        );
+        assert_eq!(
+            mode_of(&["--proxy-mode", "iptables"]),
+            Ok(Some(ProxyMode::Iptables))
+        );
+        let err = mode_of(&["--proxy-mode", "userspace"]).expect_err("unknown");
+        assert!(err.contains("unknown proxy mode \"userspace\""), "{err}");
+    }
 }

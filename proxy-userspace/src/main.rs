@@ -57,12 +57,36 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Workload { args } => kpr::testnet::workload::run(&args),
         Command::Cleanup { bpf_fs_path } => {
-            let report = kpr::render::ebpf::datapath::cleanup(&bpf_fs_path)?;
-            println!(
-                "removed {} pinned objects under {}",
-                report.removed.len(),
-                bpf_fs_path.display()
-            );
+            let report = kpr::agent::cleanup_all(&bpf_fs_path)?;
+            for r in &report.removed {
+                println!("removed {r}");
+            }
+            println!("removed {} objects", report.removed.len());
+        }
+        Command::Status {
+            cgroup_path,
+            output,
+        } => {
+            let choice = kpr::render::probe::choose(None, &cgroup_path);
+            match output {
+                kpr::cli::Output::Json => println!("{}", serde_json::to_string_pretty(&choice)?),
+                kpr::cli::Output::Table => {
+                    for c in &choice.checks {
+                        println!(
+                            "{:<4} {} (since {}){}",
+                            if c.ok { "ok" } else { "MISS" },
+                            c.feature,
+                            c.since,
+                            if c.ok || c.detail == "no" {
+                                String::new()
+                            } else {
+                                format!(": {}", c.detail)
+                            }
+                        );
+                    }
+                    println!("auto picks: {} ({})", choice.mode, choice.reason);
+                }
+            }
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! The agent's HTTP endpoints, as kube-proxy has them:
 //! - healthz server (default 0.0.0.0:10256): `/healthz` and `/livez` (200 once the first sync
 //!   is done and syncs keep happening, 503 otherwise);
-//! - metrics server (default 127.0.0.1:10249): `/metrics` (Prometheus text) and `/proxyMode`;
+//! - metrics server (default 127.0.0.1:10249): `/metrics` (Prometheus text), `/proxyMode` (the
+//!   mode's name, as upstream) and `/proxyModeStatus` (JSON: requested mode, the mode chosen,
+//!   why, and the kernel features probed);
 //! - one health-check server per Service with externalTrafficPolicy Local, on its
 //!   `healthCheckNodePort`: `{"service":{"namespace","name"},"localEndpoints":N}`, 200 when N > 0,
 //!   else 503, so load balancers only send to nodes with local endpoints.
@@ -36,6 +38,8 @@ pub struct AgentStatus {
     pub mode: ProxyMode,
     /// The renderer's own counters, from the last sync.
     pub mode_metrics: Vec<ModeMetric>,
+    /// Why this mode runs (`/proxyModeStatus`).
+    pub mode_choice: Option<crate::render::probe::ModeChoice>,
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
@@ -96,6 +100,13 @@ async fn proxy_mode(State(status): State<SharedStatus>) -> impl IntoResponse {
     status.lock().expect("status lock").mode.as_str()
 }
 
+/// Which mode runs and why: the probe's checks as JSON.
+async fn proxy_mode_status(State(status): State<SharedStatus>) -> impl IntoResponse {
+    let body = serde_json::to_string(&status.lock().expect("status lock").mode_choice)
+        .unwrap_or_else(|_| "null".into());
+    ([("content-type", "application/json")], body)
+}
+
 /// Starts the healthz and metrics servers. A bind failure is logged, not fatal: the datapath
 /// matters more than its observability.
 pub async fn start(
@@ -114,6 +125,7 @@ pub async fn start(
         let app = Router::new()
             .route("/metrics", get(metrics))
             .route("/proxyMode", get(proxy_mode))
+            .route("/proxyModeStatus", get(proxy_mode_status))
             .route("/healthz", get(healthz))
             .with_state(status);
         spawn_server("metrics", addr, app).await;

@@ -1,6 +1,6 @@
 //! The conformance fixtures (`tests/fixtures`, a copy of the team's shared set) at model level,
-//! for the ebpf mode (and iptables, whose semantics the model follows). `KPR_FIXTURES` points
-//! at another fixture directory.
+//! for every mode the model serves (ebpf, iptables, nftables with its own defaults and
+//! overrides). `KPR_FIXTURES` points at another fixture directory.
 use kpr::conformance::{Level, format_report, run_dir};
 use kpr::render::ProxyMode;
 
@@ -12,7 +12,7 @@ fn shared_fixtures_pass_at_model_level() {
         "fixture directory {} is missing",
         dir.display()
     );
-    for mode in [ProxyMode::Ebpf, ProxyMode::Iptables] {
+    for mode in [ProxyMode::Ebpf, ProxyMode::Iptables, ProxyMode::Nftables] {
         let report = run_dir(&dir, Level::Model, mode).expect("fixtures readable");
         let text = format_report(&report);
         assert!(report.passed() > 0, "no flow was checked:\n{text}");

@@ -1,8 +1,7 @@
-//! `kpr conformance tests/fixtures --level datapath --proxy-mode ebpf`: every fixture flow
+//! `kpr conformance tests/fixtures --level datapath --proxy-mode MODE`: every fixture flow
 //! as real connections through a netns topology per fixture (root). Flows this machine cannot
 //! express (SCTP on a kernel without SCTP) are reported as skipped, never as passed.
-#[test]
-fn shared_fixtures_pass_on_the_ebpf_datapath() {
+fn fixtures_pass_on(mode: &str) {
     kpr_testnet::require_root();
     let dir = kpr_testnet::fixtures_dir();
     assert!(
@@ -13,7 +12,7 @@ fn shared_fixtures_pass_on_the_ebpf_datapath() {
     let out = std::process::Command::new(kpr_testnet::kpr_bin())
         .arg("conformance")
         .arg(&dir)
-        .args(["--level", "datapath", "--proxy-mode", "ebpf"])
+        .args(["--level", "datapath", "--proxy-mode", mode])
         .env("RUST_LOG", "warn")
         .output()
         .expect("run kpr conformance");
@@ -36,4 +35,19 @@ fn shared_fixtures_pass_on_the_ebpf_datapath() {
     for line in text.lines().filter(|l| l.starts_with("SKIP")) {
         assert!(line.contains("skipped: "), "{line}");
     }
+}
+
+#[test]
+fn fixtures_pass_on_the_ebpf_datapath() {
+    fixtures_pass_on("ebpf");
+}
+
+#[test]
+fn fixtures_pass_on_the_iptables_datapath() {
+    fixtures_pass_on("iptables");
+}
+
+#[test]
+fn fixtures_pass_on_the_nftables_datapath() {
+    fixtures_pass_on("nftables");
 }

@@ -2,7 +2,8 @@
 //! anything global but apt packages and rustup toolchains:
 //! - the eBPF toolchain `EBPF_TOOLCHAIN` with rust-src (aya-build compiles core for bpfel),
 //! - bpf-linker `BPF_LINKER_VERSION` built against that nightly's own libLLVM, into `.tools/`,
-//! - Debian packages: iproute2 (netns, veth), bpftool (map dumps in tests), util-linux.
+//! - Debian packages: iproute2 (netns, veth), bpftool (map dumps in tests), util-linux,
+//!   iptables and nftables (the fallback modes and their tests).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,10 +14,12 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The userspace toolchain (also in rust-toolchain.toml); bpf-linker is built with it.
 pub const USER_TOOLCHAIN: &str = "1.99.0";
-const APT_PACKAGES: [(&str, &str); 3] = [
+const APT_PACKAGES: [(&str, &str); 5] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
+    ("iptables-nft-restore", "iptables"),
+    ("nft", "nftables"),
 ];
 
 pub fn root() -> PathBuf {

@@ -159,12 +159,9 @@ impl Report {
 }
 
 /// Parses a fixture's `nodePortAddresses` for `mode`.
-fn node_port_addresses(values: &[String], mode: ProxyMode) -> Result<NodePortAddresses> {
+fn node_port_addresses(values: &[String]) -> Result<NodePortAddresses> {
     if values.is_empty() {
-        return Ok(match mode {
-            ProxyMode::Nftables => NodePortAddresses::Primary,
-            _ => NodePortAddresses::All,
-        });
+        return Ok(NodePortAddresses::All);
     }
     if values.iter().any(|v| v == "primary") {
         return Ok(NodePortAddresses::Primary);
@@ -192,15 +189,17 @@ pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
             })
             .collect::<Result<Vec<_>>>()?
     };
-    Ok(ProxyConfig {
+    let mut config = ProxyConfig {
         cluster_cidrs,
         service_cidrs: c.service_cidrs.clone(),
         masquerade_all: c.masquerade_all,
         maglev_default: false,
-        node_port_addresses: node_port_addresses(&c.node_port_addresses, mode)?,
+        node_port_addresses: node_port_addresses(&c.node_port_addresses)?,
         localhost_node_ports: c.localhost_node_ports,
-        cluster_ip_checks: mode == ProxyMode::Nftables,
-    })
+        cluster_ip_checks: false,
+    };
+    crate::render::apply_mode_defaults(mode, &mut config, !c.node_port_addresses.is_empty());
+    Ok(config)
 }
 
 pub fn parse_backend(s: &str) -> Result<SocketAddr> {

@@ -14,6 +14,7 @@ pub mod ebpf;
 pub mod iptables;
 pub mod nftables;
 pub mod plan;
+pub mod probe;
 
 /// The proxy modes, named as kube-proxy names them (`--proxy-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -42,6 +43,21 @@ impl ProxyMode {
 impl std::fmt::Display for ProxyMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// upstream's per-mode defaults: the nftables mode serves NodePorts on the primary node IP
+/// only (unless `nodePortAddresses` was given) and checks ClusterIP traffic.
+pub fn apply_mode_defaults(
+    mode: ProxyMode,
+    config: &mut crate::model::ProxyConfig,
+    node_port_addresses_given: bool,
+) {
+    if mode == ProxyMode::Nftables {
+        if !node_port_addresses_given {
+            config.node_port_addresses = crate::model::NodePortAddresses::Primary;
+        }
+        config.cluster_ip_checks = true;
     }
 }
 

@@ -127,7 +127,10 @@ fn udp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
         return format!("{{\"error\":\"{}\"}}", errno_name(&e));
     }
     let mut buf = [0u8; 256];
-    match sock.recv(&mut buf).map(|n| (n, sock.peer_addr().unwrap_or(to))) {
+    match sock
+        .recv(&mut buf)
+        .map(|n| (n, sock.peer_addr().unwrap_or(to)))
+    {
         Ok((n, from)) => {
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             let mut words = text.split(' ');

@@ -595,3 +595,226 @@ pub fn restore_input(old: &Ruleset, new: &Ruleset) -> Option<String> {
     }
     changed.then_some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Address plan: node 192.168.0.2 ("node-a"), pod CIDR 10.0.0.0/8; ns1/svc1 ClusterIP
+    //! 172.30.0.41:80 (NodePort 3001); endpoints 10.180.0.1 (node-a) and 10.180.2.1 (node-b).
+    use super::*;
+    use crate::model::{NodeInfo, ProxyConfig, compute};
+    use crate::store::{Protocol, ServiceInfo, SliceInfo};
+    use crate::testkit::{self, endpoint, service};
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            ips: vec!["192.168.0.2".parse().unwrap()],
+            labels: Default::default(),
+        }
+    }
+
+    fn desired(svcs: Vec<ServiceInfo>, slices: Vec<SliceInfo>) -> DesiredState {
+        let config = ProxyConfig {
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ProxyConfig::default()
+        };
+        compute(&testkit::store(svcs, slices), &node(), &config)
+    }
+
+    fn svc1() -> crate::testkit::ServiceBuilder {
+        service("ns1", "svc1")
+            .cluster_ip("172.30.0.41")
+            .port("p80", 80, Protocol::Tcp, 80)
+    }
+
+    fn slice1(eps: &[&str]) -> SliceInfo {
+        let eps: Vec<_> = eps
+            .iter()
+            .map(|ip| {
+                endpoint(
+                    ip,
+                    if ip.contains(".0.") {
+                        "node-a"
+                    } else {
+                        "node-b"
+                    },
+                )
+            })
+            .collect();
+        testkit::slice("ns1", "svc1-1", "svc1")
+            .port("p80", 80, Protocol::Tcp)
+            .endpoints(&eps)
+            .build()
+    }
+
+    fn has(chains: &Chains, chain: &str, rule: &str) -> bool {
+        chains
+            .get(chain)
+            .is_some_and(|rules| rules.iter().any(|r| r == &format!("-A {chain} {rule}")))
+    }
+
+    #[test]
+    fn cluster_ip_in_upstream_layout() {
+        let d = desired(
+            vec![svc1().build()],
+            vec![slice1(&["10.180.0.1", "10.180.2.1"])],
+        );
+        let rs = build(&d, Family::V4);
+        let svc = "KUBE-SVC-XPGD46QRK7WJZT7O";
+        assert!(
+            has(
+                &rs.nat,
+                "KUBE-SERVICES",
+                &format!(
+                    "-m comment --comment \"ns1/svc1:p80 cluster IP\" -d 172.30.0.41/32 -m tcp -p tcp --dport 80 -j {svc}"
+                )
+            ),
+            "{:#?}",
+            rs.nat
+        );
+        let rules = &rs.nat[svc];
+        assert_eq!(rules.len(), 3, "{rules:#?}");
+        assert!(
+            rules[0].contains("! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"),
+            "{}",
+            rules[0]
+        );
+        assert!(
+            rules[1].contains("-m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-"),
+            "{}",
+            rules[1]
+        );
+        assert!(
+            !rules[2].contains("statistic"),
+            "the last endpoint takes the rest"
+        );
+        let seps: Vec<&String> = rs
+            .nat
+            .keys()
+            .filter(|c| c.starts_with("KUBE-SEP-"))
+            .collect();
+        assert_eq!(seps.len(), 2);
+        assert!(
+            rs.nat[seps[0]]
+                .iter()
+                .any(|r| r.contains("-j DNAT --to-destination 10.180."))
+        );
+        assert!(
+            rs.filter["KUBE-SERVICES"].is_empty(),
+            "endpoints: no REJECT"
+        );
+    }
+
+    #[test]
+    fn no_endpoints_rejects_in_filter_and_writes_no_nat_chain() {
+        let d = desired(vec![svc1().node_port(3001).build()], vec![]);
+        let rs = build(&d, Family::V4);
+        assert!(
+            has(
+                &rs.filter,
+                "KUBE-SERVICES",
+                "-m comment --comment \"ns1/svc1:p80 has no endpoints\" -d 172.30.0.41/32 -m tcp -p tcp --dport 80 -j REJECT"
+            ),
+            "{:#?}",
+            rs.filter
+        );
+        assert!(
+            has(
+                &rs.filter,
+                "KUBE-EXTERNAL-SERVICES",
+                "-m comment --comment \"ns1/svc1:p80 has no endpoints\" -d 192.168.0.2/32 -m tcp -p tcp --dport 3001 -j REJECT"
+            ),
+            "{:#?}",
+            rs.filter
+        );
+        assert!(
+            !rs.nat
+                .keys()
+                .any(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-EXT-"))
+        );
+    }
+
+    #[test]
+    fn etp_local_short_circuits_pods_and_the_node_and_drops_without_local_endpoints() {
+        let d = desired(
+            vec![svc1().node_port(3001).etp_local(30000).build()],
+            vec![slice1(&["10.180.2.1"])],
+        );
+        let rs = build(&d, Family::V4);
+        let ext = &rs.nat["KUBE-EXT-XPGD46QRK7WJZT7O"];
+        let text = ext.join("\n");
+        assert!(
+            text.contains("-s 10.0.0.0/8 -j KUBE-SVC-XPGD46QRK7WJZT7O"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-m addrtype --src-type LOCAL -j KUBE-SVC-XPGD46QRK7WJZT7O"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("KUBE-SVL-"),
+            "no local endpoints: no SVL chain"
+        );
+        assert!(
+            has(
+                &rs.filter,
+                "KUBE-EXTERNAL-SERVICES",
+                "-m comment --comment \"ns1/svc1:p80 has no local endpoints\" -d 192.168.0.2/32 -m tcp -p tcp --dport 3001 -j DROP"
+            ),
+            "{:#?}",
+            rs.filter
+        );
+        assert!(has(
+            &rs.filter,
+            "KUBE-NODEPORTS",
+            "-m comment --comment \"ns1/svc1 health check node port\" -m tcp -p tcp --dport 30000 -j ACCEPT"
+        ));
+    }
+
+    #[test]
+    fn a_partial_sync_rewrites_only_the_changed_service_chains() {
+        let other = service("ns2", "svc2")
+            .cluster_ip("172.30.0.42")
+            .port("p80", 80, Protocol::Tcp, 80)
+            .build();
+        let other_slice = testkit::slice("ns2", "svc2-1", "svc2")
+            .port("p80", 80, Protocol::Tcp)
+            .endpoints(&[endpoint("10.180.0.9", "node-a")])
+            .build();
+        let before = build(
+            &desired(
+                vec![svc1().build(), other.clone()],
+                vec![slice1(&["10.180.0.1", "10.180.2.1"]), other_slice.clone()],
+            ),
+            Family::V4,
+        );
+        let after = build(
+            &desired(
+                vec![svc1().build(), other],
+                vec![slice1(&["10.180.0.1"]), other_slice],
+            ),
+            Family::V4,
+        );
+        let input = restore_input(&before, &after).expect("something changed");
+        let declared: Vec<&str> = input.lines().filter(|l| l.starts_with(':')).collect();
+        assert_eq!(
+            declared.len(),
+            2,
+            "svc1's SVC chain rewritten and its removed endpoint's SEP chain dropped, nothing else: {input}"
+        );
+        assert!(input.contains(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]"));
+        assert_eq!(
+            input
+                .lines()
+                .filter(|l| l.starts_with("-X KUBE-SEP-"))
+                .count(),
+            1
+        );
+        assert!(!input.contains("svc2"), "svc2 untouched: {input}");
+        assert_eq!(restore_input(&after, &after), None, "no change, no restore");
+    }
+}

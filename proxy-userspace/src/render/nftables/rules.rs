@@ -597,3 +597,191 @@ pub fn transaction(old: Option<&Table>, new: &Table) -> Option<String> {
 fn strip_comment(key: &str) -> &str {
     key.split(" comment ").next().unwrap_or(key)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Address plan as in upstream's TestOverallNFTablesRules: node 192.168.0.2, pod CIDR
+    //! 10.0.0.0/8, ns1/svc1 ClusterIP 172.30.0.41:80 with endpoint 10.180.0.1.
+    use super::*;
+    use crate::model::{NodeInfo, ProxyConfig, compute};
+    use crate::store::{Protocol, ServiceInfo, SliceInfo};
+    use crate::testkit::{self, endpoint, service};
+
+    fn desired(svcs: Vec<ServiceInfo>, slices: Vec<SliceInfo>) -> DesiredState {
+        let node = NodeInfo {
+            name: "node-a".into(),
+            ips: vec!["192.168.0.2".parse().unwrap()],
+            labels: Default::default(),
+        };
+        let mut config = ProxyConfig {
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            service_cidrs: vec!["172.30.0.0/16".parse().unwrap()],
+            ..ProxyConfig::default()
+        };
+        crate::render::apply_mode_defaults(crate::render::ProxyMode::Nftables, &mut config, false);
+        compute(&testkit::store(svcs, slices), &node, &config)
+    }
+
+    fn svc(name: &str, ip: &str) -> crate::testkit::ServiceBuilder {
+        service(name.replace("svc", "ns").as_str(), name)
+            .cluster_ip(ip)
+            .port("p80", 80, Protocol::Tcp, 80)
+    }
+
+    fn slice(name: &str, eps: &[&str]) -> SliceInfo {
+        let eps: Vec<_> = eps.iter().map(|ip| endpoint(ip, "node-a")).collect();
+        testkit::slice(&name.replace("svc", "ns"), &format!("{name}-1"), name)
+            .port("p80", 80, Protocol::Tcp)
+            .endpoints(&eps)
+            .build()
+    }
+
+    #[test]
+    fn chain_names_and_rules_as_upstream() {
+        let t = build(
+            &desired(
+                vec![svc("svc1", "172.30.0.41").build()],
+                vec![slice("svc1", &["10.180.0.1"])],
+            ),
+            Family::V4,
+        );
+        // Upstream's expected output names these exact chains.
+        let service = "service-ULMVA6XW-ns1/svc1/tcp/p80";
+        let ep = "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80";
+        assert_eq!(
+            t.chains[service],
+            [
+                "ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade".to_string(),
+                format!("numgen random mod 1 vmap {{ 0 : goto {ep} }}"),
+            ]
+        );
+        assert_eq!(
+            t.chains[ep],
+            [
+                "ip saddr 10.180.0.1 jump mark-for-masquerade",
+                "meta l4proto tcp dnat to 10.180.0.1:80"
+            ]
+        );
+        assert_eq!(
+            t.sets["service-ips"].elements.get("172.30.0.41 . tcp . 80"),
+            Some(&format!("goto {service}"))
+        );
+        assert!(t.sets["cluster-ips"].elements.contains_key("172.30.0.41"));
+        assert!(
+            t.chains["cluster-ips-check"]
+                .iter()
+                .any(|r| r.contains("ip daddr { 172.30.0.0/16 } drop")),
+            "unallocated ClusterIPs are dropped"
+        );
+    }
+
+    #[test]
+    fn no_endpoints_and_local_policy_verdicts() {
+        let t = build(
+            &desired(
+                vec![
+                    svc("svc6", "172.30.0.46").build(),
+                    svc("svc2", "172.30.0.42")
+                        .node_port(3001)
+                        .etp_local(30000)
+                        .build(),
+                ],
+                vec![{
+                    let mut s = slice("svc2", &["10.180.0.2"]);
+                    s.endpoints[0].node_name = Some("node-b".into());
+                    s
+                }],
+            ),
+            Family::V4,
+        );
+        assert_eq!(
+            t.sets["no-endpoint-services"]
+                .elements
+                .get("172.30.0.46 . tcp . 80 comment \"ns6/svc6:p80\""),
+            Some(&"goto reject-chain".to_string())
+        );
+        assert_eq!(
+            t.sets["no-endpoint-nodeports"]
+                .elements
+                .get("tcp . 3001 comment \"ns2/svc2:p80\""),
+            Some(&"drop".to_string()),
+            "eTP=Local without local endpoints drops outside traffic"
+        );
+        let ext = &t.chains["external-42NFTM6N-ns2/svc2/tcp/p80"];
+        assert_eq!(
+            ext,
+            &[
+                "ip saddr 10.0.0.0/8 goto service-42NFTM6N-ns2/svc2/tcp/p80 comment \"short-circuit pod traffic\"",
+                "fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\"",
+                "fib saddr type local goto service-42NFTM6N-ns2/svc2/tcp/p80 comment \"short-circuit local traffic\"",
+            ],
+        );
+        assert!(t.sets["nodeport-ips"].elements.contains_key("192.168.0.2"));
+    }
+
+    #[test]
+    fn an_incremental_transaction_touches_only_what_changed() {
+        let before = build(
+            &desired(
+                vec![
+                    svc("svc1", "172.30.0.41").build(),
+                    svc("svc4", "172.30.0.44").build(),
+                ],
+                vec![
+                    slice("svc1", &["10.180.0.1"]),
+                    slice("svc4", &["10.180.0.4"]),
+                ],
+            ),
+            Family::V4,
+        );
+        let after = build(
+            &desired(
+                vec![
+                    svc("svc1", "172.30.0.41").build(),
+                    svc("svc4", "172.30.0.44").build(),
+                ],
+                vec![
+                    slice("svc1", &["10.180.0.1", "10.180.0.5"]),
+                    slice("svc4", &["10.180.0.4"]),
+                ],
+            ),
+            Family::V4,
+        );
+        let tx = transaction(Some(&before), &after).expect("a change");
+        assert!(!tx.contains("svc4"), "svc4 untouched:\n{tx}");
+        assert!(!tx.contains("add table"), "no rebuild:\n{tx}");
+        assert!(
+            tx.contains("add chain ip kpr endpoint-"),
+            "the new endpoint's chain:\n{tx}"
+        );
+        assert!(
+            tx.contains("flush chain ip kpr service-ULMVA6XW-ns1/svc1/tcp/p80"),
+            "{tx}"
+        );
+        assert!(tx.contains("numgen random mod 2"), "{tx}");
+        assert_eq!(transaction(Some(&after), &after), None);
+        // Removing the Service deletes its chains and elements.
+        let gone = build(
+            &desired(
+                vec![svc("svc4", "172.30.0.44").build()],
+                vec![slice("svc4", &["10.180.0.4"])],
+            ),
+            Family::V4,
+        );
+        let tx = transaction(Some(&after), &gone).expect("a change");
+        assert!(
+            tx.contains("delete element ip kpr service-ips { 172.30.0.41 . tcp . 80 }"),
+            "{tx}"
+        );
+        assert!(
+            tx.contains("delete chain ip kpr service-ULMVA6XW-ns1/svc1/tcp/p80"),
+            "{tx}"
+        );
+        let del_elem = tx.find("delete element").unwrap();
+        let del_chain = tx.find("delete chain").unwrap();
+        assert!(
+            del_elem < del_chain,
+            "elements go before the chains they point at"
+        );
+    }
+}

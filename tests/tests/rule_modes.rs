@@ -1,0 +1,219 @@
+//! The iptables and nftables modes end to end in a node namespace: real connections through
+//! a ClusterIP, an endpoint change applied as a partial sync (the other Service's rules keep
+//! their packet counters, so they were not rewritten), a switch of modes that removes what the
+//! previous mode left, and `kpr cleanup` leaving no KUBE-* chain and no kpr table.
+//!
+//! Address plan (all inside the test's namespaces): client pod 10.0.0.2; backends 10.180.0.1
+//! and 10.180.0.2; Services web 172.30.0.10:80 and other 172.30.0.11:80; node 192.168.0.2.
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kpr_testnet::{ChildGuard, Topology, kpr_bin, write_manifest};
+
+fn manifests(web_backends: &[&str]) -> String {
+    let eps: Vec<String> = web_backends
+        .iter()
+        .map(|ip| format!("{{addresses: [{ip}], nodeName: test-node}}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: web}}\nspec: {{clusterIP: 172.30.0.10, ports: [{{name: p, port: 80, targetPort: 80}}]}}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: p, port: 80}}]\n---\n\
+apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: other}}\nspec: {{clusterIP: 172.30.0.11, ports: [{{name: p, port: 80, targetPort: 80}}]}}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: other-1, labels: {{kubernetes.io/service-name: other}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.180.0.2], nodeName: test-node}}]\nports: [{{name: p, port: 80}}]\n",
+        eps.join(", ")
+    )
+}
+
+/// Runs `program args` inside the node namespace; its stdout.
+fn in_node(t: &Topology, program: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.node.path().display()))
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn iptables_save(t: &Topology) -> String {
+    in_node(t, "iptables-save", &[]) + &in_node(t, "iptables-save", &["-c"])
+}
+
+fn kpr_table(t: &Topology) -> String {
+    in_node(t, "nft", &["list", "table", "ip", "kpr"])
+}
+
+fn cluster(tag: &str) -> (Topology, std::path::PathBuf) {
+    let mut t = Topology::new(tag);
+    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
+    t.add_pod("a", Ipv4Addr::new(10, 180, 0, 1));
+    t.add_pod("b", Ipv4Addr::new(10, 180, 0, 2));
+    t.serve("a", &[80]);
+    t.serve("b", &[80]);
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.1"]));
+    (t, dir)
+}
+
+fn agent(t: &Topology, dir: &std::path::Path, mode: &str) -> ChildGuard {
+    t.start_agent_in_node(
+        dir,
+        &[
+            "--proxy-mode",
+            mode,
+            "--node-ip",
+            "192.168.0.2",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
+    )
+}
+
+/// Waits until every connection to `vip` reaches one of `backends` (and each was reached).
+fn wait_reaches(t: &Topology, vip: &str, backends: &[&str]) {
+    let start = Instant::now();
+    loop {
+        let lines = t.client("client", &["tcp", vip, "12"]);
+        let got: std::collections::BTreeSet<String> = lines
+            .iter()
+            .filter_map(|l| l["backend"].as_str().map(str::to_string))
+            .collect();
+        let want: std::collections::BTreeSet<String> =
+            backends.iter().map(|b| (*b).to_string()).collect();
+        if got == want && lines.iter().all(|l| l["error"].is_null()) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{vip} should reach {want:?}, got {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn cleanup_in_node(t: &Topology) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.node.path().display()))
+        .arg(kpr_bin())
+        .args(["cleanup", "--bpf-fs-path"])
+        .arg(&t.bpffs)
+        .output()
+        .expect("kpr cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn iptables_mode_serves_syncs_partially_and_cleans_up() {
+    let (t, dir) = cluster("ipt");
+    let mut a = agent(&t, &dir, "iptables");
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    wait_reaches(&t, "172.30.0.11:80", &["10.180.0.2:80"]);
+    let save = iptables_save(&t);
+    assert!(save.contains(":KUBE-SVC-"), "{save}");
+    assert!(
+        save.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ),
+        "{save}"
+    );
+    // Counters of the other Service's chain survive a change of web: its chain was not
+    // rewritten (iptables-restore --noflush only touched web's chains).
+    let other_counters = |save: &str| -> Vec<String> {
+        save.lines()
+            .filter(|l| l.starts_with('[') && l.contains("ns/other:p") && l.contains("DNAT"))
+            .map(|l| l.split(']').next().unwrap_or("").to_string())
+            .collect()
+    };
+    let before = other_counters(&in_node(&t, "iptables-save", &["-c", "-t", "nat"]));
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_ne!(before[0], "[0:0", "the other Service carried traffic");
+    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.1", "10.180.0.2"]));
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80", "10.180.0.2:80"]);
+    let after = other_counters(&in_node(&t, "iptables-save", &["-c", "-t", "nat"]));
+    assert_eq!(
+        after
+            .first()
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(':')
+            .next(),
+        before[0].split(':').next(),
+        "the other Service's DNAT rule kept its packet count: not rewritten"
+    );
+    a.kill9();
+    // Another mode takes over: it removes the KUBE-* chains once its own table is up.
+    let _b = agent(&t, &dir, "nftables");
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80", "10.180.0.2:80"]);
+    let start = Instant::now();
+    while iptables_save(&t).contains(":KUBE-") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the nftables mode removes the iptables mode's chains: {}",
+            iptables_save(&t)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn nftables_mode_serves_syncs_incrementally_and_cleans_up() {
+    let (t, dir) = cluster("nft");
+    let mut a = agent(&t, &dir, "nftables");
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    let table = kpr_table(&t);
+    assert!(table.contains("map service-ips"), "{table}");
+    assert!(
+        table.contains("172.30.0.10 . tcp . 80 : goto service-"),
+        "{table}"
+    );
+    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.2"]));
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
+    assert!(
+        !kpr_table(&t).contains("10.180.0.1"),
+        "the removed endpoint's chain is gone"
+    );
+    // Scaled to zero: REJECT.
+    write_manifest(&dir, "all.yaml", &manifests(&[]));
+    let start = Instant::now();
+    loop {
+        let lines = t.client("client", &["tcp", "172.30.0.10:80", "2"]);
+        if lines.iter().all(|l| l["error"] == "ECONNREFUSED") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.kill9();
+    assert!(
+        kpr_table(&t).contains("table ip kpr"),
+        "the datapath outlives the agent"
+    );
+    cleanup_in_node(&t);
+    assert_eq!(kpr_table(&t), "", "kpr cleanup removes the table");
+    assert!(
+        !in_node(&t, "nft", &["list", "tables"]).contains("kpr"),
+        "no kpr table in either family"
+    );
+}
+
+#[test]
+fn cleanup_removes_every_kube_chain() {
+    let (t, dir) = cluster("iptclean");
+    let mut a = agent(&t, &dir, "iptables");
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    a.kill9();
+    assert!(iptables_save(&t).contains("KUBE-SERVICES"));
+    cleanup_in_node(&t);
+    let save = iptables_save(&t) + &in_node(&t, "ip6tables-save", &[]);
+    assert!(!save.contains("KUBE-"), "{save}");
+}
