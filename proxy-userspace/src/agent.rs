@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     /// `None`: auto (see `render::probe`).
     pub mode: Option<ProxyMode>,
+    /// `--nodeport-addresses` was given (else the mode's upstream default applies).
+    pub node_port_addresses_given: bool,
     pub ebpf: EbpfConfig,
     pub node: NodeInfo,
     pub proxy: ProxyConfig,
@@ -356,7 +358,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tracing::info!(feature = c.feature, since = c.since, detail = %c.detail, "kernel feature missing");
     }
     let mut cfg = cfg;
-    crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, false);
+    crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, cfg.node_port_addresses_given);
     let renderer = start_renderer(choice.mode, &cfg)?;
     cleanup_other_modes(choice.mode, &cfg);
     let mut syncer = Syncer::new(&cfg, renderer, choice);

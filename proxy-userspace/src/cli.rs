@@ -137,6 +137,14 @@ pub struct RunArgs {
     /// mode's drop of traffic to unallocated ClusterIPs.
     #[arg(long, value_delimiter = ',')]
     pub service_cidr: Vec<ipnet::IpNet>,
+    /// Node addresses that serve NodePorts: CIDRs, or "primary" (the mode's upstream default
+    /// when unset: every node IP; the primary one for nftables).
+    #[arg(long, value_delimiter = ',', value_parser = parse_nodeport_address)]
+    pub nodeport_addresses: Vec<String>,
+    /// Serve NodePorts on 127.0.0.1 to the node itself (IPv4; needs route_localnet), as
+    /// upstream's iptables mode does.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub iptables_localhost_nodeports: bool,
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -156,6 +164,18 @@ pub struct RunArgs {
     /// Full resync period.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
+}
+
+/// One `--nodeport-addresses` entry: "primary" or a CIDR.
+///
+/// # Errors
+/// Neither.
+pub fn parse_nodeport_address(s: &str) -> Result<String, String> {
+    if s == "primary" || s.parse::<ipnet::IpNet>().is_ok() {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is neither \"primary\" nor a CIDR"))
+    }
 }
 
 /// `--proxy-mode`: a mode, or `None` for "auto".
@@ -220,6 +240,7 @@ impl RunArgs {
         AgentConfig {
             source,
             mode: self.proxy_mode.0,
+            node_port_addresses_given: !self.nodeport_addresses.is_empty(),
             ebpf: EbpfConfig {
                 bpf_fs_path: self.bpf_fs_path.clone(),
                 cgroup_path: self.cgroup_path.clone(),
@@ -241,6 +262,12 @@ impl RunArgs {
                 masquerade_all: self.masquerade_all,
                 maglev_default: self.lb_algorithm == "maglev",
                 service_cidrs: self.service_cidr.clone(),
+                // Invalid entries were refused when the flags were parsed.
+                node_port_addresses: crate::model::NodePortAddresses::parse(
+                    &self.nodeport_addresses,
+                )
+                .unwrap_or_default(),
+                localhost_node_ports: self.iptables_localhost_nodeports,
                 ..ProxyConfig::default()
             },
             min_sync_period: self.min_sync_period,
@@ -315,7 +342,10 @@ mod mode_tests {
     fn mode_of(args: &[&str]) -> Result<Option<ProxyMode>, String> {
         let mut full = vec!["kpr", "run", "--manifests", "/m"];
         full.extend_from_slice(args);
-        match Cli::try_parse_from(full).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Run(r) => Ok(r.agent_config().mode),
             _ => unreachable!("a run command"),
         }

@@ -335,7 +335,12 @@ fn attempts(expect: &Expect) -> usize {
 }
 
 fn run_flow(plan: &Plan, flow: &FixtureFlow, expect: &Expect) -> Option<String> {
-    let client = plan.clients.get(&flow.src)?;
+    let Some(client) = plan.clients.get(&flow.src) else {
+        return Some(format!(
+            "no client could be placed at {} in the test topology",
+            flow.src
+        ));
+    };
     let proto = flow.proto.as_deref().unwrap_or("TCP");
     let mode = if proto == "UDP" { "udp" } else { "tcp" };
     let dst = SocketAddr::new(flow.dst, flow.dport).to_string();
@@ -485,6 +490,14 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
     if plan.config.masquerade_all {
         args.push("--masquerade-all".into());
     }
+    if !fx.config.node_port_addresses.is_empty() {
+        args.push("--nodeport-addresses".into());
+        args.push(fx.config.node_port_addresses.join(","));
+    }
+    args.push(format!(
+        "--iptables-localhost-nodeports={}",
+        fx.config.localhost_node_ports
+    ));
     if !plan.config.service_cidrs.is_empty() {
         args.push("--service-cidr".into());
         args.push(

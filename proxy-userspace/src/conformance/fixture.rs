@@ -159,22 +159,6 @@ impl Report {
 }
 
 /// Parses a fixture's `nodePortAddresses` for `mode`.
-fn node_port_addresses(values: &[String]) -> Result<NodePortAddresses> {
-    if values.is_empty() {
-        return Ok(NodePortAddresses::All);
-    }
-    if values.iter().any(|v| v == "primary") {
-        return Ok(NodePortAddresses::Primary);
-    }
-    values
-        .iter()
-        .map(|v| {
-            v.parse()
-                .map_err(|_| Error::invalid(format!("nodePortAddresses entry {v:?} is not a CIDR")))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(NodePortAddresses::Cidrs)
-}
 
 pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
     let cluster_cidrs = if c.cluster_cidr.is_empty() {
@@ -194,7 +178,7 @@ pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
         service_cidrs: c.service_cidrs.clone(),
         masquerade_all: c.masquerade_all,
         maglev_default: false,
-        node_port_addresses: node_port_addresses(&c.node_port_addresses)?,
+        node_port_addresses: NodePortAddresses::parse(&c.node_port_addresses)?,
         localhost_node_ports: c.localhost_node_ports,
         cluster_ip_checks: false,
     };

@@ -43,6 +43,12 @@ pub fn run_dir(dir: &Path, level: Level, mode: ProxyMode) -> Result<Report> {
         .collect();
     paths.sort();
     let mut report = Report::default();
+    if paths.is_empty() {
+        report.broken.push((
+            dir.to_path_buf(),
+            "no fixture (*.yaml, *.yml, *.json) in this directory".into(),
+        ));
+    }
     for path in paths {
         let loaded = std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())

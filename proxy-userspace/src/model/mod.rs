@@ -29,6 +29,31 @@ pub enum NodePortAddresses {
     Cidrs(Vec<IpNet>),
 }
 
+impl NodePortAddresses {
+    /// Parses `nodePortAddresses` / `--nodeport-addresses`: empty for every node IP,
+    /// `primary`, or CIDRs.
+    ///
+    /// # Errors
+    /// An entry that is neither `primary` nor a CIDR.
+    pub fn parse(values: &[String]) -> crate::Result<Self> {
+        if values.is_empty() {
+            return Ok(Self::All);
+        }
+        if values.iter().any(|v| v == "primary") {
+            return Ok(Self::Primary);
+        }
+        values
+            .iter()
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    crate::Error::invalid(format!("nodePortAddresses entry {v:?} is not a CIDR"))
+                })
+            })
+            .collect::<crate::Result<Vec<_>>>()
+            .map(Self::Cidrs)
+    }
+}
+
 /// The knobs of KubeProxyConfiguration that change the model's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyConfig {
