@@ -256,6 +256,10 @@ impl Syncer {
     /// Computes the desired state of what changed and applies the difference: in full after
     /// a relist, a node change or a resync, else only the frontends of changed Services.
     pub fn sync(&mut self) {
+        self.sync_with(false);
+    }
+
+    fn sync_with(&mut self, periodic: bool) {
         let started = Instant::now();
         let dirty = self.store.take_dirty();
         let report = match self
@@ -263,7 +267,11 @@ impl Syncer {
             .update(&self.store, &dirty, &self.node, &self.proxy)
         {
             None => {
-                let report = self.renderer.sync_full(&self.desired.state);
+                let report = if periodic {
+                    self.renderer.resync(&self.desired.state)
+                } else {
+                    self.renderer.sync_full(&self.desired.state)
+                };
                 // A full sync follows a (re)list or reload, whose parse buffers are garbage
                 // now: hand the freed heap back so RSS shows what the agent keeps.
                 // SAFETY: malloc_trim has no preconditions.
@@ -275,11 +283,13 @@ impl Syncer {
         self.record(&report, started);
     }
 
-    /// Resyncs everything: recomputes the desired state and lets the renderer re-read what
-    /// the kernel holds, repairing entries changed behind the agent's back.
+    /// The periodic resync: recomputes the desired state and hands all of it to the renderer
+    /// (`Renderer::resync`), which re-reads what the kernel holds (the eBPF maps every time,
+    /// the rule-based modes' tables every hour), repairing entries changed behind the agent's
+    /// back.
     pub fn resync(&mut self) {
         self.store.mark_all_dirty();
-        self.sync();
+        self.sync_with(true);
     }
 
     fn record(&mut self, report: &SyncReport, started: Instant) {

@@ -14,13 +14,15 @@ use kpr::model::DesiredCache;
 use kpr::model::{
     DesiredState, Frontend, FrontendKey, FrontendKind, Masquerade, NodeInfo, ProxyConfig, Targets,
 };
-use kpr::render::Renderer as _;
 use kpr::render::ebpf::EbpfRenderer;
 use kpr::render::ebpf::datapath::{PinLayout, load_object};
 use kpr::render::ebpf::maps::MapDiff;
 use kpr::render::ebpf::packet::{self, L4, tcp_flags};
 use kpr::render::ebpf::pinned::PinnedMaps;
 use kpr::render::ebpf::scratch::{ScratchDatapath, ScratchPins};
+use kpr::render::iptables::IptablesRenderer;
+use kpr::render::nftables::NftablesRenderer;
+use kpr::render::{ProxyMode, Renderer};
 use kpr::store::{Change, ObjectRef, Protocol, ServiceInfo, SliceInfo, Store};
 use kpr::testkit::{endpoint, service, slice};
 use kpr_testnet::Topology;
@@ -380,8 +382,68 @@ fn bench_rss_api() -> anyhow::Result<()> {
     Ok(())
 }
 
+unsafe extern "C" {
+    fn unshare(flags: i32) -> i32;
+}
+
+/// Programming time of the rule-based modes: a full sync of N Services x 10 endpoints and a
+/// one-Service change, in a network namespace of this thread's own (the rules never touch the
+/// host's tables).
+fn bench_modes() -> anyhow::Result<()> {
+    println!("Rule-based modes, programming time (median of 5; N Services x 10 endpoints):");
+    std::thread::spawn(|| -> anyhow::Result<()> {
+        const CLONE_NEWNET: i32 = 0x4000_0000;
+        // SAFETY: unshare affects only this thread, which from here on lives in an empty
+        // network namespace; the tools it spawns inherit it.
+        anyhow::ensure!(unsafe { unshare(CLONE_NEWNET) } == 0, "unshare(CLONE_NEWNET)");
+        for n in [1000usize, 10_000] {
+            for mode in [ProxyMode::Iptables, ProxyMode::Nftables] {
+                let mut r: Box<dyn Renderer> = match mode {
+                    ProxyMode::Iptables => Box::new(IptablesRenderer::start()?),
+                    _ => Box::new(NftablesRenderer::start()?),
+                };
+                let d = desired(n, 10);
+                let t = Instant::now();
+                let report = r.sync_full(&d);
+                let full = t.elapsed();
+                anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
+                let mut one = Vec::new();
+                for k in 0..5u16 {
+                    let mut d2 = d.clone();
+                    let key = *d2.frontends.keys().nth(usize::from(k) * 7).unwrap();
+                    let fe = d2.frontends.get_mut(&key).unwrap();
+                    let mut b = fe.internal.backends().to_vec();
+                    b.pop();
+                    fe.internal = Targets::Backends(b.clone());
+                    fe.external = Targets::Backends(b);
+                    let t = Instant::now();
+                    let report = r.sync_frontends(&d2, &std::iter::once(key).collect());
+                    one.push(t.elapsed().as_secs_f64() * 1e3);
+                    anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
+                    r.sync_frontends(&d, &std::iter::once(key).collect());
+                }
+                one.sort_by(f64::total_cmp);
+                let t = Instant::now();
+                let report = r.sync_full(&d);
+                let resync = t.elapsed();
+                anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
+                println!(
+                    "  {mode:<8} {n:>6} Services: full sync {:>8.1} ms, resync (re-read + rewrite) {:>8.1} ms, one Service changed {:>6.1} ms",
+                    full.as_secs_f64() * 1e3,
+                    resync.as_secs_f64() * 1e3,
+                    one[one.len() / 2]
+                );
+                r.cleanup()?;
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+}
+
 pub fn run(parts: &[String]) -> anyhow::Result<()> {
-    const ALL: [&str; 4] = ["tc", "programming", "connect", "rss"];
+    const ALL: [&str; 5] = ["tc", "programming", "modes", "connect", "rss"];
     if let Some(bad) = parts.iter().find(|p| !ALL.contains(&p.as_str())) {
         anyhow::bail!("unknown bench part {bad:?}; parts are {}", ALL.join(", "));
     }
@@ -418,6 +480,9 @@ pub fn run(parts: &[String]) -> anyhow::Result<()> {
     }
     if want("programming") {
         bench_programming()?;
+    }
+    if want("modes") {
+        bench_modes()?;
     }
     if want("connect") {
         bench_connect()?;

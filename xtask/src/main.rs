@@ -21,7 +21,7 @@ enum Cmd {
     Demo,
     /// Measure kpr against shared/PERFORMANCE.md's targets (root; prints a report).
     Bench {
-        /// Only these parts: tc, programming, connect, rss (default: all).
+        /// Only these parts: tc, programming, modes, connect, rss (default: all).
         parts: Vec<String>,
     },
     /// Run every test (unit, conformance, privileged end-to-end) and print a summary line.

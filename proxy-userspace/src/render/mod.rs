@@ -61,6 +61,10 @@ pub fn apply_mode_defaults(
     }
 }
 
+/// How often the rule-based modes re-read and rewrite everything on a periodic resync
+/// (upstream's `FullSyncPeriod`).
+pub const FULL_SYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// How many per-frontend errors one sync reports in full; the rest are counted.
 pub const MAX_REPORTED_ERRORS: usize = 10;
 
@@ -124,6 +128,14 @@ pub trait Renderer: Send {
         desired: &DesiredState,
         keys: &BTreeSet<FrontendKey>,
     ) -> SyncReport;
+
+    /// The periodic resync (every `--sync-period`) with the whole desired state. By default a
+    /// full sync; rule-based modes, whose full sync costs seconds at scale, diff against what
+    /// they wrote and re-read the kernel only every [`FULL_SYNC_PERIOD`] (upstream does the
+    /// same).
+    fn resync(&mut self, desired: &DesiredState) -> SyncReport {
+        self.sync_full(desired)
+    }
 
     /// Periodic work between syncs (e.g. attaching to interfaces that appeared).
     fn tick(&mut self) {}

@@ -151,6 +151,7 @@ pub struct IptablesRenderer {
     /// What kpr wrote last, per family (the diff base of partial syncs).
     written: Vec<(Family, Ruleset)>,
     restores: u64,
+    last_full: Option<std::time::Instant>,
 }
 
 impl IptablesRenderer {
@@ -181,19 +182,29 @@ impl IptablesRenderer {
             families,
             written: Vec::new(),
             restores: 0,
+            last_full: None,
         })
     }
 
     fn ensure_jumps(&self, family: Family) -> Result<()> {
         let iptables = self.backend.command(family, "iptables");
+        // What the built-in chains hold now: one iptables-save per table rather than one
+        // `-C` per jump (each iptables-nft run loads the whole ruleset).
+        let save = self.backend.command(family, "iptables-save");
+        let mut current = String::new();
+        for table in ["filter", "nat"] {
+            current
+                .push_str(&run(Command::new(&save).args(["-t", table]), None).unwrap_or_default());
+        }
         // Inserted at the top in reverse, so they end up in `JUMPS` order.
         for (table, chain, spec) in JUMPS.iter().rev() {
             let args = shell_words(spec);
-            let present = Command::new(&iptables)
-                .args(["-w", "-t", table, "-C", chain])
-                .args(&args)
-                .output()
-                .is_ok_and(|o| o.status.success());
+            let present = current.contains(&format!("-A {chain} {spec}"))
+                || Command::new(&iptables)
+                    .args(["-w", "-t", table, "-C", chain])
+                    .args(&args)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
             if !present {
                 run(
                     Command::new(&iptables)
@@ -351,7 +362,19 @@ impl Renderer for IptablesRenderer {
     }
 
     fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
+        self.last_full = Some(std::time::Instant::now());
         self.sync(desired, true)
+    }
+
+    fn resync(&mut self, desired: &DesiredState) -> SyncReport {
+        let due = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= super::FULL_SYNC_PERIOD);
+        if due {
+            self.sync_full(desired)
+        } else {
+            self.sync(desired, false)
+        }
     }
 
     fn sync_frontends(

@@ -141,6 +141,7 @@ pub struct NftablesRenderer {
     families: Vec<Family>,
     written: Vec<(Family, Table)>,
     transactions: u64,
+    last_full: Option<std::time::Instant>,
 }
 
 impl NftablesRenderer {
@@ -156,6 +157,7 @@ impl NftablesRenderer {
             families: vec![Family::V4, Family::V6],
             written: Vec::new(),
             transactions: 0,
+            last_full: None,
         })
     }
 
@@ -242,7 +244,19 @@ impl Renderer for NftablesRenderer {
     }
 
     fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
+        self.last_full = Some(std::time::Instant::now());
         self.sync(desired, true)
+    }
+
+    fn resync(&mut self, desired: &DesiredState) -> SyncReport {
+        let due = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= super::FULL_SYNC_PERIOD);
+        if due {
+            self.sync_full(desired)
+        } else {
+            self.sync(desired, false)
+        }
     }
 
     fn sync_frontends(
