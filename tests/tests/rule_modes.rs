@@ -217,3 +217,49 @@ fn cleanup_removes_every_kube_chain() {
     let save = iptables_save(&t) + &in_node(&t, "ip6tables-save", &[]);
     assert!(!save.contains("KUBE-"), "{save}");
 }
+
+fn udp_service(backend: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: dns}}\nspec: {{clusterIP: 172.30.0.20, ports: [{{name: d, port: 53, targetPort: 80, protocol: UDP}}]}}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: dns-1, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{backend}], nodeName: test-node}}]\nports: [{{name: d, port: 80, protocol: UDP}}]\n"
+    )
+}
+
+/// One connected UDP socket (one conntrack entry) keeps sending through a ClusterIP while its
+/// backend is replaced: the stale entry is deleted, so the same flow reaches the new backend
+/// although the old one still answers.
+fn udp_flow_follows_a_replaced_backend(mode: &str) {
+    let (mut t, dir) = cluster(&format!("ct{}", &mode[..3]));
+    write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.1"));
+    let _a = agent(&t, &dir, mode);
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    let mut flow = t.spawn_client("client", &["udphold", "172.30.0.20:53", "6", "100"]);
+    std::thread::sleep(Duration::from_secs(2));
+    write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.2"));
+    let out = flow.wait_with_output().expect("udphold");
+    let backends: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| l["backend"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        backends.first().map(String::as_str),
+        Some("10.180.0.1:80"),
+        "{backends:?}"
+    );
+    assert_eq!(
+        backends.last().map(String::as_str),
+        Some("10.180.0.2:80"),
+        "the same connected socket reaches the new backend: {backends:?}"
+    );
+}
+
+#[test]
+fn iptables_udp_flow_follows_a_replaced_backend() {
+    udp_flow_follows_a_replaced_backend("iptables");
+}
+
+#[test]
+fn nftables_udp_flow_follows_a_replaced_backend() {
+    udp_flow_follows_a_replaced_backend("nftables");
+}

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use crate::Error;
 use crate::model::{DesiredState, FrontendKey};
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod nftables;
@@ -58,6 +59,49 @@ pub fn apply_mode_defaults(
             config.node_port_addresses = crate::model::NodePortAddresses::Primary;
         }
         config.cluster_ip_checks = true;
+    }
+}
+
+/// The UDP conntrack bookkeeping of the rule-based modes: what the last sync programmed, and
+/// how many stale entries were deleted.
+#[derive(Debug, Default)]
+pub struct UdpConntrack {
+    /// `None` until the first sync: entries found at start are left alone.
+    last: Option<conntrack::UdpBackends>,
+    pub deleted: u64,
+}
+
+impl UdpConntrack {
+    /// After a successful sync to `desired`: deletes the UDP entries it left stale.
+    pub fn after_sync(&mut self, desired: &DesiredState, report: &mut SyncReport) {
+        let now = conntrack::udp_backends(desired);
+        if let Some(last) = &self.last {
+            let stale = conntrack::stale(last, &now);
+            match conntrack::delete(&stale) {
+                Ok(n) => {
+                    self.deleted += n as u64;
+                    if n > 0 {
+                        report.detail.push(("udp_conntrack_deleted", n));
+                    }
+                }
+                Err(e) => report.errors.push(
+                    crate::Error::io("ctnetlink", e)
+                        .context("deleting stale UDP conntrack entries"),
+                ),
+            }
+        }
+        self.last = Some(now);
+    }
+
+    #[must_use]
+    pub fn metric(&self) -> ModeMetric {
+        ModeMetric {
+            name: "udp_conntrack_entries_deleted_total",
+            help: "UDP conntrack entries deleted because their backend went away or their Service got its first backend.",
+            kind: MetricKind::Counter,
+            #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
+            value: self.deleted as f64,
+        }
     }
 }
 

@@ -152,6 +152,7 @@ pub struct IptablesRenderer {
     written: Vec<(Family, Ruleset)>,
     restores: u64,
     last_full: Option<std::time::Instant>,
+    conntrack: super::UdpConntrack,
 }
 
 impl IptablesRenderer {
@@ -183,6 +184,7 @@ impl IptablesRenderer {
             written: Vec::new(),
             restores: 0,
             last_full: None,
+            conntrack: super::UdpConntrack::default(),
         })
     }
 
@@ -285,6 +287,9 @@ impl IptablesRenderer {
                     report.errors.push(e);
                 }
             }
+        }
+        if report.errors.is_empty() {
+            self.conntrack.after_sync(desired, &mut report);
         }
         report
     }
@@ -393,13 +398,16 @@ impl Renderer for IptablesRenderer {
     }
 
     fn metrics(&self) -> Vec<ModeMetric> {
-        vec![ModeMetric {
-            name: "iptables_restores_total",
-            help: "iptables-restore runs (one per family and sync that changed something).",
-            kind: MetricKind::Counter,
-            #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
-            value: self.restores as f64,
-        }]
+        vec![
+            self.conntrack.metric(),
+            ModeMetric {
+                name: "iptables_restores_total",
+                help: "iptables-restore runs (one per family and sync that changed something).",
+                kind: MetricKind::Counter,
+                #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
+                value: self.restores as f64,
+            },
+        ]
     }
 }
 

@@ -142,6 +142,7 @@ pub struct NftablesRenderer {
     written: Vec<(Family, Table)>,
     transactions: u64,
     last_full: Option<std::time::Instant>,
+    conntrack: super::UdpConntrack,
 }
 
 impl NftablesRenderer {
@@ -158,6 +159,7 @@ impl NftablesRenderer {
             written: Vec::new(),
             transactions: 0,
             last_full: None,
+            conntrack: super::UdpConntrack::default(),
         })
     }
 
@@ -208,6 +210,9 @@ impl NftablesRenderer {
                     );
                 }
             }
+        }
+        if report.errors.is_empty() {
+            self.conntrack.after_sync(desired, &mut report);
         }
         report
     }
@@ -273,12 +278,15 @@ impl Renderer for NftablesRenderer {
     }
 
     fn metrics(&self) -> Vec<ModeMetric> {
-        vec![ModeMetric {
-            name: "nftables_transactions_total",
-            help: "nft transactions applied (one per family and sync that changed something).",
-            kind: MetricKind::Counter,
-            #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
-            value: self.transactions as f64,
-        }]
+        vec![
+            self.conntrack.metric(),
+            ModeMetric {
+                name: "nftables_transactions_total",
+                help: "nft transactions applied (one per family and sync that changed something).",
+                kind: MetricKind::Counter,
+                #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
+                value: self.transactions as f64,
+            },
+        ]
     }
 }

@@ -1,0 +1,379 @@
+//! UDP conntrack cleanup for the rule-based modes, as upstream does it
+//! (`pkg/proxy/conntrack/cleanup.go`): netfilter NATs a UDP flow once, when its conntrack entry
+//! is created, and the entry lives on (30 s, 120 s once it saw replies) while packets keep
+//! coming. So after a sync:
+//! - entries DNATed to a backend that a UDP frontend no longer has are deleted, so the flow's
+//!   next datagram is balanced afresh instead of going to the removed backend;
+//! - for a UDP frontend that had no backends before (REJECT or DROP), every entry to it is
+//!   deleted, so a flow that was refused or dropped is translated now (0 -> N).
+//!
+//! One `ctnetlink` dump per family and one delete message per stale entry, over one netlink
+//! socket: no process is spawned.
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use crate::model::{DesiredState, FrontendKey, Protocol};
+
+/// The UDP backends of every UDP frontend (both traffic classes), to compare across syncs.
+pub type UdpBackends = BTreeMap<FrontendKey, BTreeSet<SocketAddr>>;
+
+/// [`UdpBackends`] of a desired state.
+#[must_use]
+pub fn udp_backends(desired: &DesiredState) -> UdpBackends {
+    desired
+        .frontends
+        .iter()
+        .filter(|(k, _)| k.protocol == Protocol::Udp)
+        .map(|(k, fe)| {
+            let mut b: BTreeSet<SocketAddr> = fe.internal.backends().iter().copied().collect();
+            b.extend(fe.external.backends().iter().copied());
+            (*k, b)
+        })
+        .collect()
+}
+
+/// Entries to delete: every entry to `frontend`, or only those DNATed to `backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stale {
+    pub frontend: SocketAddr,
+    pub backend: Option<SocketAddr>,
+}
+
+/// What changed between two syncs that leaves stale UDP entries behind.
+#[must_use]
+pub fn stale(old: &UdpBackends, new: &UdpBackends) -> BTreeSet<Stale> {
+    let mut out = BTreeSet::new();
+    for (key, now) in new {
+        let frontend = SocketAddr::new(key.ip, key.port);
+        match old.get(key) {
+            // Had no backend: flows to it were refused or dropped, untranslated.
+            Some(before) if before.is_empty() && !now.is_empty() => {
+                out.insert(Stale {
+                    frontend,
+                    backend: None,
+                });
+            }
+            Some(before) => {
+                for b in before.difference(now) {
+                    out.insert(Stale {
+                        frontend,
+                        backend: Some(*b),
+                    });
+                }
+            }
+            None => {
+                if !now.is_empty() {
+                    out.insert(Stale {
+                        frontend,
+                        backend: None,
+                    });
+                }
+            }
+        }
+    }
+    for (key, before) in old {
+        if !new.contains_key(key) {
+            for b in before {
+                out.insert(Stale {
+                    frontend: SocketAddr::new(key.ip, key.port),
+                    backend: Some(*b),
+                });
+            }
+        }
+    }
+    out
+}
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The attributes of a netlink attribute stream: (type, payload, whole attribute).
+fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[4..len], &buf[..len]));
+        let step = (len + 3) & !3;
+        buf = buf.get(step..).unwrap_or(&[]);
+    }
+    out
+}
+
+/// (protocol, source, destination) of a `CTA_TUPLE_*` payload.
+fn tuple(payload: &[u8]) -> Option<(u8, SocketAddr, SocketAddr)> {
+    let mut ips: (Option<IpAddr>, Option<IpAddr>) = (None, None);
+    let (mut proto, mut sport, mut dport) = (None, None, None);
+    for (ty, p, _) in attrs(payload) {
+        match ty {
+            CTA_TUPLE_IP => {
+                for (ty, a, _) in attrs(p) {
+                    let ip = match a.len() {
+                        4 => IpAddr::from(<[u8; 4]>::try_from(a).ok()?),
+                        16 => IpAddr::from(<[u8; 16]>::try_from(a).ok()?),
+                        _ => continue,
+                    };
+                    // V4_SRC 1, V4_DST 2, V6_SRC 3, V6_DST 4
+                    if ty % 2 == 1 {
+                        ips.0 = Some(ip);
+                    } else {
+                        ips.1 = Some(ip);
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (ty, a, _) in attrs(p) {
+                    match (ty, a) {
+                        (CTA_PROTO_NUM, [n, ..]) => proto = Some(*n),
+                        (CTA_PROTO_SRC_PORT, [a, b, ..]) => {
+                            sport = Some(u16::from_be_bytes([*a, *b]))
+                        }
+                        (CTA_PROTO_DST_PORT, [a, b, ..]) => {
+                            dport = Some(u16::from_be_bytes([*a, *b]))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((
+        proto?,
+        SocketAddr::new(ips.0?, sport?),
+        SocketAddr::new(ips.1?, dport?),
+    ))
+}
+
+struct Socket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Socket {
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid timeval for SO_RCVTIMEO.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                u32::try_from(size_of::<libc::timeval>()).unwrap_or(16),
+            );
+        }
+        Ok(Self { fd, seq: 1 })
+    }
+
+    fn send(&mut self, msg_type: u16, flags: u16, family: u8, body: &[u8]) -> io::Result<u32> {
+        self.seq += 1;
+        let len = 16 + 4 + body.len();
+        let mut m = Vec::with_capacity(len);
+        m.extend_from_slice(&u32::try_from(len).unwrap_or(0).to_ne_bytes());
+        m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&self.seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[family, 0, 0, 0]);
+        m.extend_from_slice(body);
+        // SAFETY: sending a buffer we own to the kernel (destination: the default, pid 0).
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(self.seq)
+    }
+
+    /// Receives until the answer to `seq` is complete; `each` sees every data message's
+    /// attributes. Returns the error of an NLMSG_ERROR answer (0: an ACK).
+    fn recv(&mut self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: receiving into a buffer we own.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut msgs = &buf[..usize::try_from(n).unwrap_or(0)];
+            while msgs.len() >= 16 {
+                let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
+                let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
+                let mseq = u32::from_ne_bytes([msgs[8], msgs[9], msgs[10], msgs[11]]);
+                if len < 16 || len > msgs.len() {
+                    break;
+                }
+                if mseq == seq {
+                    match ty {
+                        NLMSG_DONE => return Ok(0),
+                        NLMSG_ERROR => {
+                            let code = msgs
+                                .get(16..20)
+                                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                            return Ok(code);
+                        }
+                        _ => each(msgs.get(20..len).unwrap_or(&[])),
+                    }
+                }
+                msgs = msgs.get((len + 3) & !3..).unwrap_or(&[]);
+            }
+        }
+    }
+}
+
+/// Deletes the UDP conntrack entries `stale` describes, in this network namespace. Returns
+/// how many were deleted.
+///
+/// # Errors
+/// The conntrack table could not be read (no netfilter conntrack, no permission).
+pub fn delete(stale: &BTreeSet<Stale>) -> io::Result<usize> {
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let mut sock = Socket::open()?;
+    let mut deleted = 0;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let want: Vec<&Stale> = stale
+            .iter()
+            .filter(|s| s.frontend.is_ipv4() == (family == libc::AF_INET as u8))
+            .collect();
+        if want.is_empty() {
+            continue;
+        }
+        let seq = sock.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[])?;
+        let mut victims: Vec<Vec<u8>> = Vec::new();
+        let code = sock.recv(seq, |body| {
+            let mut orig = None;
+            let mut reply = None;
+            for (ty, payload, whole) in attrs(body) {
+                match ty {
+                    CTA_TUPLE_ORIG => orig = tuple(payload).map(|t| (t, whole.to_vec())),
+                    CTA_TUPLE_REPLY => reply = tuple(payload),
+                    _ => {}
+                }
+            }
+            let (Some(((proto, _, dst), raw)), Some((_, backend, _))) = (orig, reply) else {
+                return;
+            };
+            if proto != 17 {
+                return;
+            }
+            let hit = want
+                .iter()
+                .any(|s| s.frontend == dst && s.backend.is_none_or(|b| b == backend));
+            if hit {
+                victims.push(raw);
+            }
+        })?;
+        if code != 0 {
+            return Err(io::Error::from_raw_os_error(-code));
+        }
+        for raw in victims {
+            let seq = sock.send(
+                IPCTNL_MSG_CT_DELETE,
+                NLM_F_REQUEST | NLM_F_ACK,
+                family,
+                &raw,
+            )?;
+            match sock.recv(seq, |_| {})? {
+                0 => deleted += 1,
+                // Gone meanwhile.
+                c if -c == libc::ENOENT => {}
+                c => return Err(io::Error::from_raw_os_error(-c)),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> FrontendKey {
+        let a: SocketAddr = s.parse().unwrap();
+        FrontendKey {
+            ip: a.ip(),
+            port: a.port(),
+            protocol: Protocol::Udp,
+        }
+    }
+
+    fn set(v: &[&str]) -> BTreeSet<SocketAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn stale_entries_after_a_sync() {
+        let old: UdpBackends = [
+            (key("172.30.0.10:53"), set(&["10.0.1.1:53", "10.0.1.2:53"])),
+            (key("172.30.0.11:53"), set(&[])),
+            (key("172.30.0.12:53"), set(&["10.0.1.9:53"])),
+        ]
+        .into();
+        let new: UdpBackends = [
+            (key("172.30.0.10:53"), set(&["10.0.1.2:53"])),
+            (key("172.30.0.11:53"), set(&["10.0.1.3:53"])),
+        ]
+        .into();
+        let s = stale(&old, &new);
+        let sa = |x: &str| x.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            s,
+            [
+                Stale {
+                    frontend: sa("172.30.0.10:53"),
+                    backend: Some(sa("10.0.1.1:53"))
+                },
+                Stale {
+                    frontend: sa("172.30.0.11:53"),
+                    backend: None
+                },
+                Stale {
+                    frontend: sa("172.30.0.12:53"),
+                    backend: Some(sa("10.0.1.9:53"))
+                },
+            ]
+            .into(),
+            "a removed backend, 0 -> N, a removed Service"
+        );
+        assert!(stale(&new, &new).is_empty());
+    }
+}
