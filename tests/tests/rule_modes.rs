@@ -233,7 +233,7 @@ fn udp_flow_follows_a_replaced_backend(mode: &str) {
     write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.1"));
     let _a = agent(&t, &dir, mode);
     wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
-    let mut flow = t.spawn_client("client", &["udphold", "172.30.0.20:53", "6", "100"]);
+    let flow = t.spawn_client("client", &["udphold", "172.30.0.20:53", "6", "100"]);
     std::thread::sleep(Duration::from_secs(2));
     write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.2"));
     let out = flow.wait_with_output().expect("udphold");

@@ -158,8 +158,10 @@ impl Report {
     }
 }
 
-/// Parses a fixture's `nodePortAddresses` for `mode`.
-
+/// The model's configuration for a fixture under `mode` (with the mode's upstream defaults).
+///
+/// # Errors
+/// A CIDR that does not parse.
 pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
     let cluster_cidrs = if c.cluster_cidr.is_empty() {
         Vec::new()

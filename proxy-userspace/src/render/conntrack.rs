@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use crate::model::{DesiredState, FrontendKey, Protocol};
 
@@ -172,34 +172,10 @@ struct Socket {
 
 impl Socket {
     fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        // SAFETY: a valid timeval for SO_RCVTIMEO.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                u32::try_from(size_of::<libc::timeval>()).unwrap_or(16),
-            );
-        }
-        Ok(Self { fd, seq: 1 })
+        Ok(Self {
+            fd: super::netlink_socket(NETLINK_NETFILTER)?,
+            seq: 1,
+        })
     }
 
     fn send(&mut self, msg_type: u16, flags: u16, family: u8, body: &[u8]) -> io::Result<u32> {

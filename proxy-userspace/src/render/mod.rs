@@ -105,6 +105,102 @@ impl UdpConntrack {
     }
 }
 
+/// Runs a tool (`iptables-restore`, `nft`, ...) with `input` on its stdin; its stdout, or its
+/// stderr as the error.
+pub(crate) fn run_tool(
+    cmd: &mut std::process::Command,
+    input: Option<&str>,
+) -> std::io::Result<String> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        )))
+    }
+}
+
+/// upstream's localhost NodePorts need `route_localnet` (in this network namespace).
+///
+/// # Errors
+/// The sysctl could not be written.
+pub(crate) fn enable_route_localnet() -> crate::Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    std::fs::write(PATH, "1").map_err(|e| crate::Error::io(PATH, e))
+}
+
+/// A netlink socket of `protocol` whose reads time out after 2 s.
+pub(crate) fn netlink_socket(protocol: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with a valid timeval; a failure only leaves reads blocking.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(16),
+        );
+    }
+    Ok(fd)
+}
+
+/// What the rule-based modes keep between syncs besides their rules: when they last re-read
+/// the kernel, and their UDP conntrack bookkeeping.
+#[derive(Debug, Default)]
+pub struct RuleModeState {
+    last_full: Option<std::time::Instant>,
+    pub conntrack: UdpConntrack,
+}
+
+impl RuleModeState {
+    /// Records a full sync.
+    pub fn full_sync_started(&mut self) {
+        self.last_full = Some(std::time::Instant::now());
+    }
+
+    /// Whether the periodic resync should be a full one ([`FULL_SYNC_PERIOD`]).
+    #[must_use]
+    pub fn full_sync_due(&self) -> bool {
+        self.last_full
+            .is_none_or(|t| t.elapsed() >= FULL_SYNC_PERIOD)
+    }
+}
+
 /// How often the rule-based modes re-read and rewrite everything on a periodic resync
 /// (upstream's `FullSyncPeriod`).
 pub const FULL_SYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);

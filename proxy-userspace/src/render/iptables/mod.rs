@@ -10,8 +10,7 @@
 //! - The jumps from the built-in chains are ensured with `-C`/`-I` at each full sync.
 //! - `/run/xtables.lock` is honoured (`-w`).
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 pub mod rules;
 
@@ -76,30 +75,7 @@ impl Backend {
     }
 }
 
-fn run(cmd: &mut Command, input: Option<&str>) -> std::io::Result<String> {
-    let mut child = cmd
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(std::io::Error::other(format!(
-            "{} ({})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        )))
-    }
-}
+use super::run_tool as run;
 
 /// The `KUBE-*` chains the kernel holds in `table`, with their rules, as `iptables-save`
 /// prints them.
@@ -139,11 +115,6 @@ pub fn parse_save(text: &str) -> rules::Chains {
     chains
 }
 
-/// Sets a sysctl of this network namespace.
-fn sysctl(path: &str, value: &str) -> Result<()> {
-    std::fs::write(path, value).map_err(|e| Error::io(path, e))
-}
-
 /// The iptables mode for the families this node has.
 pub struct IptablesRenderer {
     backend: Backend,
@@ -151,8 +122,7 @@ pub struct IptablesRenderer {
     /// What kpr wrote last, per family (the diff base of partial syncs).
     written: Vec<(Family, Ruleset)>,
     restores: u64,
-    last_full: Option<std::time::Instant>,
-    conntrack: super::UdpConntrack,
+    state: super::RuleModeState,
 }
 
 impl IptablesRenderer {
@@ -183,8 +153,7 @@ impl IptablesRenderer {
             families,
             written: Vec::new(),
             restores: 0,
-            last_full: None,
-            conntrack: super::UdpConntrack::default(),
+            state: super::RuleModeState::default(),
         })
     }
 
@@ -233,11 +202,12 @@ impl IptablesRenderer {
 
     fn sync(&mut self, desired: &DesiredState, full: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        if full && desired.localhost_node_ports {
-            // upstream: localhost NodePorts need route_localnet.
-            if let Err(e) = sysctl("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
-                report.errors.push(e);
-            }
+        // upstream: localhost NodePorts need route_localnet.
+        if full
+            && desired.localhost_node_ports
+            && let Err(e) = super::enable_route_localnet()
+        {
+            report.errors.push(e);
         }
         for family in self.families.clone() {
             let new = rules::build(desired, family);
@@ -289,7 +259,7 @@ impl IptablesRenderer {
             }
         }
         if report.errors.is_empty() {
-            self.conntrack.after_sync(desired, &mut report);
+            self.state.conntrack.after_sync(desired, &mut report);
         }
         report
     }
@@ -367,19 +337,16 @@ impl Renderer for IptablesRenderer {
     }
 
     fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
-        self.last_full = Some(std::time::Instant::now());
+        self.state.full_sync_started();
         self.sync(desired, true)
     }
 
     fn resync(&mut self, desired: &DesiredState) -> SyncReport {
-        let due = self
-            .last_full
-            .is_none_or(|t| t.elapsed() >= super::FULL_SYNC_PERIOD);
-        if due {
-            self.sync_full(desired)
-        } else {
-            self.sync(desired, false)
+        let full = self.state.full_sync_due();
+        if full {
+            self.state.full_sync_started();
         }
+        self.sync(desired, full)
     }
 
     fn sync_frontends(
@@ -399,7 +366,7 @@ impl Renderer for IptablesRenderer {
 
     fn metrics(&self) -> Vec<ModeMetric> {
         vec![
-            self.conntrack.metric(),
+            self.state.conntrack.metric(),
             ModeMetric {
                 name: "iptables_restores_total",
                 help: "iptables-restore runs (one per family and sync that changed something).",

@@ -8,8 +8,7 @@
 //! kernel's chains and sets, rewrites every chain and map, and deletes what kpr no longer
 //! wants (or what someone else added to kpr's table); affinity sets keep their entries.
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 pub mod rules;
 
@@ -20,27 +19,7 @@ use crate::model::{DesiredState, FrontendKey};
 use crate::{Error, Result};
 
 fn nft(args: &[&str], input: Option<&str>) -> std::io::Result<String> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(std::io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
+    super::run_tool(Command::new("nft").args(args), input)
 }
 
 const fn family_name(f: Family) -> &'static str {
@@ -141,8 +120,7 @@ pub struct NftablesRenderer {
     families: Vec<Family>,
     written: Vec<(Family, Table)>,
     transactions: u64,
-    last_full: Option<std::time::Instant>,
-    conntrack: super::UdpConntrack,
+    state: super::RuleModeState,
 }
 
 impl NftablesRenderer {
@@ -158,19 +136,17 @@ impl NftablesRenderer {
             families: vec![Family::V4, Family::V6],
             written: Vec::new(),
             transactions: 0,
-            last_full: None,
-            conntrack: super::UdpConntrack::default(),
+            state: super::RuleModeState::default(),
         })
     }
 
     fn sync(&mut self, desired: &DesiredState, full: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        if full && desired.localhost_node_ports {
-            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
-                report
-                    .errors
-                    .push(Error::io("/proc/sys/net/ipv4/conf/all/route_localnet", e));
-            }
+        if full
+            && desired.localhost_node_ports
+            && let Err(e) = super::enable_route_localnet()
+        {
+            report.errors.push(e);
         }
         for family in self.families.clone() {
             let new = rules::build(desired, family);
@@ -212,7 +188,7 @@ impl NftablesRenderer {
             }
         }
         if report.errors.is_empty() {
-            self.conntrack.after_sync(desired, &mut report);
+            self.state.conntrack.after_sync(desired, &mut report);
         }
         report
     }
@@ -249,19 +225,16 @@ impl Renderer for NftablesRenderer {
     }
 
     fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
-        self.last_full = Some(std::time::Instant::now());
+        self.state.full_sync_started();
         self.sync(desired, true)
     }
 
     fn resync(&mut self, desired: &DesiredState) -> SyncReport {
-        let due = self
-            .last_full
-            .is_none_or(|t| t.elapsed() >= super::FULL_SYNC_PERIOD);
-        if due {
-            self.sync_full(desired)
-        } else {
-            self.sync(desired, false)
+        let full = self.state.full_sync_due();
+        if full {
+            self.state.full_sync_started();
         }
+        self.sync(desired, full)
     }
 
     fn sync_frontends(
@@ -279,7 +252,7 @@ impl Renderer for NftablesRenderer {
 
     fn metrics(&self) -> Vec<ModeMetric> {
         vec![
-            self.conntrack.metric(),
+            self.state.conntrack.metric(),
             ModeMetric {
                 name: "nftables_transactions_total",
                 help: "nft transactions applied (one per family and sync that changed something).",
