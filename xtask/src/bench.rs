@@ -396,8 +396,28 @@ fn bench_modes() -> anyhow::Result<()> {
         // SAFETY: unshare affects only this thread, which from here on lives in an empty
         // network namespace; the tools it spawns inherit it.
         anyhow::ensure!(unsafe { unshare(CLONE_NEWNET) } == 0, "unshare(CLONE_NEWNET)");
-        for n in [1000usize, 10_000] {
-            for mode in [ProxyMode::Iptables, ProxyMode::Nftables] {
+        // KPR_BENCH_MODES="nftables iptables" and KPR_BENCH_SIZES="1000 10000" narrow the run.
+        let list = |var: &str, default: &str| -> Vec<String> {
+            std::env::var(var)
+                .unwrap_or_else(|_| default.into())
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        };
+        let sizes: Vec<usize> = list("KPR_BENCH_SIZES", "1000 10000")
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let modes: Vec<ProxyMode> = list("KPR_BENCH_MODES", "iptables nftables")
+            .iter()
+            .filter_map(|m| match m.as_str() {
+                "iptables" => Some(ProxyMode::Iptables),
+                "nftables" => Some(ProxyMode::Nftables),
+                _ => None,
+            })
+            .collect();
+        for &n in &sizes {
+            for &mode in &modes {
                 let mut r: Box<dyn Renderer> = match mode {
                     ProxyMode::Iptables => Box::new(IptablesRenderer::start()?),
                     _ => Box::new(NftablesRenderer::start()?),

@@ -1,20 +1,22 @@
 //! The conformance runner's datapath level: real connections through a netns topology built
-//! from each fixture's address plan, with kpr's agent programming the eBPF datapath.
+//! from each fixture's address plan, with kpr's agent programming the datapath of one mode
+//! (ebpf, iptables or nftables).
 //!
-//! Per fixture: a node namespace that owns the node IPs; one pod namespace per endpoint address
-//! (serving TCP and UDP on every endpoint port) and per pod-address flow source, all routed
-//! through the node; one outside namespace per outside source address, linked to the node; the
-//! client cgroup for pod and node clients (socket load balancing); `kpr run` inside the node
-//! namespace (TC programs on the node's interfaces). Objects are written to a manifests
-//! directory; before checking flows the runner waits until the pinned maps hold exactly what
-//! the model asks for. Each flow then makes real connections and checks which backends
-//! answered and which source address they saw.
+//! Per fixture: a node namespace that owns the node IPs (both families); one pod namespace per
+//! endpoint address (serving TCP and UDP on every endpoint port) and per pod-address flow
+//! source, all routed through the node; one outside namespace per outside source address,
+//! linked to the node; the client cgroup for pod and node clients (socket load balancing);
+//! `kpr run --proxy-mode <mode>` inside the node namespace. Objects are written to a manifests
+//! directory; before checking flows the runner waits until the kernel holds exactly what the
+//! model asks for (maps, or chains and rule counts, or the nftables table). Each flow then
+//! makes real connections and checks which backends answered and which source address they
+//! saw.
 //!
 //! Known, intended difference for the ebpf mode: a pod reaching itself through a Service
 //! (hairpin) is not masqueraded, since socket-level load balancing rewrites no packet; such
 //! flows check the backend only.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -41,13 +43,6 @@ fn kernel_has_sctp() -> bool {
         } else {
             false
         }
-    }
-}
-
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(v) => Some(v),
-        IpAddr::V6(_) => None,
     }
 }
 
@@ -155,12 +150,25 @@ fn expected(
     let desired = compute(&store, node, config);
     match mode {
         ProxyMode::Iptables => {
-            let rs = crate::render::iptables::rules::build(&desired, Family::V4);
-            Ok(Programmed::Chains(chain_counts(&rs.filter, &rs.nat)))
+            let mut counts = BTreeMap::new();
+            for family in [Family::V4, Family::V6] {
+                let rs = crate::render::iptables::rules::build(&desired, family);
+                for ((table, chain), n) in chain_counts(&rs.filter, &rs.nat) {
+                    counts.insert((format!("{family:?} {table}"), chain), n);
+                }
+            }
+            Ok(Programmed::Chains(counts))
         }
-        ProxyMode::Nftables => Ok(Programmed::Nft(crate::render::nftables::counts_of(
-            &crate::render::nftables::rules::build(&desired, Family::V4),
-        ))),
+        ProxyMode::Nftables => {
+            let mut counts = BTreeMap::new();
+            for family in [Family::V4, Family::V6] {
+                let t = crate::render::nftables::rules::build(&desired, family);
+                for (k, n) in crate::render::nftables::counts_of(&t) {
+                    counts.insert(format!("{family:?} {k}"), n);
+                }
+            }
+            Ok(Programmed::Nft(counts))
+        }
         _ => {
             let mut snapshot = MapsSnapshot::default();
             let (_, errors) = MapDiff::default().sync(&desired, &mut snapshot, &[]);
@@ -180,11 +188,11 @@ fn programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Option<Prog
             Some(Programmed::Maps(rows(view(&maps.snapshot().ok()?))))
         }
         Programmed::Chains(_) => {
-            let save = |table: &str| -> Option<ChainsOf> {
+            let save = |family: Family, table: &str| -> Option<ChainsOf> {
                 let out = std::process::Command::new("nsenter")
                     .arg(format!("--net={}", plan.topology.node.path().display()))
                     .args([
-                        &Backend::detect().command(Family::V4, "iptables-save"),
+                        &Backend::detect().command(family, "iptables-save"),
                         "-t",
                         table,
                     ])
@@ -194,27 +202,37 @@ fn programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Option<Prog
                     &String::from_utf8_lossy(&out.stdout),
                 ))
             };
-            Some(Programmed::Chains(chain_counts(
-                &save("filter")?,
-                &save("nat")?,
-            )))
+            let mut counts = BTreeMap::new();
+            for family in [Family::V4, Family::V6] {
+                let (filter, nat) = (save(family, "filter")?, save(family, "nat")?);
+                for ((table, chain), n) in chain_counts(&filter, &nat) {
+                    counts.insert((format!("{family:?} {table}"), chain), n);
+                }
+            }
+            Some(Programmed::Chains(counts))
         }
         Programmed::Nft(_) => {
-            let out = std::process::Command::new("nsenter")
-                .arg(format!("--net={}", plan.topology.node.path().display()))
-                .args([
-                    "nft",
-                    "-j",
-                    "list",
-                    "table",
-                    "ip",
-                    crate::render::nftables::rules::TABLE,
-                ])
-                .output()
-                .ok()?;
-            Some(Programmed::Nft(crate::render::nftables::counts_of_json(
-                &String::from_utf8_lossy(&out.stdout),
-            )))
+            let mut counts = BTreeMap::new();
+            for (family, fam) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
+                let out = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", plan.topology.node.path().display()))
+                    .args([
+                        "nft",
+                        "-j",
+                        "list",
+                        "table",
+                        fam,
+                        crate::render::nftables::rules::TABLE,
+                    ])
+                    .output()
+                    .ok()?;
+                for (k, n) in
+                    crate::render::nftables::counts_of_json(&String::from_utf8_lossy(&out.stdout))
+                {
+                    counts.insert(format!("{family:?} {k}"), n);
+                }
+            }
+            Some(Programmed::Nft(counts))
         }
     }
 }
@@ -252,8 +270,8 @@ struct Plan {
 }
 
 /// Every endpoint address of the fixture (objects and steps) with the ports it serves.
-fn endpoint_ports(fx: &Fixture) -> BTreeMap<Ipv4Addr, BTreeSet<u16>> {
-    let mut out: BTreeMap<Ipv4Addr, BTreeSet<u16>> = BTreeMap::new();
+fn endpoint_ports(fx: &Fixture) -> BTreeMap<IpAddr, BTreeSet<u16>> {
+    let mut out: BTreeMap<IpAddr, BTreeSet<u16>> = BTreeMap::new();
     let all = fx
         .objects
         .iter()
@@ -268,7 +286,7 @@ fn endpoint_ports(fx: &Fixture) -> BTreeMap<Ipv4Addr, BTreeSet<u16>> {
         for ep in obj["endpoints"].as_array().into_iter().flatten() {
             if let Some(ip) = ep["addresses"][0]
                 .as_str()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                .and_then(|a| a.parse::<IpAddr>().ok())
             {
                 out.entry(ip).or_default().extend(ports.iter().copied());
             }
@@ -281,14 +299,12 @@ fn build(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Plan> {
     let node = fx.node_info();
     let config = proxy_config(&fx.config, mode)?;
     let mut t = Topology::new(&format!("cf{index}"));
-    let node_v4: Vec<Ipv4Addr> = node.ips.iter().filter_map(|ip| v4(*ip)).collect();
-    let primary = *node_v4
-        .first()
-        .ok_or_else(|| Error::invalid("the node has no IPv4 address"))?;
-    for ip in &node_v4 {
-        t.node
-            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    for ip in &node.ips {
+        let prefix = format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 });
+        t.node.ip(&["addr", "add", &prefix, "dev", "lo"]);
     }
+    // The node address an outside client of each family talks to.
+    let primary = |v4: bool| node.ips.iter().find(|ip| ip.is_ipv4() == v4).copied();
     let mut clients = BTreeMap::new();
     let endpoints = endpoint_ports(fx);
     for (i, (ip, ports)) in endpoints.iter().enumerate() {
@@ -296,24 +312,27 @@ fn build(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Plan> {
         t.add_pod(&name, *ip);
         let ports: Vec<u16> = ports.iter().copied().collect();
         t.serve(&name, &ports);
-        clients.insert(IpAddr::V4(*ip), Client::Pod(name));
+        clients.insert(*ip, Client::Pod(name));
     }
     let sources: BTreeSet<IpAddr> = fx.all_flows().map(|f| f.src).collect();
     for (i, src) in sources.iter().enumerate() {
         if clients.contains_key(src) {
             continue;
         }
-        let Some(src4) = v4(*src) else { continue };
         let client = match classify_source(*src, &node, &config) {
             SourceClass::Node => Client::Node(*src),
             SourceClass::Pod => {
                 let name = format!("c{i}");
-                t.add_pod(&name, src4);
+                t.add_pod(&name, *src);
                 Client::Pod(name)
             }
             SourceClass::External => {
+                // Without a node address of its family, the flow has no client (a failure).
+                let Some(node_ip) = primary(src.is_ipv4()) else {
+                    continue;
+                };
                 let name = format!("o{i}");
-                t.add_external(&name, src4, primary);
+                t.add_external(&name, *src, node_ip);
                 Client::Outside(name)
             }
         };
@@ -528,8 +547,6 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
             let expect = overrides.and_then(|o| o.get(&f.name)).unwrap_or(&f.expect);
             let failure = if f.proto.as_deref() == Some("SCTP") && !sctp {
                 Some("skipped: this kernel has no SCTP".to_string())
-            } else if f.src.is_ipv6() || f.dst.is_ipv6() {
-                Some("skipped: IPv6 flows are not built into the test topology yet".to_string())
             } else {
                 run_flow(&plan, f, expect)
             };

@@ -23,7 +23,7 @@ pub enum NodePortAddresses {
     /// Every node IP (iptables/ipvs/ebpf default).
     #[default]
     All,
-    /// The primary node IP only (nftables default, `["primary"]`).
+    /// The primary node IP of each family (nftables default, `["primary"]`).
     Primary,
     /// Node IPs inside these CIDRs.
     Cidrs(Vec<IpNet>),
@@ -431,7 +431,9 @@ fn targets(backends: &[SocketAddr], policy_local: bool, has_any: bool) -> Target
 pub fn node_port_ips(node: &NodeInfo, config: &ProxyConfig) -> Vec<IpAddr> {
     match &config.node_port_addresses {
         NodePortAddresses::All => node.ips.clone(),
-        NodePortAddresses::Primary => node.ips.first().copied().into_iter().collect(),
+        // upstream: "primary" is the primary node IP of each family (server.go turns it into
+        // `<IPv4>/32, <IPv6>/128`).
+        NodePortAddresses::Primary => masquerade_ips(node),
         NodePortAddresses::Cidrs(cidrs) => node
             .ips
             .iter()

@@ -11,7 +11,7 @@ pub mod workload;
 
 use std::fs;
 use std::io::{BufRead as _, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -171,8 +171,36 @@ impl Drop for ChildGuard {
 /// A pod: its own network namespace with one veth to the node namespace.
 pub struct Pod {
     pub name: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub ns: NetNs,
+}
+
+/// `ip/32` or `ip/128`.
+fn host_prefix(ip: IpAddr) -> String {
+    format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 })
+}
+
+/// `args` plus `nodad` for an IPv6 address (usable at once).
+fn with_nodad<'a>(ip: IpAddr, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if ip.is_ipv6() {
+        v.push("nodad");
+    }
+    v
+}
+
+/// No duplicate address detection on `dev` in `ns` (addresses usable at once).
+fn no_dad(ns: &NetNs, dev: &str) {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("net.ipv6.conf.{dev}.accept_dad=0"),
+    ]);
 }
 
 /// The throwaway cluster: one node namespace, pods around it, a client cgroup, a bpffs dir.
@@ -270,6 +298,17 @@ impl Topology {
         ]);
         node.ip(&["link", "set", "sink0", "up"]);
         node.ip(&["route", "add", "default", "dev", "sink0"]);
+        node.ip(&["-6", "route", "add", "default", "dev", "sink0"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.forwarding=1",
+        ]);
         // ICMP errors (REJECT) without the 1/s rate limit, so every attempt hears its answer.
         sh(&[
             "ip",
@@ -280,6 +319,7 @@ impl Topology {
             "-q",
             "-w",
             "net.ipv4.icmp_ratelimit=0",
+            "net.ipv6.icmp.ratelimit=0",
         ]);
         let cgroup = Cgroup::new(&prefix);
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
@@ -296,30 +336,39 @@ impl Topology {
         }
     }
 
-    /// Adds a pod with `ip`, routed through the node namespace.
-    pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> usize {
+    /// Adds a pod with `ip` (IPv4 or IPv6), routed through the node namespace. Its gateway is
+    /// 169.254.1.1 (on the node's `lo`) or fe80::1 (on the node's end of the veth).
+    pub fn add_pod(&mut self, name: &str, ip: impl Into<IpAddr>) -> usize {
+        let ip: IpAddr = ip.into();
         let ns = NetNs::new(&format!("{}-{name}", self.prefix));
         let idx = self.pods.len();
         let host_if = format!("p{idx}");
-        let ip_s = ip.to_string();
         self.node.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
+        if ip.is_ipv6() {
+            no_dad(&self.node, &host_if);
+            no_dad(&ns, "eth0");
+            self.node
+                .ip(&["-6", "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"]);
+        }
         self.node.ip(&["link", "set", &host_if, "up"]);
         self.node
-            .ip(&["route", "add", &format!("{ip_s}/32"), "dev", &host_if]);
-        ns.ip(&["addr", "add", &format!("{ip_s}/32"), "dev", "eth0"]);
+            .ip(&["route", "add", &host_prefix(ip), "dev", &host_if]);
+        ns.ip(&with_nodad(
+            ip,
+            &["addr", "add", &host_prefix(ip), "dev", "eth0"],
+        ));
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ]);
+        let gw = if ip.is_ipv6() {
+            "fe80::1"
+        } else {
+            "169.254.1.1"
+        };
+        if ip.is_ipv4() {
+            ns.ip(&["route", "add", gw, "dev", "eth0"]);
+        }
+        ns.ip(&["route", "add", "default", "via", gw, "dev", "eth0"]);
         self.pods.push(Pod {
             name: name.to_string(),
             ip,
@@ -331,20 +380,35 @@ impl Topology {
     /// Adds a host outside the cluster: its own namespace with `client_ip`, linked to the node
     /// namespace, where the node owns `node_ip` on that link. The outside host's default route
     /// points at the node (which has no route out), so nothing it sends can leave the topology.
-    pub fn add_external(&mut self, name: &str, client_ip: Ipv4Addr, node_ip: Ipv4Addr) -> usize {
+    pub fn add_external(
+        &mut self,
+        name: &str,
+        client_ip: impl Into<IpAddr>,
+        node_ip: impl Into<IpAddr>,
+    ) -> usize {
+        let (client_ip, node_ip): (IpAddr, IpAddr) = (client_ip.into(), node_ip.into());
         let ns = NetNs::new(&format!("{}-{name}", self.prefix));
         let idx = self.pods.len();
         let node_if = format!("x{idx}");
-        let (c, n) = (client_ip.to_string(), node_ip.to_string());
+        let n = node_ip.to_string();
         self.node.ip(&[
             "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
-        self.node
-            .ip(&["addr", "add", &format!("{n}/32"), "dev", &node_if]);
+        if client_ip.is_ipv6() {
+            no_dad(&self.node, &node_if);
+            no_dad(&ns, "eth0");
+        }
+        self.node.ip(&with_nodad(
+            node_ip,
+            &["addr", "add", &host_prefix(node_ip), "dev", &node_if],
+        ));
         self.node.ip(&["link", "set", &node_if, "up"]);
         self.node
-            .ip(&["route", "add", &format!("{c}/32"), "dev", &node_if]);
-        ns.ip(&["addr", "add", &format!("{c}/32"), "dev", "eth0"]);
+            .ip(&["route", "add", &host_prefix(client_ip), "dev", &node_if]);
+        ns.ip(&with_nodad(
+            client_ip,
+            &["addr", "add", &host_prefix(client_ip), "dev", "eth0"],
+        ));
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", &n, "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", &n, "dev", "eth0"]);
@@ -431,7 +495,10 @@ impl Topology {
     /// Starts test servers in a pod on each `ip:port`, waiting until they listen.
     pub fn serve(&mut self, pod: &str, ports: &[u16]) {
         let ip = self.pod(pod).ip;
-        let addrs: Vec<String> = ports.iter().map(|p| format!("{ip}:{p}")).collect();
+        let addrs: Vec<String> = ports
+            .iter()
+            .map(|p| std::net::SocketAddr::new(ip, *p).to_string())
+            .collect();
         let mut args = vec!["serve"];
         args.extend(addrs.iter().map(String::as_str));
         let mut child = self

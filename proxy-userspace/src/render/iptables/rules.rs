@@ -518,8 +518,15 @@ fn filter_verdicts(
     h: &Handling<'_>,
     pod_cidr: Option<&str>,
 ) {
+    // TCP is refused with a reset: an ICMPv6 error for a locally sent SYN reaches a
+    // non-blocking connect() only with the SYN's retransmission, a second later.
+    let reject = if matcher.contains("-p tcp") {
+        "REJECT --reject-with tcp-reset"
+    } else {
+        "REJECT"
+    };
     let verdict = |t: &Targets| match t {
-        Targets::Reject => Some(("has no endpoints", "REJECT")),
+        Targets::Reject => Some(("has no endpoints", reject)),
         Targets::Drop => Some(("has no local endpoints", "DROP")),
         Targets::Backends(_) => None,
     };
@@ -713,7 +720,7 @@ mod tests {
             has(
                 &rs.filter,
                 "KUBE-SERVICES",
-                "-m comment --comment \"ns1/svc1:p80 has no endpoints\" -d 172.30.0.41/32 -m tcp -p tcp --dport 80 -j REJECT"
+                "-m comment --comment \"ns1/svc1:p80 has no endpoints\" -d 172.30.0.41/32 -m tcp -p tcp --dport 80 -j REJECT --reject-with tcp-reset"
             ),
             "{:#?}",
             rs.filter
@@ -722,7 +729,7 @@ mod tests {
             has(
                 &rs.filter,
                 "KUBE-EXTERNAL-SERVICES",
-                "-m comment --comment \"ns1/svc1:p80 has no endpoints\" -d 192.168.0.2/32 -m tcp -p tcp --dport 3001 -j REJECT"
+                "-m comment --comment \"ns1/svc1:p80 has no endpoints\" -d 192.168.0.2/32 -m tcp -p tcp --dport 3001 -j REJECT --reject-with tcp-reset"
             ),
             "{:#?}",
             rs.filter

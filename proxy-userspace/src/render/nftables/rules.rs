@@ -190,6 +190,9 @@ pub fn build(desired: &DesiredState, family: Family) -> Table {
     t.rule("masquerading", format!("mark and {MASQ_MARK} == 0 return"));
     t.rule("masquerading", format!("mark set mark xor {MASQ_MARK}"));
     t.rule("masquerading", "masquerade fully-random");
+    // TCP is refused with a reset: an ICMPv6 error for a locally sent SYN reaches a
+    // non-blocking connect() only with the SYN's retransmission, a second later.
+    t.rule("reject-chain", "meta l4proto tcp reject with tcp reset");
     t.rule("reject-chain", "reject");
     t.rule(
         "service-endpoints-check",
