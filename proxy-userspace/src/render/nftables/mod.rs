@@ -30,32 +30,45 @@ const fn family_name(f: Family) -> &'static str {
 }
 
 /// The names of the chains and sets in kpr's table of `family`, as the kernel holds them
-/// (contents unknown), or `None` when there is no such table.
+/// (contents unknown), or `None` when there is no such table. Lists chains, sets and maps
+/// separately: listing the whole table (every rule) costs ten times more.
 fn read_kernel(family: Family) -> Option<Table> {
     let fam = family_name(family);
-    let text = nft(&["-j", "list", "table", fam, TABLE], None).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let tables = nft(&["list", "tables", fam], None).ok()?;
+    if !tables.lines().any(|l| l.trim() == format!("table {fam} {TABLE}")) {
+        return None;
+    }
     let mut t = Table {
         family: fam,
         ..Table::default()
     };
-    for item in json["nftables"].as_array().into_iter().flatten() {
-        if let Some(name) = item["chain"]["name"].as_str() {
-            t.chains.insert(name.to_string(), vec!["<unknown>".into()]);
-            if let Some(hook) = item["chain"]["hook"].as_str() {
-                t.base.insert(name.to_string(), format!("<{hook}>"));
+    for what in ["chains", "sets", "maps"] {
+        let text = nft(&["-j", "list", what, fam], None).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        for item in json["nftables"].as_array().into_iter().flatten() {
+            let chain = &item["chain"];
+            if chain["table"] == TABLE
+                && let Some(name) = chain["name"].as_str()
+            {
+                t.chains.insert(name.to_string(), vec!["<unknown>".into()]);
+                if let Some(hook) = chain["hook"].as_str() {
+                    t.base.insert(name.to_string(), format!("<{hook}>"));
+                }
             }
-        }
-        for kind in ["set", "map"] {
-            if let Some(name) = item[kind]["name"].as_str() {
-                t.sets.insert(
-                    name.to_string(),
-                    Set {
-                        is_map: kind == "map",
-                        decl: "<unknown>".into(),
-                        elements: Default::default(),
-                    },
-                );
+            for kind in ["set", "map"] {
+                let set = &item[kind];
+                if set["table"] == TABLE
+                    && let Some(name) = set["name"].as_str()
+                {
+                    t.sets.insert(
+                        name.to_string(),
+                        Set {
+                            is_map: kind == "map",
+                            decl: "<unknown>".into(),
+                            elements: Default::default(),
+                        },
+                    );
+                }
             }
         }
     }
