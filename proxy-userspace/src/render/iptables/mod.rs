@@ -77,10 +77,11 @@ impl Backend {
 
 use super::run_tool as run;
 
-/// The `KUBE-*` chains the kernel holds in `table`, with their rules, as `iptables-save`
-/// prints them.
-fn read_kernel(backend: Backend, family: Family) -> Result<Ruleset> {
+/// The `KUBE-*` chains the kernel holds (filter and nat), with their rules, and the whole
+/// `iptables-save` text (whose built-in chains show the jumps).
+fn read_kernel(backend: Backend, family: Family) -> Result<(Ruleset, String)> {
     let mut rs = Ruleset::default();
+    let mut all = String::new();
     for table in ["filter", "nat"] {
         let save = backend.command(family, "iptables-save");
         let text = run(Command::new(&save).args(["-t", table]), None)
@@ -91,8 +92,9 @@ fn read_kernel(backend: Backend, family: Family) -> Result<Ruleset> {
             &mut rs.nat
         };
         *chains = parse_save(&text);
+        all.push_str(&text);
     }
-    Ok(rs)
+    Ok((rs, all))
 }
 
 /// The `KUBE-*` chains of one table in `iptables-save` output, with their rules.
@@ -157,16 +159,10 @@ impl IptablesRenderer {
         })
     }
 
-    fn ensure_jumps(&self, family: Family) -> Result<()> {
+    /// Inserts the jumps from the built-in chains that `current` (iptables-save text of
+    /// before the sync: jumps are not touched by a restore) lacks.
+    fn ensure_jumps(&self, family: Family, current: &str) -> Result<()> {
         let iptables = self.backend.command(family, "iptables");
-        // What the built-in chains hold now: one iptables-save per table rather than one
-        // `-C` per jump (each iptables-nft run loads the whole ruleset).
-        let save = self.backend.command(family, "iptables-save");
-        let mut current = String::new();
-        for table in ["filter", "nat"] {
-            current
-                .push_str(&run(Command::new(&save).args(["-t", table]), None).unwrap_or_default());
-        }
         // Inserted at the top in reverse, so they end up in `JUMPS` order.
         for (table, chain, spec) in JUMPS.iter().rev() {
             let args = shell_words(spec);
@@ -211,24 +207,28 @@ impl IptablesRenderer {
         }
         for family in self.families.clone() {
             let new = rules::build(desired, family);
-            let old = if full {
+            let (old, saved) = if full {
                 match read_kernel(self.backend, family) {
-                    Ok(k) => k,
+                    Ok((k, text)) => (k, Some(text)),
                     Err(e) => {
                         report.errors.push(e);
                         continue;
                     }
                 }
             } else {
-                self.written
+                let written = self
+                    .written
                     .iter()
                     .find(|(f, _)| *f == family)
                     .map(|(_, r)| r.clone())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                (written, None)
             };
             let Some(input) = rules::restore_input(&old, &new) else {
                 self.remember(family, new);
-                if full && let Err(e) = self.ensure_jumps(family) {
+                if let Some(text) = &saved
+                    && let Err(e) = self.ensure_jumps(family, text)
+                {
                     report.errors.push(e);
                 }
                 continue;
@@ -247,7 +247,9 @@ impl IptablesRenderer {
                     ));
                     self.remember(family, new);
                     // The chains exist now: hook them in.
-                    if full && let Err(e) = self.ensure_jumps(family) {
+                    if let Some(text) = &saved
+                        && let Err(e) = self.ensure_jumps(family, text)
+                    {
                         report.errors.push(e);
                     }
                 }
@@ -302,7 +304,7 @@ pub fn cleanup() -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
     for backend in [Backend::Nft, Backend::Legacy] {
         for family in [Family::V4, Family::V6] {
-            let Ok(kernel) = read_kernel(backend, family) else {
+            let Ok((kernel, _)) = read_kernel(backend, family) else {
                 continue;
             };
             if kernel.filter.is_empty() && kernel.nat.is_empty() {

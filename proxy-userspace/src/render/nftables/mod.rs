@@ -35,7 +35,10 @@ const fn family_name(f: Family) -> &'static str {
 fn read_kernel(family: Family) -> Option<Table> {
     let fam = family_name(family);
     let tables = nft(&["list", "tables", fam], None).ok()?;
-    if !tables.lines().any(|l| l.trim() == format!("table {fam} {TABLE}")) {
+    if !tables
+        .lines()
+        .any(|l| l.trim() == format!("table {fam} {TABLE}"))
+    {
         return None;
     }
     let mut t = Table {
