@@ -407,7 +407,14 @@ fn judge(
         let ok = match verdict.as_str() {
             "REJECT" => errors.len() == lines.len() && errors.iter().all(|e| *e == "ECONNREFUSED"),
             "DROP" => errors.len() == lines.len() && errors.iter().all(|e| *e == "ETIMEDOUT"),
-            "NONE" => answered.is_empty(),
+            // Untranslated: nothing answered, or only the destination itself (the node's own
+            // listener, see `node_listeners`).
+            "NONE" => {
+                let dst = SocketAddr::new(flow.dst, flow.dport).to_string();
+                answered
+                    .iter()
+                    .all(|l| l["backend"].as_str() == Some(dst.as_str()))
+            }
             "ACCEPT" => errors.is_empty() && answered.is_empty(),
             other => return Some(format!("unknown verdict {other}")),
         };
@@ -531,6 +538,7 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
     args.push("--proxy-mode".into());
     args.push(mode.as_str().into());
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _listeners = node_listeners(fx, mode, &plan)?;
     let _agent: ChildGuard = plan.topology.start_agent_in_node(&dir, &arg_refs);
     let layout = PinLayout::new(&plan.topology.bpffs);
     let overrides = fx.modes.get(mode.as_str());
@@ -573,6 +581,49 @@ pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<Fl
         check(&objects, &step.flows)?;
     }
     Ok(results)
+}
+
+/// Listeners of the node's own at the node addresses of REJECT and NONE flows: a REJECT must
+/// then come from kpr (the node's stack would have accepted the connection), and a NONE flow
+/// is answered by the node itself, untranslated (see `judge`).
+fn node_listeners(fx: &Fixture, mode: ProxyMode, plan: &Plan) -> Result<Option<ChildGuard>> {
+    let overrides = fx.modes.get(mode.as_str());
+    let mut addrs: BTreeSet<SocketAddr> = BTreeSet::new();
+    for f in fx.all_flows() {
+        let expect = overrides.and_then(|o| o.get(&f.name)).unwrap_or(&f.expect);
+        let verdict = expect.verdict.as_deref();
+        let proto = f.proto.as_deref().unwrap_or("TCP");
+        if plan.node.ips.contains(&f.dst)
+            && matches!(verdict, Some("REJECT" | "NONE"))
+            && matches!(proto, "TCP" | "UDP")
+        {
+            addrs.insert(SocketAddr::new(f.dst, f.dport));
+        }
+    }
+    if addrs.is_empty() {
+        return Ok(None);
+    }
+    let t = &plan.topology;
+    let mut args = vec!["workload".to_string(), "serve".to_string()];
+    args.extend(addrs.iter().map(ToString::to_string));
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = t
+        .command_in_ns(&t.node.path(), &crate::testnet::kpr_bin(), &arg_refs, false)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("kpr workload serve", e))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+        &mut line,
+    )
+    .map_err(|e| Error::io("kpr workload serve", e))?;
+    if !line.contains("serving") {
+        return Err(Error::invalid(format!(
+            "the node's listeners on {addrs:?} did not start: {line}"
+        )));
+    }
+    Ok(Some(ChildGuard(child)))
 }
 
 /// Waits until the agent has pinned a TC link for every node interface.

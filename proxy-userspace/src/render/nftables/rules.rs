@@ -187,6 +187,17 @@ pub fn build(desired: &DesiredState, family: Family) -> Table {
         "mark-for-masquerade",
         format!("mark set mark or {MASQ_MARK}"),
     );
+    // A pod reaching itself through a Service (hairpin) is masqueraded: after DNAT its source
+    // and destination are the same endpoint (upstream's newest layout; no chain per endpoint).
+    t.set(
+        "hairpin-connections",
+        false,
+        &format!("type {addr_type} . {addr_type} . inet_proto . inet_service ;"),
+    );
+    t.rule(
+        "masquerading",
+        format!("ct status dnat {ip} saddr . {ip} daddr . meta l4proto . th dport @hairpin-connections masquerade fully-random"),
+    );
     t.rule("masquerading", format!("mark and {MASQ_MARK} == 0 return"));
     t.rule("masquerading", format!("mark set mark xor {MASQ_MARK}"));
     t.rule("masquerading", "masquerade fully-random");
@@ -272,13 +283,23 @@ fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Optio
     endpoints.sort_unstable();
     endpoints.dedup();
     for ep in &endpoints {
-        let eb = endpoint_base(port, ep);
-        let chain = hashed("endpoint-", &eb);
-        t.rule(
-            &chain,
-            format!("{ip} saddr {} jump mark-for-masquerade", addr(ep.ip())),
+        t.element(
+            "hairpin-connections",
+            format!(
+                "{} . {} . {proto} . {}",
+                addr(ep.ip()),
+                addr(ep.ip()),
+                ep.port()
+            ),
+            String::new(),
         );
-        if let Some(secs) = affinity {
+    }
+    // Chains per endpoint only for ClientIP affinity (they remember the client); otherwise the
+    // Service chain DNATs through a numgen map.
+    if let Some(secs) = affinity {
+        for ep in &endpoints {
+            let eb = endpoint_base(port, ep);
+            let chain = hashed("endpoint-", &eb);
             let set = hashed("affinity-", &eb);
             let addr_type = if ep.is_ipv4() {
                 "ipv4_addr"
@@ -291,11 +312,11 @@ fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Optio
                 &format!("type {addr_type} ; flags dynamic,timeout ; timeout {secs}s ;"),
             );
             t.rule(&chain, format!("update @{set} {{ {ip} saddr }}"));
+            t.rule(
+                &chain,
+                format!("meta l4proto {proto} dnat to {}", dnat_to(ep)),
+            );
         }
-        t.rule(
-            &chain,
-            format!("meta l4proto {proto} dnat to {}", dnat_to(ep)),
-        );
     }
     // ClusterIP masquerade rules sit in the chain the ClusterIP goes to.
     for (key, fe) in &port.frontends {
@@ -336,24 +357,45 @@ fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Optio
                 );
             }
         }
-        let picks: Vec<String> = set
-            .iter()
-            .enumerate()
-            .map(|(i, ep)| {
+        if affinity.is_some() {
+            let picks: Vec<String> = set
+                .iter()
+                .enumerate()
+                .map(|(i, ep)| {
+                    format!(
+                        "{i} : goto {}",
+                        hashed("endpoint-", &endpoint_base(port, ep))
+                    )
+                })
+                .collect();
+            t.rule(
+                &chain,
                 format!(
-                    "{i} : goto {}",
-                    hashed("endpoint-", &endpoint_base(port, ep))
-                )
-            })
-            .collect();
-        t.rule(
-            &chain,
-            format!(
-                "numgen random mod {} vmap {{ {} }}",
-                set.len(),
-                picks.join(" , ")
-            ),
-        );
+                    "numgen random mod {} vmap {{ {} }}",
+                    set.len(),
+                    picks.join(" , ")
+                ),
+            );
+        } else if let [only] = &set[..] {
+            t.rule(
+                &chain,
+                format!("meta l4proto {proto} dnat to {}", dnat_to(only)),
+            );
+        } else {
+            let picks: Vec<String> = set
+                .iter()
+                .enumerate()
+                .map(|(i, ep)| format!("{i} : {} . {}", addr(ep.ip()), ep.port()))
+                .collect();
+            t.rule(
+                &chain,
+                format!(
+                    "meta l4proto {proto} dnat {ip} addr . port to numgen random mod {} map {{ {} }}",
+                    set.len(),
+                    picks.join(" , ")
+                ),
+            );
+        }
     }
     let ext_chain = hashed("external-", &base);
     let fw_chain = hashed("firewall-", &base);
@@ -648,21 +690,36 @@ mod tests {
             ),
             Family::V4,
         );
-        // Upstream's expected output names these exact chains.
+        // Upstream's expected output names this exact chain; like upstream's newest layout,
+        // no chain per endpoint without affinity.
         let service = "service-ULMVA6XW-ns1/svc1/tcp/p80";
-        let ep = "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80";
         assert_eq!(
             t.chains[service],
             [
-                "ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade".to_string(),
-                format!("numgen random mod 1 vmap {{ 0 : goto {ep} }}"),
+                "ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+                "meta l4proto tcp dnat to 10.180.0.1:80",
             ]
         );
+        assert!(!t.chains.keys().any(|c| c.starts_with("endpoint-")));
+        assert!(
+            t.sets["hairpin-connections"]
+                .elements
+                .contains_key("10.180.0.1 . 10.180.0.1 . tcp . 80"),
+            "a pod reaching itself is masqueraded"
+        );
+        // With affinity, a chain per endpoint remembers the client.
+        let sticky = build(
+            &desired(
+                vec![svc("svc5", "172.30.0.45").affinity(10800).build()],
+                vec![slice("svc5", &["10.180.0.3"])],
+            ),
+            Family::V4,
+        );
         assert_eq!(
-            t.chains[ep],
+            sticky.chains["endpoint-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80"],
             [
-                "ip saddr 10.180.0.1 jump mark-for-masquerade",
-                "meta l4proto tcp dnat to 10.180.0.1:80"
+                "update @affinity-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80 { ip saddr }",
+                "meta l4proto tcp dnat to 10.180.0.3:80",
             ]
         );
         assert_eq!(
@@ -754,14 +811,21 @@ mod tests {
         assert!(!tx.contains("svc4"), "svc4 untouched:\n{tx}");
         assert!(!tx.contains("add table"), "no rebuild:\n{tx}");
         assert!(
-            tx.contains("add chain ip kpr endpoint-"),
-            "the new endpoint's chain:\n{tx}"
-        );
-        assert!(
             tx.contains("flush chain ip kpr service-ULMVA6XW-ns1/svc1/tcp/p80"),
             "{tx}"
         );
-        assert!(tx.contains("numgen random mod 2"), "{tx}");
+        assert!(
+            tx.contains(
+                "dnat ip addr . port to numgen random mod 2 map { 0 : 10.180.0.1 . 80 , 1 : 10.180.0.5 . 80 }"
+            ),
+            "{tx}"
+        );
+        assert!(
+            tx.contains(
+                "add element ip kpr hairpin-connections { 10.180.0.5 . 10.180.0.5 . tcp . 80 }"
+            ),
+            "{tx}"
+        );
         assert_eq!(transaction(Some(&after), &after), None);
         // Removing the Service deletes its chains and elements.
         let gone = build(
