@@ -586,32 +586,50 @@ pub fn transaction(old: Option<&Table>, new: &Table) -> Option<String> {
         }
         let empty_set = Set::default();
         let prev = prev.unwrap_or(&empty_set);
-        for (k, v) in &prev.elements {
-            if new.sets[name].elements.get(k) != Some(v) {
-                let _ = writeln!(
-                    out,
-                    "delete element {fam} {TABLE} {name} {{ {} }}",
-                    strip_comment(k)
-                );
-            }
+        // One command per set and 1,000 elements: nft handles each command with its own
+        // lookups, so a line per element makes large transactions quadratic.
+        let gone: Vec<&str> = prev
+            .elements
+            .iter()
+            .filter(|(k, v)| new.sets[name].elements.get(*k) != Some(*v))
+            .map(|(k, _)| strip_comment(k))
+            .collect();
+        for chunk in gone.chunks(1000) {
+            let _ = writeln!(
+                out,
+                "delete element {fam} {TABLE} {name} {{ {} }}",
+                chunk.join(", ")
+            );
         }
-        for (k, v) in &set.elements {
-            if prev.elements.get(k) != Some(v) {
-                let e = if set.is_map {
+        let added: Vec<String> = set
+            .elements
+            .iter()
+            .filter(|(k, v)| prev.elements.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                if set.is_map {
                     format!("{k} : {v}")
                 } else {
                     k.clone()
-                };
-                let _ = writeln!(out, "add element {fam} {TABLE} {name} {{ {e} }}");
-            }
+                }
+            })
+            .collect();
+        for chunk in added.chunks(1000) {
+            let _ = writeln!(
+                out,
+                "add element {fam} {TABLE} {name} {{ {} }}",
+                chunk.join(", ")
+            );
         }
     }
-    // Rules of changed chains.
+    // Rules of changed chains (a chain new in this transaction needs no flush).
     for (name, rules) in &new.chains {
-        if old.is_some() && old_t.chains.get(name) == Some(rules) {
+        let existed = old.is_some() && old_t.chains.contains_key(name);
+        if existed && old_t.chains.get(name) == Some(rules) {
             continue;
         }
-        let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+        if existed {
+            let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+        }
         for r in rules {
             let _ = writeln!(out, "add rule {fam} {TABLE} {name} {r}");
         }
