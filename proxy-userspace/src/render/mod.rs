@@ -193,11 +193,16 @@ impl RuleModeState {
         self.last_full = Some(std::time::Instant::now());
     }
 
-    /// Whether the periodic resync should be a full one ([`FULL_SYNC_PERIOD`]).
-    #[must_use]
-    pub fn full_sync_due(&self) -> bool {
-        self.last_full
-            .is_none_or(|t| t.elapsed() >= FULL_SYNC_PERIOD)
+    /// Whether this periodic resync is a full one ([`FULL_SYNC_PERIOD`] since the last),
+    /// recording it when it is.
+    pub fn resync_is_full(&mut self) -> bool {
+        let due = self
+            .last_full
+            .is_none_or(|t| t.elapsed() >= FULL_SYNC_PERIOD);
+        if due {
+            self.full_sync_started();
+        }
+        due
     }
 }
 

@@ -90,6 +90,27 @@ impl ServicePort<'_> {
         ))
     }
 
+    /// The sessionAffinity ClientIP timeout of this port (the same on all its frontends).
+    #[must_use]
+    pub fn affinity(&self) -> Option<u32> {
+        self.frontends
+            .first()
+            .and_then(|(_, fe)| fe.affinity_timeout_secs)
+    }
+
+    /// Every backend of the port's backend sets, once each, sorted.
+    #[must_use]
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut eps: Vec<SocketAddr> = self
+            .backend_sets()
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect();
+        eps.sort_unstable();
+        eps.dedup();
+        eps
+    }
+
     /// The distinct backend lists of this port's frontends, in a stable order: the one that
     /// pods and the node use first (upstream's cluster set, `SVC`), then the one outside
     /// clients of an eTP=Local Service use (upstream's local set, `SVL`).

@@ -205,14 +205,9 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
             ),
         }
     };
-    let affinity = port
-        .frontends
-        .first()
-        .and_then(|(_, fe)| fe.affinity_timeout_secs);
+    let affinity = port.affinity();
     // Endpoint chains, shared by every backend set that holds the endpoint.
-    let mut endpoints: Vec<SocketAddr> = sets.iter().flat_map(|s| s.iter().copied()).collect();
-    endpoints.sort_unstable();
-    endpoints.dedup();
+    let endpoints = port.endpoints();
     for ep in &endpoints {
         let sep = format!("KUBE-SEP-{}", port.endpoint_hash(ep));
         push(

@@ -246,10 +246,7 @@ impl Renderer for NftablesRenderer {
     }
 
     fn resync(&mut self, desired: &DesiredState) -> SyncReport {
-        let full = self.state.full_sync_due();
-        if full {
-            self.state.full_sync_started();
-        }
+        let full = self.state.resync_is_full();
         self.sync(desired, full)
     }
 

@@ -275,13 +275,8 @@ fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Optio
             _ => hashed("service-", &format!("{base}/{}", backends.len())),
         }
     };
-    let affinity = port
-        .frontends
-        .first()
-        .and_then(|(_, fe)| fe.affinity_timeout_secs);
-    let mut endpoints: Vec<SocketAddr> = sets.iter().flat_map(|s| s.iter().copied()).collect();
-    endpoints.sort_unstable();
-    endpoints.dedup();
+    let affinity = port.affinity();
+    let endpoints = port.endpoints();
     for ep in &endpoints {
         t.element(
             "hairpin-connections",
