@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub mode: Option<ProxyMode>,
     /// `--nodeport-addresses` was given (else the mode's upstream default applies).
     pub node_port_addresses_given: bool,
+    /// Remove other modes' leftovers at start (`--cleanup-other-modes`).
+    pub cleanup_other_modes: bool,
     pub ebpf: EbpfConfig,
     pub node: NodeInfo,
     pub proxy: ProxyConfig,
@@ -47,18 +49,29 @@ pub struct AgentConfig {
 }
 
 /// Removes what every mode programmed: kpr's eBPF pins under `bpf_fs_path`, `KUBE-*` iptables
-/// chains and the nftables tables (kpr's and kube-proxy's): `kpr cleanup`.
+/// chains and the nftables tables (kpr's and kube-proxy's), or only `only`'s: `kpr cleanup`.
 ///
 /// # Errors
 /// Something could not be removed.
-pub fn cleanup_all(bpf_fs_path: &std::path::Path) -> Result<CleanupReport> {
-    let mut report = crate::render::ebpf::datapath::cleanup(bpf_fs_path)?;
-    report
-        .removed
-        .extend(crate::render::iptables::cleanup()?.removed);
-    report
-        .removed
-        .extend(crate::render::nftables::cleanup()?.removed);
+pub fn cleanup_all(
+    bpf_fs_path: &std::path::Path,
+    only: Option<ProxyMode>,
+) -> Result<CleanupReport> {
+    let wants = |m: ProxyMode| only.is_none_or(|o| o == m);
+    let mut report = CleanupReport::default();
+    if wants(ProxyMode::Ebpf) {
+        report = crate::render::ebpf::datapath::cleanup(bpf_fs_path)?;
+    }
+    if wants(ProxyMode::Iptables) {
+        report
+            .removed
+            .extend(crate::render::iptables::cleanup()?.removed);
+    }
+    if wants(ProxyMode::Nftables) {
+        report
+            .removed
+            .extend(crate::render::nftables::cleanup()?.removed);
+    }
     Ok(report)
 }
 
@@ -370,7 +383,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let mut cfg = cfg;
     crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, cfg.node_port_addresses_given);
     let renderer = start_renderer(choice.mode, &cfg)?;
-    cleanup_other_modes(choice.mode, &cfg);
+    if cfg.cleanup_other_modes {
+        cleanup_other_modes(choice.mode, &cfg);
+    }
     let mut syncer = Syncer::new(&cfg, renderer, choice);
     tracing::info!(mode = %syncer.mode(), node = %cfg.node.name, "kpr agent started");
     let (tx, mut rx) = mpsc::channel::<Change>(1024);

@@ -78,6 +78,9 @@ pub enum Command {
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPF_FS_PATH)]
         bpf_fs_path: PathBuf,
+        /// Only this mode's state (default: every mode's, kube-proxy's included).
+        #[arg(long, value_enum)]
+        proxy_mode: Option<ProxyMode>,
     },
     /// What this kernel offers, and which mode `--proxy-mode auto` would pick.
     Status {
@@ -145,6 +148,11 @@ pub struct RunArgs {
     /// upstream's iptables mode does.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub iptables_localhost_nodeports: bool,
+    /// At start, remove what other modes (or kube-proxy) left behind: KUBE-* chains, nftables
+    /// tables, kpr's pins. kpr's own flag; tests that run the agent in the host's namespace
+    /// turn it off so they never touch the host's tables.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cleanup_other_modes: bool,
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -241,6 +249,7 @@ impl RunArgs {
             source,
             mode: self.proxy_mode.0,
             node_port_addresses_given: !self.nodeport_addresses.is_empty(),
+            cleanup_other_modes: self.cleanup_other_modes,
             ebpf: EbpfConfig {
                 bpf_fs_path: self.bpf_fs_path.clone(),
                 cgroup_path: self.cgroup_path.clone(),

@@ -56,8 +56,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Workload { args } => kpr::testnet::workload::run(&args),
-        Command::Cleanup { bpf_fs_path } => {
-            let report = kpr::agent::cleanup_all(&bpf_fs_path)?;
+        Command::Cleanup {
+            bpf_fs_path,
+            proxy_mode,
+        } => {
+            let report = kpr::agent::cleanup_all(&bpf_fs_path, proxy_mode)?;
             for r in &report.removed {
                 println!("removed {r}");
             }

@@ -304,7 +304,8 @@ fn cleanup_removes_every_pin_and_attachment() {
     ]);
     assert!(dump.contains("\"backend_count\": 3"), "{dump}");
 
-    let out = t.kpr(&["cleanup"]);
+    // The eBPF mode's state only: this agent ran in the host's namespace.
+    let out = t.kpr(&["cleanup", "--proxy-mode", "ebpf"]);
     assert!(
         out.status.success(),
         "{}",

@@ -226,16 +226,18 @@ pub fn kpr_bin() -> PathBuf {
     target_bin("kpr")
 }
 
-/// Flags for an agent in the host namespace: no TC programs on the host's interfaces, and
+/// Flags for an agent in the host namespace: no TC programs on the host's interfaces, no
+/// removal of other modes' leftovers (the host's iptables and nftables are never touched), and
 /// health/metrics servers on ephemeral loopback ports (agents of parallel tests share the
 /// host namespace).
 fn host_safe(mut cmd: Command) -> Command {
-    cmd.args(["--tc-interfaces", "none"]).args([
-        "--healthz-bind-address",
-        "127.0.0.1:0",
-        "--metrics-bind-address",
-        "127.0.0.1:0",
-    ]);
+    cmd.args(["--tc-interfaces", "none", "--cleanup-other-modes", "false"])
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ]);
     cmd
 }
 
