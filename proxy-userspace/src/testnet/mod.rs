@@ -101,6 +101,21 @@ impl NetNs {
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/var/run/netns/{}", self.name))
     }
+    /// Sets sysctls (`key=value`) inside this namespace.
+    pub fn sysctl(&self, settings: &[&str]) {
+        let mut full = vec![
+            "ip",
+            "netns",
+            "exec",
+            self.name.as_str(),
+            "sysctl",
+            "-q",
+            "-w",
+        ];
+        full.extend_from_slice(settings);
+        sh(&full);
+    }
+
     /// `ip -n <ns> <args...>`
     pub fn ip(&self, args: &[&str]) -> String {
         let mut full = vec!["ip", "-n", self.name.as_str()];
@@ -191,16 +206,7 @@ fn with_nodad<'a>(ip: IpAddr, args: &[&'a str]) -> Vec<&'a str> {
 
 /// No duplicate address detection on `dev` in `ns` (addresses usable at once).
 fn no_dad(ns: &NetNs, dev: &str) {
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns.name,
-        "sysctl",
-        "-q",
-        "-w",
-        &format!("net.ipv6.conf.{dev}.accept_dad=0"),
-    ]);
+    ns.sysctl(&[&format!("net.ipv6.conf.{dev}.accept_dad=0")]);
 }
 
 /// The throwaway cluster: one node namespace, pods around it, a client cgroup, a bpffs dir.
@@ -262,22 +268,13 @@ pub fn target_bin(name: &str) -> PathBuf {
 
 impl Topology {
     /// A node namespace with forwarding on and no route out (its default route ends in a
-    /// dummy sink device), a client cgroup, a bpffs dir.
+    /// sink veth whose peer is down), a client cgroup, a bpffs dir.
     pub fn new(tag: &str) -> Self {
         require_root();
         ensure_bpffs();
         let prefix = unique(tag);
         let node = NetNs::new(&format!("{prefix}-node"));
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_forward=1",
-        ]);
+        node.sysctl(&["net.ipv4.ip_forward=1"]);
         // The pods' gateway, as Calico does it: the node-side veths carry no address; the node
         // owns 169.254.1.1 (link scope, on lo) and answers ARP for it on every veth. So the
         // node's own traffic to pods, and masquerade towards them, leave with a node IP.
@@ -301,28 +298,9 @@ impl Topology {
         node.ip(&["link", "set", "sink0", "up"]);
         node.ip(&["route", "add", "default", "dev", "sink0"]);
         node.ip(&["-6", "route", "add", "default", "dev", "sink0"]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.forwarding=1",
-        ]);
+        node.sysctl(&["net.ipv6.conf.all.forwarding=1"]);
         // ICMP errors (REJECT) without the 1/s rate limit, so every attempt hears its answer.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node.name,
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.icmp_ratelimit=0",
-            "net.ipv6.icmp.ratelimit=0",
-        ]);
+        node.sysctl(&["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"]);
         let cgroup = Cgroup::new(&prefix);
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
         let workdir = std::env::temp_dir().join(&prefix);
