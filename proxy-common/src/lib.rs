@@ -9,7 +9,7 @@
 
 /// Bumped whenever a key or value layout changes. Pins live under `<bpffs>/v<VERSION>/`, so a
 /// new agent never reads maps laid out by an older one.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as the loader sees them and as they are pinned.
 pub mod map_names {
@@ -22,7 +22,12 @@ pub mod map_names {
     pub const CONFIG: &str = "KPR_CONFIG";
     pub const AFFINITY: &str = "KPR_AFFINITY";
     pub const SRC_RANGES: &str = "KPR_SRC_RANGES";
-    pub const ALL: [&str; 9] = [
+    pub const MEMBERS: &str = "KPR_MEMBERS";
+    pub const STATS: &str = "KPR_STATS";
+    pub const DROPS: &str = "KPR_DROPS";
+    pub const FRAGS: &str = "KPR_FRAGS";
+    pub const BACKEND_CONNS: &str = "KPR_BACKEND_CONNS";
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -32,6 +37,11 @@ pub mod map_names {
         CONFIG,
         AFFINITY,
         SRC_RANGES,
+        MEMBERS,
+        STATS,
+        DROPS,
+        FRAGS,
+        BACKEND_CONNS,
     ];
 }
 
@@ -46,10 +56,19 @@ pub mod map_sizes {
     pub const CONNTRACK: usize = 524_288;
     pub const AFFINITY: usize = 262_144;
     pub const SRC_RANGES: usize = 65_536;
+    /// (service, backend) pairs of services with session affinity.
+    pub const MEMBERS: usize = 1_048_576;
+    /// Per-service counters (per CPU).
+    pub const STATS: usize = 131_072;
+    /// IPv4/IPv6 fragments of translated datagrams in flight.
+    pub const FRAGS: usize = 16_384;
+    /// Live connection counts of least-connection backends.
+    pub const BACKEND_CONNS: usize = 1_048_576;
 }
 
-/// Slots of a Maglev lookup table (a prime; up to ~100 backends spread evenly).
-pub const MAGLEV_TABLE_SIZE: u32 = 1021;
+/// Default slots of a Maglev lookup table (a prime, Cilium's default: even shares up to
+/// about a thousand backends). `--maglev-table-size` picks another prime.
+pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
 
 /// IP protocol numbers as used in keys.
 pub mod proto {
@@ -84,6 +103,82 @@ pub mod service_flags {
     /// loadBalancerSourceRanges: only sources in `KPR_SRC_RANGES` for this service id may
     /// use this frontend; others are dropped.
     pub const SOURCE_RANGES: u32 = 1 << 5;
+    /// Round robin: slot = a per-frontend counter (`ServiceValue::rr`), bumped per new flow.
+    pub const ROUND_ROBIN: u32 = 1 << 6;
+    /// Least connections: the backend with the fewest live flows (`KPR_BACKEND_CONNS`), kept
+    /// by the datapath itself.
+    pub const LEAST_CONN: u32 = 1 << 7;
+}
+
+/// Why the datapath dropped a packet: the index into the per-CPU `KPR_DROPS` array.
+pub mod drop_reason {
+    /// A Local traffic policy without local endpoints (upstream's DROP).
+    pub const POLICY_DROP: u32 = 0;
+    /// loadBalancerSourceRanges refused the source.
+    pub const SOURCE_RANGE: u32 = 1;
+    /// The conntrack map is full: a new flow could not be recorded.
+    pub const CT_FULL: u32 = 2;
+    /// No masquerade port of the range was free for this backend.
+    pub const NAT_EXHAUSTED: u32 = 3;
+    /// After translation the flow's tuple equals another live flow's.
+    pub const TUPLE_COLLISION: u32 = 4;
+    /// A packet rewrite (checksum or store helper) failed.
+    pub const REWRITE: u32 = 5;
+    /// A reject answer (RST or ICMP) could not be built.
+    pub const REJECT: u32 = 6;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; 7] = [
+        "policy_drop",
+        "source_range",
+        "conntrack_full",
+        "nat_ports_exhausted",
+        "tuple_collision",
+        "rewrite_failed",
+        "reject_failed",
+    ];
+}
+
+/// Per-service datapath counters (`KPR_STATS`, per CPU): packets and bytes of translated
+/// traffic in both directions (TC path), and new flows (TC and socket level).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+/// `KPR_MEMBERS` key: a backend that belongs to a service's current set (kept for services
+/// with session affinity, whose remembered backend must still be a member).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// `KPR_FRAGS` key: an IP datagram's fragments, by the tuple they arrive with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The IPv4 identification or the IPv6 fragment header's identification.
+    pub id: u32,
+    pub proto: u8,
+    /// 0 at ingress, 1 at egress.
+    pub egress: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `KPR_FRAGS` value: what the first fragment's translation wrote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    pub addr: [u8; 16],
+    /// 1: the source was rewritten, 0: the destination.
+    pub src: u8,
+    pub _pad: [u8; 3],
 }
 
 /// sessionAffinity ClientIP: which backend a client was sent to, and when last.
@@ -133,7 +228,8 @@ pub struct ServiceValue {
     pub revision: u32,
     pub flags: u32,
     pub affinity_timeout_secs: u32,
-    pub _pad: u32,
+    /// Round-robin position, bumped by the datapath (reset when the agent rewrites the entry).
+    pub rr: u32,
 }
 
 /// Key of one backend slot of a frontend's backend set.
@@ -208,11 +304,29 @@ pub mod ct_kind {
 pub mod ct_flags {
     /// The forward flow is masqueraded.
     pub const MASQ: u8 = 1 << 0;
+    /// The flow counts towards its backend's live connections (least-connection services);
+    /// cleared once it stopped counting.
+    pub const COUNTED: u8 = 1 << 1;
+}
+
+/// TCP/UDP state of one direction of a flow (`CtValue::state`); each state has its timeout.
+pub mod ct_state {
+    /// Only SYNs seen in this direction.
+    pub const SYN: u8 = 1;
+    pub const ESTABLISHED: u8 = 2;
+    /// A FIN was seen in this direction.
+    pub const FIN: u8 = 3;
+    /// A RST was seen.
+    pub const CLOSED: u8 = 4;
+    /// UDP, forward direction.
+    pub const UDP: u8 = 5;
+    /// UDP, reply direction (a "stream": the backend answered).
+    pub const UDP_REPLY: u8 = 6;
 }
 
 /// A conntrack key: the packet's tuple as seen where the entry is used.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKey {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -225,20 +339,69 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
-/// A conntrack value: the address and port to write, and the backend the flow is pinned to.
+/// A conntrack value: the address and port to write, the backend the flow is pinned to, and
+/// its lifecycle (state and expiry). Every entry of a flow carries the forward tuple's
+/// essentials, so the agent's garbage collector can find all of a flow's entries from any one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     pub addr: [u8; 16],
+    /// `bpf_ktime_get_ns()` after which this entry is dead (refreshed by its packets).
+    pub expires_ns: u64,
     /// Host byte order.
     pub port: u16,
     pub flags: u8,
-    pub _pad: u8,
+    /// `ct_state`.
+    pub state: u8,
     pub backend_id: u32,
     /// The backend's generation when the flow was created: a mismatch means stale.
     pub generation: u32,
     pub service_id: u32,
+    /// The masquerade port of a masqueraded flow (0 otherwise).
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
 }
+
+/// Conntrack timeouts in seconds, per state (upstream's conntrack settings as defaults).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_syn: u32,
+    /// kube-proxy's `conntrack.tcpEstablishedTimeout` (24 h).
+    pub tcp_established: u32,
+    /// After a FIN in this direction (the kernel's FIN_WAIT/TIME_WAIT, 120 s). A half-closed
+    /// connection lives on through its other direction, still established.
+    pub tcp_fin: u32,
+    /// After a RST.
+    pub tcp_close: u32,
+    /// kube-proxy's `conntrack.udpTimeout` (the kernel's 30 s).
+    pub udp: u32,
+    /// kube-proxy's `conntrack.udpStreamTimeout` (the kernel's 120 s): UDP that was answered.
+    pub udp_stream: u32,
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: Self = Self {
+        tcp_syn: 60,
+        tcp_established: 86_400,
+        tcp_fin: 120,
+        tcp_close: 10,
+        udp: 30,
+        udp_stream: 120,
+    };
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The masquerade port range's default: above the kernel's default ephemeral range
+/// (32768-60999), so no connection the node opens itself shares a tuple with a masqueraded
+/// flow; configurable with `--masquerade-port-range`.
+pub const NAT_PORT_MIN: u16 = 61_000;
+pub const NAT_PORT_MAX: u16 = 65_535;
 
 /// Node-wide settings the TC programs need (`KPR_CONFIG`, one entry at index 0).
 #[repr(C)]
@@ -247,6 +410,16 @@ pub struct NodeConfig {
     /// The address masqueraded traffic leaves with (IPv4-mapped).
     pub snat_v4: [u8; 16],
     pub snat_v6: [u8; 16],
+    /// The masquerade port range, inclusive (0: the defaults).
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// Conntrack timeouts in seconds (0: the default of that state).
+    pub tcp_syn_secs: u32,
+    pub tcp_established_secs: u32,
+    pub tcp_fin_secs: u32,
+    pub tcp_close_secs: u32,
+    pub udp_secs: u32,
+    pub udp_stream_secs: u32,
 }
 
 /// The flow hash Maglev services pick by: a 32-bit mix (murmur3 steps) of (source address,
@@ -303,8 +476,9 @@ pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, NodeConfig,
-        RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+        AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, FragKey, FragValue,
+        MemberKey, NodeConfig, RevNatValue, ServiceKey, ServiceStats, ServiceValue, SockRevNatKey,
+        SockRevNatValue,
     };
 
     /// Implements the Pod traits for a map type, after proving at compile time that its
@@ -342,7 +516,7 @@ mod user {
             revision: u32,
             flags: u32,
             affinity_timeout_secs: u32,
-            _pad: u32,
+            rr: u32,
         }
         BackendSlotKey { service_id: u32, revision: u32, slot: u32 }
         Backend { addr: [u8; 16], port: u16, _pad: u16, generation: u32 }
@@ -360,14 +534,32 @@ mod user {
         }
         CtValue {
             addr: [u8; 16],
+            expires_ns: u64,
             port: u16,
             flags: u8,
-            _pad: u8,
+            state: u8,
             backend_id: u32,
             generation: u32,
             service_id: u32,
+            nat_port: u16,
+            _pad: [u8; 6],
         }
-        NodeConfig { snat_v4: [u8; 16], snat_v6: [u8; 16] }
+        NodeConfig {
+            snat_v4: [u8; 16],
+            snat_v6: [u8; 16],
+            nat_port_min: u16,
+            nat_port_max: u16,
+            tcp_syn_secs: u32,
+            tcp_established_secs: u32,
+            tcp_fin_secs: u32,
+            tcp_close_secs: u32,
+            udp_secs: u32,
+            udp_stream_secs: u32,
+        }
+        ServiceStats { packets: u64, bytes: u64, flows: u64 }
+        MemberKey { service_id: u32, backend_id: u32 }
+        FragKey { saddr: [u8; 16], daddr: [u8; 16], id: u32, proto: u8, egress: u8, _pad: [u8; 2] }
+        FragValue { addr: [u8; 16], src: u8, _pad: [u8; 3] }
         AffinityKey { client: [u8; 16], service_id: u32, _pad: u32 }
         AffinityValue { backend_id: u32, generation: u32, last_used_ns: u64 }
     );
@@ -390,8 +582,10 @@ mod tests {
         assert_eq!(size_of::<SockRevNatKey>(), 8 + 16 + 2 + 6);
         assert_eq!(size_of::<SockRevNatValue>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<CtKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<CtValue>(), 16 + 2 + 1 + 1 + 4 + 4 + 4);
-        assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<CtValue>(), 16 + 8 + 2 + 1 + 1 + 4 + 4 + 4 + 2 + 6);
+        assert_eq!(size_of::<NodeConfig>(), 32 + 4 + 6 * 4);
+        assert_eq!(size_of::<ServiceStats>(), 24);
+        assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 4);
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
     }

@@ -1,20 +1,96 @@
 //! Socket-level load balancing: the cgroup sock_addr programs.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, bpf_sock_addr},
+    btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+        bpf_sk_storage_get,
     },
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
     Backend, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto, scope, service_flags,
     v4_mapped,
 };
 
-use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SOCK_REVNAT};
-use crate::select::{self, select_backend};
+use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SOCK_REVNAT, count_service};
+use crate::select::{self, conns_add, select_backend};
+
+/// What a socket connected through a least-connection frontend counts towards: released
+/// when the socket closes (`kpr_sock_release`) or connects elsewhere.
+#[derive(Clone, Copy)]
+struct SockConn {
+    /// Backend id + 1 (0: nothing counted).
+    backend: u32,
+}
+
+#[btf_map]
+static KPR_SOCK_CONN: SkStorage<SockConn> = SkStorage::new();
+
+/// The socket's least-connection record, created on first use.
+#[inline(always)]
+fn sock_conn(sk: *mut bpf_sock) -> Option<&'static mut SockConn> {
+    if sk.is_null() {
+        return None;
+    }
+    let mut init = SockConn { backend: 0 };
+    // SAFETY: helper call with our map, the context's socket and a value to copy.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            (&raw const KPR_SOCK_CONN).cast_mut().cast(),
+            sk.cast(),
+            (&raw mut init).cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockConn>();
+    // SAFETY: non-null storage of this socket, alive while the socket is.
+    (!p.is_null()).then(|| unsafe { &mut *p })
+}
+
+/// Moves the socket's count to `backend_id` (least connections), releasing an older one.
+#[inline(never)]
+fn count_conn(ctx: &SockAddrContext, backend_id: u32) {
+    // SAFETY: `sk` of a sock_addr context (the socket being connected).
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if let Some(c) = sock_conn(sk) {
+        if c.backend != 0 {
+            conns_add(c.backend - 1, u32::MAX);
+        }
+        c.backend = backend_id + 1;
+        conns_add(backend_id, 1);
+    }
+}
+
+/// A socket closes: it stops counting towards its least-connection backend.
+#[cgroup_sock(sock_release)]
+fn kpr_sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: helper call with our map and the context's socket; no creation.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            (&raw const KPR_SOCK_CONN).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockConn>();
+    if !p.is_null() {
+        // SAFETY: non-null storage of this socket.
+        let c = unsafe { &mut *p };
+        if c.backend != 0 {
+            conns_add(c.backend - 1, u32::MAX);
+            c.backend = 0;
+        }
+    }
+    1
+}
 
 /// Let the syscall go on (translated or not).
 const ALLOW: i32 = 1;
@@ -111,7 +187,8 @@ enum Pick {
     NotService,
     /// A frontend without endpoints: refuse.
     NoEndpoints,
-    Backend(Backend, u32),
+    /// The backend, its id, the service id and the service's flags.
+    Backend(Backend, u32, u32, u32),
 }
 
 /// Looks the frontend up and picks one of its backends (affinity, Maglev or random).
@@ -123,11 +200,11 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Pick {
         proto,
         scope: scope::INTERNAL,
     };
-    let Some(svc) = KPR_SERVICES.get_ptr(&key) else {
+    let Some(svc) = KPR_SERVICES.get_ptr_mut(&key) else {
         return Pick::NotService;
     };
     // SAFETY: a value pointer from a successful lookup, valid for this program run.
-    let svc = unsafe { &*svc };
+    let svc = unsafe { &mut *svc };
     if svc.backend_count == 0 {
         return Pick::NoEndpoints;
     }
@@ -155,12 +232,12 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Pick {
         return Pick::NotService;
     };
     // SAFETY: as above.
-    Pick::Backend(unsafe { *backend }, svc.id)
+    Pick::Backend(unsafe { *backend }, backend_id, svc.id, svc.flags)
 }
 
 /// The forward translation shared by connect and sendmsg, for either family.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
     let sa = ctx.sock_addr;
     let proto = sock_proto(sa);
     if proto != proto::TCP && proto != proto::UDP {
@@ -174,7 +251,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             DENY
         }
-        Pick::Backend(backend, service_id) => {
+        Pick::Backend(backend, backend_id, service_id, flags) => {
             // A v4 socket can only reach a v4 backend; the model never mixes families, so a
             // mismatch means a stale entry: leave the socket alone rather than mistranslate.
             if !v6 && !is_v4_mapped(&backend.addr) {
@@ -197,6 +274,14 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
             // Best effort: if the LRU insert fails the reply is still delivered, only the
             // address reported to the application is the backend's.
             let _ = KPR_SOCK_REVNAT.insert(&key, &value, 0);
+            if connect {
+                count_service(service_id, 0, 0, true);
+                if flags & service_flags::LEAST_CONN != 0 {
+                    count_conn(ctx, backend_id);
+                }
+            } else {
+                count_service(service_id, 0, 1, false);
+            }
             if v6 {
                 write_v6(sa, &backend.addr, backend.port);
             } else {
@@ -234,22 +319,22 @@ fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 fn kpr_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, true)
 }
 
 #[cgroup_sock_addr(connect6)]
 fn kpr_connect6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 fn kpr_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 fn kpr_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -264,6 +264,9 @@ impl Syncer {
     /// Periodic work of the renderer between syncs.
     pub fn tick(&mut self) {
         self.renderer.tick();
+        if let Ok(mut st) = self.status.lock() {
+            st.mode_metrics = self.renderer.metrics();
+        }
     }
 
     /// Computes the desired state of what changed and applies the difference: in full after

@@ -8,10 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::agent::AgentConfig;
 use crate::model::{NodeInfo, ProxyConfig};
 use crate::render::ProxyMode;
-use crate::render::ebpf::EbpfConfig;
 use crate::render::ebpf::datapath::{PinLayout, TcInterfaces};
 use crate::render::ebpf::maps::{FrontendView, view};
 use crate::render::ebpf::pinned::PinnedMaps;
+use crate::render::ebpf::{DatapathConfig, EbpfConfig};
 use crate::source::convert::ProxySelector;
 use crate::{Error, Result};
 
@@ -132,9 +132,10 @@ pub struct RunArgs {
     /// Pod CIDRs: traffic from them is pod traffic.
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<ipnet::IpNet>,
-    /// Backend selection for Services without a kpr.io/lb-algorithm annotation: "random" or
-    /// "maglev" (consistent hashing: every node picks the same backend for a flow).
-    #[arg(long, default_value = "random", value_parser = ["random", "maglev"])]
+    /// Backend selection (ebpf mode) for Services without a kpr.io/lb-algorithm annotation:
+    /// "random", "maglev" (consistent hashing: every node picks the same backend for a flow),
+    /// "round-robin" or "least-conn" (fewest live connections, counted by the datapath).
+    #[arg(long, default_value = "random", value_parser = ["random", "maglev", "round-robin", "least-conn"])]
     pub lb_algorithm: String,
     /// The Service CIDRs (kube-apiserver's --service-cluster-ip-range), for the nftables
     /// mode's drop of traffic to unallocated ClusterIPs.
@@ -172,6 +173,69 @@ pub struct RunArgs {
     /// Full resync period.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
+    /// ebpf conntrack: idle timeout of an established TCP direction.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// ebpf conntrack: idle timeout of a TCP direction that only sent SYNs.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_syn: Duration,
+    /// ebpf conntrack: timeout of a TCP direction after its FIN.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_fin: Duration,
+    /// ebpf conntrack: timeout of a TCP flow after a RST.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close: Duration,
+    /// ebpf conntrack: idle timeout of a UDP flow not answered.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// ebpf conntrack: idle timeout of an answered UDP flow.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
+    /// ebpf conntrack: how often expired flows are collected.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_gc_interval: Duration,
+    /// ebpf: ports masqueraded flows leave with, "MIN-MAX". Keep it outside the node's
+    /// net.ipv4.ip_local_port_range (default 32768-60999) and any port the node listens on.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    pub masquerade_port_range: (u16, u16),
+    /// ebpf: slots of a Maglev table, a prime well above 100x the backends of a service.
+    #[arg(long, default_value_t = proxy_common::MAGLEV_TABLE_SIZE, value_parser = parse_maglev_size)]
+    pub maglev_table_size: u32,
+}
+
+/// `--masquerade-port-range`: "MIN-MAX", 1024 <= MIN <= MAX.
+///
+/// # Errors
+/// Not a range of unprivileged ports.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let min: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
+    let max: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
+    if min < 1024 || max < min {
+        return Err(format!("{s:?}: need 1024 <= MIN <= MAX"));
+    }
+    Ok((min, max))
+}
+
+/// `--maglev-table-size`: a prime between 251 and 131071.
+///
+/// # Errors
+/// Not such a prime.
+pub fn parse_maglev_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let prime = n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+    if !(251..=131_071).contains(&n) || !prime {
+        return Err(format!(
+            "{n} is not a prime between 251 and 131071 (e.g. 16381, 65521)"
+        ));
+    }
+    Ok(n)
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
 }
 
 /// One `--nodeport-addresses` entry: "primary" or a CIDR.
@@ -260,6 +324,19 @@ impl RunArgs {
                         TcInterfaces::Named(list.split(',').map(|s| s.trim().to_string()).collect())
                     }
                 },
+                datapath: DatapathConfig {
+                    ct_timeouts: proxy_common::CtTimeouts {
+                        tcp_syn: secs(self.conntrack_tcp_timeout_syn),
+                        tcp_established: secs(self.conntrack_tcp_timeout_established),
+                        tcp_fin: secs(self.conntrack_tcp_timeout_fin),
+                        tcp_close: secs(self.conntrack_tcp_timeout_close),
+                        udp: secs(self.conntrack_udp_timeout),
+                        udp_stream: secs(self.conntrack_udp_timeout_stream),
+                    },
+                    nat_ports: self.masquerade_port_range,
+                    maglev_table_size: self.maglev_table_size,
+                    gc_interval: self.conntrack_gc_interval,
+                },
             },
             node: NodeInfo {
                 name,
@@ -269,7 +346,8 @@ impl RunArgs {
             proxy: ProxyConfig {
                 cluster_cidrs: self.cluster_cidr.clone(),
                 masquerade_all: self.masquerade_all,
-                maglev_default: self.lb_algorithm == "maglev",
+                lb_algorithm: crate::store::LbAlgorithm::parse(&self.lb_algorithm)
+                    .unwrap_or_default(),
                 service_cidrs: self.service_cidr.clone(),
                 // Invalid entries were refused when the flags were parsed.
                 node_port_addresses: crate::model::NodePortAddresses::parse(

@@ -81,17 +81,31 @@ async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
         s.latency_count,
     );
     let mut body = body;
+    let mut last = "";
     for m in &s.mode_metrics {
         let kind = match m.kind {
             MetricKind::Counter => "counter",
             MetricKind::Gauge => "gauge",
         };
-        body.push_str(&format!(
-            "# HELP kpr_{name} {help}\n# TYPE kpr_{name} {kind}\nkpr_{name} {value}\n",
-            name = m.name,
-            help = m.help,
-            value = m.value
-        ));
+        if m.name != last {
+            body.push_str(&format!(
+                "# HELP kpr_{name} {help}\n# TYPE kpr_{name} {kind}\n",
+                name = m.name,
+                help = m.help,
+            ));
+            last = m.name;
+        }
+        let labels = if m.labels.is_empty() {
+            String::new()
+        } else {
+            let pairs: Vec<String> = m
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+                .collect();
+            format!("{{{}}}", pairs.join(","))
+        };
+        body.push_str(&format!("kpr_{}{labels} {}\n", m.name, m.value));
     }
     ([("content-type", "text/plain; version=0.0.4")], body)
 }

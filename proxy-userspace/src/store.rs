@@ -124,8 +124,8 @@ pub struct ServiceInfo {
     /// LoadBalancer ingress IPs with ipMode VIP or unset.
     pub load_balancer_ips: Vec<IpAddr>,
     pub load_balancer_source_ranges: Vec<ipnet::IpNet>,
-    /// `kpr.io/lb-algorithm` annotation: Some(true) for "maglev", Some(false) for "random".
-    pub maglev: Option<bool>,
+    /// `kpr.io/lb-algorithm` annotation (None: the node's `--lb-algorithm`).
+    pub lb_algorithm: Option<LbAlgorithm>,
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
     pub health_check_node_port: Option<u16>,
@@ -379,5 +379,45 @@ impl Store {
     #[must_use]
     pub fn slice_count(&self) -> usize {
         self.slices.len()
+    }
+}
+
+/// How the ebpf mode picks a backend for a new flow (`kpr.io/lb-algorithm`, `--lb-algorithm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbAlgorithm {
+    /// Uniformly at random.
+    #[default]
+    Random,
+    /// Consistent hashing of the flow: every node picks the same backend for a flow.
+    Maglev,
+    /// Each backend in turn.
+    RoundRobin,
+    /// The backend with the fewest live connections (counted by the datapath).
+    LeastConn,
+}
+
+impl LbAlgorithm {
+    pub const NAMES: [&str; 4] = ["random", "maglev", "round-robin", "least-conn"];
+
+    /// Parses a name of [`LbAlgorithm::NAMES`] (also "rr" and "lc", IPVS's names).
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "random" => Some(Self::Random),
+            "maglev" => Some(Self::Maglev),
+            "round-robin" | "rr" => Some(Self::RoundRobin),
+            "least-conn" | "lc" => Some(Self::LeastConn),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::Maglev => "maglev",
+            Self::RoundRobin => "round-robin",
+            Self::LeastConn => "least-conn",
+        }
     }
 }

@@ -29,7 +29,7 @@ pub fn service(namespace: &str, name: &str) -> ServiceBuilder {
         external_ips: vec![],
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
-        maglev: None,
+        lb_algorithm: None,
         external_policy_local: false,
         internal_policy_local: false,
         health_check_node_port: None,

@@ -19,7 +19,8 @@ use kpr::source::manifests::parse_manifest;
 use kpr::store::{Change, Store};
 use proxy_common::ct_kind;
 
-const TC_ACT_OK: u32 = 0;
+/// TCX_NEXT (TC_ACT_UNSPEC, -1): the packet goes on to the next program, translated or not.
+const TC_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -106,6 +107,24 @@ impl Datapath {
         (r.action, r.packet)
     }
 
+    /// The masquerade port of the flow from client port `sport` (kpr's own port range).
+    fn nat_port(&self, sport: u16) -> u16 {
+        let port = self
+            .renderer
+            .maps()
+            .conntrack()
+            .unwrap()
+            .iter()
+            .find(|(k, v)| k.kind == ct_kind::FORWARD && k.sport == sport && v.nat_port != 0)
+            .map(|(_, v)| v.nat_port)
+            .expect("a masqueraded flow");
+        assert!(
+            (proxy_common::NAT_PORT_MIN..=proxy_common::NAT_PORT_MAX).contains(&port),
+            "masquerade port {port} outside kpr's range"
+        );
+        port
+    }
+
     fn ct_kinds(&self) -> Vec<u8> {
         let mut k: Vec<u8> = self
             .renderer
@@ -164,7 +183,7 @@ fn non_service_packets_pass_untouched() {
     let pkt = packet(CLIENT, 40000, NODE, 22, Some(0x02), &[]);
     for prog in ["kpr_tc_ingress", "kpr_tc_egress"] {
         let (rc, out) = dp.run(prog, &pkt);
-        assert_eq!((rc, out), (TC_ACT_OK, pkt.clone()), "{prog}");
+        assert_eq!((rc, out), (TC_NEXT, pkt.clone()), "{prog}");
     }
     assert!(dp.ct_kinds().is_empty());
 }
@@ -176,7 +195,7 @@ fn nodeport_cluster_policy_dnat_masquerade_and_reverse() {
     // client -> NodePort, at the node's ingress: DNAT to the backend, source unchanged.
     let syn = packet(CLIENT, 40000, NODE, 3001, Some(0x02), &[]);
     let (rc, fwd) = dp.run("kpr_tc_ingress", &syn);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(dst(&fwd), (BACKEND_LOCAL, 80));
     assert_eq!(src(&fwd), (CLIENT, 40000));
     assert_checksums(&fwd);
@@ -191,20 +210,25 @@ fn nodeport_cluster_policy_dnat_masquerade_and_reverse() {
     );
     // ... and at egress towards the backend: masqueraded to the node.
     let (rc, out) = dp.run("kpr_tc_egress", &fwd);
-    assert_eq!(rc, TC_ACT_OK);
-    assert_eq!(src(&out), (NODE, 40000));
+    assert_eq!(rc, TC_NEXT);
+    let nat = dp.nat_port(40000);
+    assert_eq!(
+        src(&out),
+        (NODE, nat),
+        "masqueraded to a port of kpr's range"
+    );
     assert_eq!(dst(&out), (BACKEND_LOCAL, 80));
     assert_checksums(&out);
 
     // The backend's reply: ingress gives the client back as destination...
-    let synack = packet(BACKEND_LOCAL, 80, NODE, 40000, Some(0x12), &[]);
+    let synack = packet(BACKEND_LOCAL, 80, NODE, nat, Some(0x12), &[]);
     let (rc, back) = dp.run("kpr_tc_ingress", &synack);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(dst(&back), (CLIENT, 40000));
     assert_checksums(&back);
     // ... and egress towards the client shows the NodePort as source.
     let (rc, back) = dp.run("kpr_tc_egress", &back);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(src(&back), (NODE, 3001));
     assert_checksums(&back);
 
@@ -221,7 +245,7 @@ fn external_policy_local_keeps_the_client_address() {
     dp.program(&manifests(true, &["10.180.0.1"]));
     let syn = packet(CLIENT, 40001, LB, 80, Some(0x02), &[]);
     let (rc, fwd) = dp.run("kpr_tc_ingress", &syn);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(dst(&fwd), (BACKEND_LOCAL, 80));
     let (_, out) = dp.run("kpr_tc_egress", &fwd);
     assert_eq!(src(&out), (CLIENT, 40001), "eTP=Local is not masqueraded");
@@ -285,7 +309,7 @@ fn udp_without_checksum_stays_without_checksum() {
     q[40] = 0;
     q[41] = 0;
     let (rc, fwd) = dp.run("kpr_tc_ingress", &q);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(dst(&fwd), (BACKEND_LOCAL, 53));
     assert_eq!(&fwd[40..42], &[0, 0], "zero UDP checksum untouched");
     assert_checksums(&fwd);
@@ -363,7 +387,7 @@ fn session_affinity_sends_a_client_to_one_backend() {
             "kpr_tc_ingress",
             &packet(CLIENT, sport, NODE, 3101, Some(0x02), &[]),
         );
-        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(rc, TC_NEXT);
         seen.insert(dst(&fwd).0);
     }
     assert_eq!(
@@ -447,7 +471,7 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     dp.program(&format!("{POLICIES}{}", policy_slices()));
     let inside = packet(CLIENT, 40100, [1, 2, 3, 9], 80, Some(0x02), &[]);
     let (rc, fwd) = dp.run("kpr_tc_ingress", &inside);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_ne!(dst(&fwd).0, [1, 2, 3, 9], "an allowed source is translated");
     let outside = packet([198, 51, 100, 7], 40101, [1, 2, 3, 9], 80, Some(0x02), &[]);
     assert_eq!(
@@ -457,7 +481,7 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
     );
     let nodeport = packet([198, 51, 100, 7], 40102, NODE, 3103, Some(0x02), &[]);
     let (rc, fwd) = dp.run("kpr_tc_ingress", &nodeport);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_ne!(dst(&fwd).0, NODE, "the NodePort is not restricted");
 }
 
@@ -480,18 +504,19 @@ fn icmp_errors_follow_their_flow() {
         &packet(CLIENT, 40000, NODE, 3001, Some(0x02), &[]),
     );
     assert_eq!(dst(&fwd), (BACKEND_LOCAL, 80));
+    let nat = dp.nat_port(40000);
     // A router on the way to the client says "fragmentation needed" about our reply
     // (node:3001 -> client:40000): it must reach the backend, about (backend:80 -> node:40000).
     let router = [198, 51, 100, 1];
     let reply_seen_outside = packet(NODE, 3001, CLIENT, 40000, Some(0x10), &[]);
     let err = icmp_error(router, NODE, 3, 4, &reply_seen_outside);
     let (rc, out) = dp.run("kpr_tc_ingress", &err);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(dst(&out).0, BACKEND_LOCAL, "outer destination: the backend");
     assert_eq!(src(&out).0, router);
     assert_eq!(
         quoted(&out),
-        ((BACKEND_LOCAL, 80), (NODE, 40000)),
+        ((BACKEND_LOCAL, 80), (NODE, nat)),
         "the packet the backend sent"
     );
     assert_checksums(&out);
@@ -502,15 +527,15 @@ fn icmp_errors_follow_their_flow() {
         &packet(CLIENT, 40005, NODE, 3053, None, b"q"),
     );
     let (_, masq) = dp.run("kpr_tc_egress", &fwd);
-    assert_eq!(src(&masq), (NODE, 40005));
+    assert_eq!(src(&masq), (NODE, dp.nat_port(40005)));
     let err = icmp_error(BACKEND_LOCAL, NODE, 3, 3, &masq);
     let (rc, back) = dp.run("kpr_tc_ingress", &err);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(dst(&back).0, CLIENT, "to the client");
     assert_eq!(quoted(&back).0, (CLIENT, 40005));
     assert_checksums(&back);
     let (rc, out) = dp.run("kpr_tc_egress", &back);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(src(&out).0, NODE, "from the frontend, not the backend");
     assert_eq!(
         quoted(&out),
@@ -527,7 +552,7 @@ fn icmp_errors_follow_their_flow() {
         1,
         &packet(NODE, 9999, CLIENT, 1234, Some(0x10), &[]),
     );
-    assert_eq!(dp.run("kpr_tc_ingress", &stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!(dp.run("kpr_tc_ingress", &stray), (TC_NEXT, stray.clone()));
 }
 
 const DUAL_STACK: &str = "\
@@ -578,7 +603,7 @@ fn ipv6_nodeport_dnat_masquerade_and_reverse() {
     let client: Ipv6Addr = "2001:db8::2".parse().unwrap();
     let backend: Ipv6Addr = "fd00:180::1".parse().unwrap();
     let (rc, fwd) = dp.run("kpr_tc_ingress", &packet6(client, 41000, NODE6, 3201, 0x02));
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     assert_eq!(
         ends6(&fwd),
         ((client, 41000), (backend, 80)),
@@ -586,13 +611,14 @@ fn ipv6_nodeport_dnat_masquerade_and_reverse() {
     );
     assert_checksums(&fwd);
     let (_, out) = dp.run("kpr_tc_egress", &fwd);
+    let nat = dp.nat_port(41000);
     assert_eq!(
         ends6(&out),
-        ((NODE6, 41000), (backend, 80)),
+        ((NODE6, nat), (backend, 80)),
         "masqueraded to the node's IPv6"
     );
     assert_checksums(&out);
-    let (_, back) = dp.run("kpr_tc_ingress", &packet6(backend, 80, NODE6, 41000, 0x12));
+    let (_, back) = dp.run("kpr_tc_ingress", &packet6(backend, 80, NODE6, nat, 0x12));
     let (_, back) = dp.run("kpr_tc_egress", &back);
     assert_eq!(
         ends6(&back),
@@ -602,7 +628,7 @@ fn ipv6_nodeport_dnat_masquerade_and_reverse() {
     assert_checksums(&back);
     // Not a Service: untouched.
     let other = packet6(client, 41001, NODE6, 22, 0x02);
-    assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_ACT_OK, other.clone()));
+    assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_NEXT, other.clone()));
 }
 
 #[test]
@@ -642,10 +668,15 @@ fn trace_follows_ipv6_too() {
     .expect("trace");
     assert_eq!(r.verdict, "DNAT", "{r:?}");
     assert_eq!(r.backend.as_deref(), Some("[fd00:180::1]:80"));
+    let snat: std::net::SocketAddr = r.snat.as_deref().expect("masqueraded").parse().unwrap();
     assert_eq!(
-        r.snat.as_deref(),
-        Some("[fd00::2]:40000"),
+        snat.ip(),
+        IpAddr::from(NODE6),
         "masqueraded to the node's IPv6"
+    );
+    assert!(
+        snat.port() >= proxy_common::NAT_PORT_MIN,
+        "{snat}: a port of kpr's range"
     );
     assert!(
         dp.renderer.maps().conntrack().unwrap().is_empty(),
@@ -670,16 +701,17 @@ fn icmpv6_packet_too_big_reaches_the_backend() {
     let backend: Ipv6Addr = "fd00:180::1".parse().unwrap();
     let router: Ipv6Addr = "2001:db8:ffff::1".parse().unwrap();
     dp.run("kpr_tc_ingress", &packet6(client, 42000, NODE6, 3201, 0x02));
+    let nat = dp.nat_port(42000);
     // "Packet too big" about our reply (node:3201 -> client:42000).
     let reply = packet6(NODE6, 3201, client, 42000, 0x10);
     let err = icmp6_error(router, NODE6, 2, &reply);
     let (rc, out) = dp.run("kpr_tc_ingress", &err);
-    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(rc, TC_NEXT);
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap());
     assert_eq!(dst, backend, "outer destination: the backend");
     assert_eq!(
         quoted6(&out),
-        ((backend, 80), (NODE6, 42000)),
+        ((backend, 80), (NODE6, nat)),
         "the packet the backend sent"
     );
     assert_checksums(&out);

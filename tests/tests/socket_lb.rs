@@ -300,7 +300,13 @@ fn cleanup_removes_every_pin_and_attachment() {
         "map",
         "dump",
         "pinned",
-        t.bpffs.join("v1/maps/KPR_SERVICES").to_str().unwrap(),
+        t.bpffs
+            .join(format!(
+                "v{}/maps/KPR_SERVICES",
+                proxy_common::MAP_LAYOUT_VERSION
+            ))
+            .to_str()
+            .unwrap(),
     ]);
     assert!(dump.contains("\"backend_count\": 3"), "{dump}");
 

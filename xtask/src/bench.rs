@@ -89,6 +89,7 @@ fn bench_tc() -> anyhow::Result<()> {
     scratch.maps.set_node_config(&proxy_common::NodeConfig {
         snat_v4: proxy_common::v4_mapped([192, 168, 0, 2]),
         snat_v6: [0; 16],
+        ..Default::default()
     })?;
     let (_, errors) = MapDiff::default().sync(&d, &mut scratch.maps, &[]);
     anyhow::ensure!(errors.is_empty(), "{errors:?}");

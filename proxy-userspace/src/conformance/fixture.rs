@@ -179,7 +179,7 @@ pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
         cluster_cidrs,
         service_cidrs: c.service_cidrs.clone(),
         masquerade_all: c.masquerade_all,
-        maglev_default: false,
+        lb_algorithm: crate::store::LbAlgorithm::Random,
         node_port_addresses: NodePortAddresses::parse(&c.node_port_addresses)?,
         localhost_node_ports: c.localhost_node_ports,
         cluster_ip_checks: false,

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::store::{EndpointInfo, ServiceInfo, ServicePortInfo, ServiceType, Store};
+use crate::store::{EndpointInfo, LbAlgorithm, ServiceInfo, ServicePortInfo, ServiceType, Store};
 pub use crate::store::{NodeInfo, ObjectRef, Protocol};
 
 mod cache;
@@ -61,8 +61,8 @@ pub struct ProxyConfig {
     pub cluster_cidrs: Vec<IpNet>,
     pub service_cidrs: Vec<IpNet>,
     pub masquerade_all: bool,
-    /// Maglev for Services without a `kpr.io/lb-algorithm` annotation.
-    pub maglev_default: bool,
+    /// The algorithm of Services without a `kpr.io/lb-algorithm` annotation.
+    pub lb_algorithm: LbAlgorithm,
     pub node_port_addresses: NodePortAddresses,
     pub localhost_node_ports: bool,
     /// upstream nftables mode's ClusterIP checks: traffic to an active ClusterIP on a port it
@@ -77,7 +77,7 @@ impl Default for ProxyConfig {
             cluster_cidrs: Vec::new(),
             service_cidrs: Vec::new(),
             masquerade_all: false,
-            maglev_default: false,
+            lb_algorithm: LbAlgorithm::Random,
             node_port_addresses: NodePortAddresses::All,
             localhost_node_ports: true,
             cluster_ip_checks: false,
@@ -179,8 +179,8 @@ pub struct Frontend {
     pub external_masquerade: Masquerade,
     pub external_policy_local: bool,
     pub affinity_timeout_secs: Option<u32>,
-    /// Pick backends by Maglev (consistent across nodes) instead of at random.
-    pub maglev: bool,
+    /// How the ebpf mode picks backends (the rule modes pick at random).
+    pub lb_algorithm: LbAlgorithm,
     /// loadBalancerSourceRanges (LoadBalancer frontends only; empty: everyone).
     pub source_ranges: Vec<IpNet>,
 }
@@ -201,7 +201,7 @@ impl Frontend {
             external_masquerade: Masquerade::Never,
             external_policy_local: false,
             affinity_timeout_secs: None,
-            maglev: false,
+            lb_algorithm: LbAlgorithm::Random,
             source_ranges: Vec::new(),
         }
     }
@@ -586,7 +586,7 @@ pub fn compute_service(
                         },
                         external_policy_local: svc.external_policy_local,
                         affinity_timeout_secs: svc.affinity_timeout_secs,
-                        maglev: svc.maglev.unwrap_or(config.maglev_default),
+                        lb_algorithm: svc.lb_algorithm.unwrap_or(config.lb_algorithm),
                         source_ranges: if kind == FrontendKind::LoadBalancer {
                             svc.load_balancer_source_ranges.clone()
                         } else {

@@ -101,6 +101,7 @@ impl UdpConntrack {
             kind: MetricKind::Counter,
             #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
             value: self.deleted as f64,
+            labels: Vec::new(),
         }
     }
 }
@@ -242,6 +243,8 @@ pub struct ModeMetric {
     pub help: &'static str,
     pub kind: MetricKind,
     pub value: f64,
+    /// Label pairs of this sample (samples of one name are exposed together).
+    pub labels: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

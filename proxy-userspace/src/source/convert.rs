@@ -11,13 +11,14 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::store::{
-    AddressType, EndpointInfo, EndpointPortInfo, NodeInfo, ObjectRef, Protocol, ServiceInfo,
-    ServicePortInfo, ServiceType, SliceInfo, TargetPort, TrafficDistribution,
+    AddressType, EndpointInfo, EndpointPortInfo, LbAlgorithm, NodeInfo, ObjectRef, Protocol,
+    ServiceInfo, ServicePortInfo, ServiceType, SliceInfo, TargetPort, TrafficDistribution,
 };
 use crate::{Error, Result};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Per-Service backend selection: "maglev" or "random" (the node's `--lb-algorithm` otherwise).
+/// Per-Service backend selection: "random", "maglev", "round-robin" or "least-conn" (the
+/// node's `--lb-algorithm` otherwise).
 pub const LB_ALGORITHM_ANNOTATION: &str = "kpr.io/lb-algorithm";
 const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -166,16 +167,11 @@ pub fn service(svc: &Service) -> Result<ServiceInfo> {
         external_ips,
         load_balancer_ips,
         load_balancer_source_ranges,
-        maglev: match meta
+        lb_algorithm: meta
             .annotations
             .as_ref()
             .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
-            .map(String::as_str)
-        {
-            Some("maglev") => Some(true),
-            Some("random") => Some(false),
-            _ => None,
-        },
+            .and_then(|v| LbAlgorithm::parse(v)),
         external_policy_local: externally_reachable
             && spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),

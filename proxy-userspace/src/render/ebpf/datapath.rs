@@ -17,7 +17,7 @@ use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::LinkOrder;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttach};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType};
 use proxy_common::{MAP_LAYOUT_VERSION, map_names};
 
 use crate::render::CleanupReport;
@@ -38,11 +38,51 @@ pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
     ("kpr_getpeername6", "getpeername6"),
 ];
 
-/// The TC programs: (program name in the object, pin name of the program).
-pub const TC_PROGRAMS: [(&str, &str); 2] = [
+/// The socket-release program (least-connection counts of sockets): (program, link pin).
+pub const SOCK_RELEASE: (&str, &str) = ("kpr_sock_release", "sock_release");
+
+/// The TC programs: (program name in the object, pin name of the program). Ingress and
+/// egress for Ethernet devices, then for L3 devices (no link-layer header: tun, ipip,
+/// WireGuard).
+pub const TC_PROGRAMS: [(&str, &str); 4] = [
     ("kpr_tc_ingress", "tc_ingress"),
     ("kpr_tc_egress", "tc_egress"),
+    ("kpr_tc_ingress_l3", "tc_ingress_l3"),
+    ("kpr_tc_egress_l3", "tc_egress_l3"),
 ];
+
+/// The index into [`TC_PROGRAMS`] of the program for `direction` on an interface.
+fn tc_program_index(direction: &str, l3: bool) -> usize {
+    usize::from(direction == "egress") + if l3 { 2 } else { 0 }
+}
+
+/// Whether interface `name` of the current network namespace has no Ethernet header (its
+/// ARP hardware type is not ARPHRD_ETHER): asked with SIOCGIFHWADDR on a socket of this
+/// namespace (sysfs may show another namespace's devices).
+#[must_use]
+pub fn is_l3_device(name: &str) -> bool {
+    const ARPHRD_ETHER: u16 = 1;
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: ifreq is plain old data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req) };
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    // SAFETY: the union member SIOCGIFHWADDR writes.
+    rc == 0 && unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } != ARPHRD_ETHER
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -141,11 +181,12 @@ pub fn sync_tc_links(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<St
         if !wanted {
             continue;
         }
-        for (i, direction, attach_type) in [
-            (0, "ingress", TcAttachType::Ingress),
-            (1, "egress", TcAttachType::Egress),
+        let l3 = is_l3_device(&name);
+        for (direction, attach_type) in [
+            ("ingress", TcAttachType::Ingress),
+            ("egress", TcAttachType::Egress),
         ] {
-            let prog = &mut programs[i];
+            let prog = &mut programs[tc_program_index(direction, l3)];
             let pin = dir.join(format!("tc-{idx}-{name}-{direction}"));
             if pin.exists() {
                 continue;
@@ -176,6 +217,47 @@ pub fn sync_tc_links(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<St
         }
     }
     Ok(attached)
+}
+
+/// Attaches the socket-release program to `cgroup` (or swaps it into an older build's link).
+fn attach_sock_release(
+    ebpf: &mut aya::Ebpf,
+    links_dir: &Path,
+    old_dirs: &[PathBuf],
+    cgroup_file: &fs::File,
+    cgroup: &Path,
+) -> Result<()> {
+    let (prog_name, pin) = SOCK_RELEASE;
+    let target = links_dir.join(pin);
+    if target.exists() {
+        return Ok(());
+    }
+    let prog: &mut CgroupSock = program(ebpf, prog_name)?;
+    prog.load()
+        .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+    // aya cannot swap a cgroup_sock link's program in place: attach this build's (cgroup
+    // links always allow several programs), then drop an older build's link.
+    let old = old_dirs.iter().map(|d| d.join(pin)).find(|p| p.exists());
+    let link_id = prog
+        .attach(cgroup_file.as_fd(), CgroupAttachMode::Single)
+        .map_err(|e| {
+            Error::program(prog_name, "attaching", e)
+                .context(format!("cgroup {}", cgroup.display()))
+        })?;
+    let link = prog
+        .take_link(link_id)
+        .map_err(|e| Error::program(prog_name, "taking the link", e))?;
+    FdLink::try_from(link)
+        .map_err(|e| Error::link(prog_name, "converting to a bpf_link", e))?
+        .pin(&target)
+        .map_err(|source| Error::Pin {
+            path: target.clone(),
+            source,
+        })?;
+    if let Some(old) = old {
+        let _ = fs::remove_file(old);
+    }
+    Ok(())
 }
 
 /// FNV-1a of the embedded object: names the directory of this build's links.
@@ -348,6 +430,7 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
     let links_present = SOCK_PROGRAMS
         .iter()
         .chain(TC_PROGRAMS.iter())
+        .chain(std::iter::once(&SOCK_RELEASE))
         .all(|(_, pin)| links_dir.join(pin).exists());
     if maps_present && links_present {
         return Ok(LoadOutcome::Adopted);
@@ -402,6 +485,7 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
             let _ = fs::remove_file(old);
         }
     }
+    attach_sock_release(&mut ebpf, &links_dir, &old_dirs, &cgroup_file, cgroup)?;
     for (prog_name, pin) in TC_PROGRAMS {
         let target = links_dir.join(pin);
         if target.exists() {
@@ -423,11 +507,12 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
                 continue;
             };
             let target = links_dir.join(&name);
-            let prog_pin = links_dir.join(if attach == "ingress" {
-                TC_PROGRAMS[0].1
-            } else {
-                TC_PROGRAMS[1].1
-            });
+            let l3 = name
+                .strip_prefix("tc-")
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(_, rest)| rest.rsplit_once('-'))
+                .is_some_and(|(ifname, _)| is_l3_device(ifname));
+            let prog_pin = links_dir.join(TC_PROGRAMS[tc_program_index(attach, l3)].1);
             let migrated = (|| -> Result<()> {
                 let mut prog = SchedClassifier::from_pin(&prog_pin)
                     .map_err(|e| Error::program(prog_pin.display().to_string(), "opening", e))?;

@@ -6,11 +6,13 @@
 //! are deleted. A lookup therefore sees the whole old set or the whole new set. When the
 //! kernel refuses a write (a full map, say), the half-written revision is removed again and
 //! the frontend keeps serving its old set.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use proxy_common::{
-    Backend, BackendSlotKey, RevNatValue, ServiceKey, ServiceValue, map_sizes, scope, service_flags,
+    Backend, BackendSlotKey, MemberKey, RevNatValue, ServiceKey, ServiceValue, map_sizes, scope,
+    service_flags,
 };
 
 use super::{addr16, sockaddr_from16};
@@ -18,6 +20,7 @@ use crate::model::{
     DesiredState, Frontend, FrontendKey, FrontendKind, Masquerade, Protocol, Targets,
 };
 use crate::render::MAX_REPORTED_ERRORS;
+use crate::store::LbAlgorithm;
 use crate::{Error, Result};
 use ipnet::IpNet;
 
@@ -44,6 +47,8 @@ pub trait LbMaps {
     fn del_revnat(&mut self, id: u32) -> Result<()>;
     fn put_src_range(&mut self, service_id: u32, range: &IpNet) -> Result<()>;
     fn del_src_range(&mut self, service_id: u32, range: &IpNet) -> Result<()>;
+    fn put_member(&mut self, key: &MemberKey) -> Result<()>;
+    fn del_member(&mut self, key: &MemberKey) -> Result<()>;
 }
 
 /// Everything the load-balancing maps hold, read back from the kernel (or an in-memory
@@ -56,6 +61,8 @@ pub struct MapsSnapshot {
     pub revnat: BTreeMap<u32, RevNatValue>,
     /// loadBalancerSourceRanges by service id.
     pub src_ranges: BTreeSet<(u32, IpNet)>,
+    /// (service, backend) pairs of session-affinity services.
+    pub members: BTreeSet<MemberKey>,
     /// Test hook: refuse inserts beyond this many slots, like a full kernel map.
     pub slot_capacity: Option<usize>,
 }
@@ -114,6 +121,88 @@ impl LbMaps for MapsSnapshot {
         self.src_ranges.remove(&(service_id, *range));
         Ok(())
     }
+    fn put_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.members.insert(*key);
+        Ok(())
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.members.remove(key);
+        Ok(())
+    }
+}
+
+/// How long a freed service or backend id stays unused. Readers that may still hold one:
+/// programs running when it was freed (microseconds), per-service counters, and conntrack
+/// and affinity entries (those check generation and membership, so reuse is safe for them;
+/// the quarantine keeps counters and `kpr services` from mixing two services).
+pub const ID_QUARANTINE: Duration = Duration::from_secs(120);
+
+/// Free ids: released ones wait out [`ID_QUARANTINE`] before they are handed out again.
+#[derive(Debug, Default)]
+struct IdPool {
+    free: BTreeSet<u32>,
+    quarantined: VecDeque<(Instant, u32)>,
+    next: u32,
+    quarantine: Duration,
+}
+
+impl IdPool {
+    fn new(quarantine: Duration) -> Self {
+        Self {
+            quarantine,
+            ..Self::default()
+        }
+    }
+
+    /// An id: a free one past its quarantine, else a new one below `limit`.
+    fn take(&mut self, limit: usize) -> Option<u32> {
+        let now = Instant::now();
+        while let Some((at, id)) = self.quarantined.front().copied() {
+            if now.duration_since(at) < self.quarantine {
+                break;
+            }
+            self.quarantined.pop_front();
+            self.free.insert(id);
+        }
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        if self.next as usize >= limit {
+            return None;
+        }
+        self.next += 1;
+        Some(self.next - 1)
+    }
+
+    /// Gives an id back; it is reused after the quarantine.
+    fn release(&mut self, id: u32) {
+        self.quarantined.push_back((Instant::now(), id));
+    }
+
+    /// Gives back an id that no reader ever saw (a failed write): reusable at once.
+    fn unuse(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+
+    /// Rebuilt from the ids in use: every gap below the highest is quarantined from now (the
+    /// previous agent may have freed it a moment ago).
+    fn adopt(quarantine: Duration, used: &BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(0, |m| m + 1);
+        let now = Instant::now();
+        Self {
+            free: BTreeSet::new(),
+            quarantined: (0..next)
+                .filter(|i| !used.contains(i))
+                .map(|i| (now, i))
+                .collect(),
+            next,
+            quarantine,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.free.len() + self.quarantined.len()
+    }
 }
 
 /// One map entry set the renderer wants for a service key.
@@ -125,6 +214,8 @@ struct WantedService {
     flags: u32,
     affinity_timeout_secs: u32,
     frontend: SocketAddr,
+    /// Write `KPR_MEMBERS` pairs for this frontend (session affinity checks them).
+    members: bool,
 }
 
 /// What one frontend key holds now.
@@ -164,17 +255,17 @@ impl SyncStats {
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The renderer's memory of what the maps hold (rebuilt from the maps at start).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MapDiff {
     services: FastMap<ServiceKey, Programmed>,
     /// backend address -> (id, number of slots using it)
     backend_ids: FastMap<SocketAddr, (u32, usize)>,
     /// backend id -> address (the inverse of `backend_ids`), so every lookup is O(1).
     backend_addr: FastMap<u32, SocketAddr>,
-    free_service_ids: BTreeSet<u32>,
-    next_service_id: u32,
-    free_backend_ids: BTreeSet<u32>,
-    next_backend_id: u32,
+    service_ids: IdPool,
+    backend_ids_pool: IdPool,
+    /// Slots of a Maglev table (a prime).
+    maglev_table_size: u32,
     /// Generation handed to a reused backend id.
     next_generation: u32,
     /// (frontend, backend) pairs of UDP frontends that lost a backend since the last
@@ -191,7 +282,13 @@ fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
     }
 }
 
-fn wanted(fe: &Frontend, targets: &Targets, frontend: SocketAddr, external: bool) -> WantedService {
+fn wanted(
+    fe: &Frontend,
+    targets: &Targets,
+    frontend: SocketAddr,
+    external: bool,
+    maglev_table_size: u32,
+) -> WantedService {
     let mut flags = 0;
     // The TC path serves external traffic: masquerade it when the model says so for every
     // external source. (Socket-level load balancing never rewrites a source.)
@@ -208,9 +305,16 @@ fn wanted(fe: &Frontend, targets: &Targets, frontend: SocketAddr, external: bool
         flags |= FLAG_DROP;
     }
     let mut backends = targets.backends().to_vec();
-    if fe.maglev && !backends.is_empty() {
-        flags |= service_flags::MAGLEV;
-        backends = super::maglev::table(&backends, proxy_common::MAGLEV_TABLE_SIZE);
+    if !backends.is_empty() {
+        match fe.lb_algorithm {
+            LbAlgorithm::Random => {}
+            LbAlgorithm::Maglev => {
+                flags |= service_flags::MAGLEV;
+                backends = super::maglev::table(&backends, maglev_table_size);
+            }
+            LbAlgorithm::RoundRobin => flags |= service_flags::ROUND_ROBIN,
+            LbAlgorithm::LeastConn => flags |= service_flags::LEAST_CONN,
+        }
     }
     let source_ranges = if external {
         fe.source_ranges.clone()
@@ -226,33 +330,44 @@ fn wanted(fe: &Frontend, targets: &Targets, frontend: SocketAddr, external: bool
         flags,
         affinity_timeout_secs: fe.affinity_timeout_secs.unwrap_or(0),
         frontend,
+        members: fe.affinity_timeout_secs.is_some(),
     }
 }
 
 /// The map entries the desired state asks for: one INTERNAL key per frontend, plus an
 /// EXTERNAL key for frontends reachable from outside the cluster.
-fn wanted_entries(desired: &DesiredState) -> BTreeMap<ServiceKey, WantedService> {
+fn wanted_entries(desired: &DesiredState, maglev: u32) -> BTreeMap<ServiceKey, WantedService> {
     let mut out = BTreeMap::new();
     for (fe_key, fe) in &desired.frontends {
-        out.extend(wanted_for(fe_key, fe));
+        out.extend(wanted_for(fe_key, fe, maglev));
     }
     out
 }
 
 /// The map entries of one frontend.
-fn wanted_for(fe_key: &FrontendKey, fe: &Frontend) -> Vec<(ServiceKey, WantedService)> {
+fn wanted_for(
+    fe_key: &FrontendKey,
+    fe: &Frontend,
+    maglev: u32,
+) -> Vec<(ServiceKey, WantedService)> {
     let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
     let mut out = vec![(
         key_for(fe_key, scope::INTERNAL),
-        wanted(fe, &fe.internal, frontend, false),
+        wanted(fe, &fe.internal, frontend, false, maglev),
     )];
     if fe.kind != FrontendKind::ClusterIp {
         out.push((
             key_for(fe_key, scope::EXTERNAL),
-            wanted(fe, &fe.external, frontend, true),
+            wanted(fe, &fe.external, frontend, true, maglev),
         ));
     }
     out
+}
+
+impl Default for MapDiff {
+    fn default() -> Self {
+        Self::new(proxy_common::MAGLEV_TABLE_SIZE, ID_QUARANTINE)
+    }
 }
 
 impl MapDiff {
@@ -260,8 +375,56 @@ impl MapDiff {
     /// only the difference. Slots of revisions no service points at (left by a crash between
     /// publish and cleanup) are returned for deletion by the next sync.
     #[must_use]
-    pub fn adopt(snapshot: &MapsSnapshot) -> (Self, Vec<BackendSlotKey>) {
-        let mut r = Self::default();
+    pub fn new(maglev_table_size: u32, quarantine: Duration) -> Self {
+        Self {
+            services: FastMap::default(),
+            backend_ids: FastMap::default(),
+            backend_addr: FastMap::default(),
+            service_ids: IdPool::new(quarantine),
+            backend_ids_pool: IdPool::new(quarantine),
+            maglev_table_size,
+            next_generation: 0,
+            removed_udp: BTreeSet::new(),
+        }
+    }
+
+    /// Each programmed service id's frontend ("address:port/PROTO") and scope, for the
+    /// per-frontend counters.
+    #[must_use]
+    pub fn frontend_names(&self) -> HashMap<u32, (String, &'static str)> {
+        self.services
+            .iter()
+            .map(|(k, p)| {
+                let proto = Protocol::from_number(k.proto).map_or("?", |p| p.as_str());
+                let scope = if k.scope == scope::EXTERNAL {
+                    "external"
+                } else {
+                    "internal"
+                };
+                (
+                    p.value.id,
+                    (
+                        format!("{}/{proto}", sockaddr_from16(k.addr, k.port)),
+                        scope,
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// Ids waiting out their quarantine or free (for tests and metrics).
+    #[must_use]
+    pub fn spare_ids(&self) -> (usize, usize) {
+        (self.service_ids.len(), self.backend_ids_pool.len())
+    }
+
+    #[must_use]
+    pub fn adopt(
+        snapshot: &MapsSnapshot,
+        maglev_table_size: u32,
+        quarantine: Duration,
+    ) -> (Self, Vec<BackendSlotKey>) {
+        let mut r = Self::new(maglev_table_size, quarantine);
         let mut used_slots = BTreeSet::new();
         for (key, value) in &snapshot.services {
             let mut backends = Vec::with_capacity(value.backend_count as usize);
@@ -284,7 +447,6 @@ impl MapDiff {
                     r.next_generation = r.next_generation.max(b.generation + 1);
                 }
             }
-            r.next_service_id = r.next_service_id.max(value.id + 1);
             let source_ranges = snapshot
                 .src_ranges
                 .iter()
@@ -301,14 +463,16 @@ impl MapDiff {
             );
         }
         let used_ids: BTreeSet<u32> = r.services.values().map(|p| p.value.id).collect();
-        r.free_service_ids = (0..r.next_service_id)
-            .filter(|i| !used_ids.contains(i))
-            .collect();
-        r.next_backend_id = snapshot.backends.keys().max().map_or(0, |m| m + 1);
-        let live_backends: BTreeSet<u32> = r.backend_ids.values().map(|(id, _)| *id).collect();
-        r.free_backend_ids = (0..r.next_backend_id)
-            .filter(|i| !live_backends.contains(i))
-            .collect();
+        r.service_ids = IdPool::adopt(quarantine, &used_ids);
+        // Ids of backends still in the map but no longer used count as used until the next
+        // sync deletes them (they may be read right now).
+        let mut backend_ids: BTreeSet<u32> = snapshot.backends.keys().copied().collect();
+        backend_ids.extend(r.backend_ids.values().map(|(id, _)| *id));
+        r.backend_ids_pool = IdPool::adopt(quarantine, &backend_ids);
+        let live: BTreeSet<u32> = r.backend_ids.values().map(|(id, _)| *id).collect();
+        for id in backend_ids.difference(&live) {
+            r.backend_ids_pool.release(*id);
+        }
         let stale = snapshot
             .slots
             .keys()
@@ -319,17 +483,15 @@ impl MapDiff {
     }
 
     fn alloc_service_id(&mut self) -> Result<u32> {
-        if let Some(id) = self.free_service_ids.pop_first() {
-            return Ok(id);
-        }
-        if self.next_service_id as usize >= map_sizes::SERVICES {
-            return Err(Error::MapFull {
+        self.service_ids
+            .take(map_sizes::SERVICES)
+            .ok_or_else(|| Error::MapFull {
                 map: proxy_common::map_names::SERVICES.into(),
-                detail: format!("all {} frontend ids are in use", map_sizes::SERVICES),
-            });
-        }
-        self.next_service_id += 1;
-        Ok(self.next_service_id - 1)
+                detail: format!(
+                    "all {} frontend ids are in use or in quarantine",
+                    map_sizes::SERVICES
+                ),
+            })
     }
 
     /// True when nothing is programmed (a cold start): every write of the next sync is new.
@@ -375,13 +537,16 @@ impl MapDiff {
             *refs += 1;
             return Ok(*id);
         }
-        let id = match self.free_backend_ids.pop_first() {
-            Some(id) => id,
-            None => {
-                self.next_backend_id += 1;
-                self.next_backend_id - 1
-            }
-        };
+        let id = self
+            .backend_ids_pool
+            .take(map_sizes::BACKENDS)
+            .ok_or_else(|| Error::MapFull {
+                map: proxy_common::map_names::BACKENDS.into(),
+                detail: format!(
+                    "all {} backend ids are in use or in quarantine",
+                    map_sizes::BACKENDS
+                ),
+            })?;
         let backend = Backend {
             addr: addr16(addr.ip()),
             port: addr.port(),
@@ -390,7 +555,7 @@ impl MapDiff {
         };
         self.next_generation = self.next_generation.wrapping_add(1);
         if let Err(e) = maps.put_backend(id, &backend) {
-            self.free_backend_ids.insert(id);
+            self.backend_ids_pool.unuse(id);
             return Err(e.context(format!("writing backend {addr}")));
         }
         stats.backends_written += 1;
@@ -413,7 +578,7 @@ impl MapDiff {
             if maps.del_backend(id).is_ok() {
                 stats.backends_deleted += 1;
             }
-            self.free_backend_ids.insert(id);
+            self.backend_ids_pool.release(id);
         }
     }
 
@@ -433,7 +598,7 @@ impl MapDiff {
                 stats.slots_deleted += 1;
             }
         }
-        let wanted = wanted_entries(desired);
+        let wanted = wanted_entries(desired, self.maglev_table_size);
         // Deletions first: they free ids and map room for what follows.
         let gone: Vec<ServiceKey> = self
             .services
@@ -485,7 +650,7 @@ impl MapDiff {
             let wanted = desired
                 .frontends
                 .get(fe_key)
-                .map(|fe| wanted_for(fe_key, fe))
+                .map(|fe| wanted_for(fe_key, fe, self.maglev_table_size))
                 .unwrap_or_default();
             for scope in [scope::INTERNAL, scope::EXTERNAL] {
                 let key = key_for(fe_key, scope);
@@ -526,6 +691,7 @@ impl MapDiff {
         if let Some(old) = &old
             && old.value.flags == want.flags
             && old.value.affinity_timeout_secs == want.affinity_timeout_secs
+            && (old.value.flags & service_flags::AFFINITY_CLIENT_IP != 0) == want.members
             && old.source_ranges == want.source_ranges
             && self.same_backends(&old.backends, &want.backends)
         {
@@ -551,9 +717,17 @@ impl MapDiff {
                 written.push(sk);
                 stats.slots_written += 1;
             }
-            // Source ranges go in before the service entry that turns their check on.
+            // Source ranges and members go in before the service entry that uses them.
             for r in &want.source_ranges {
                 maps.put_src_range(id, r)?;
+            }
+            if want.members {
+                for b in ids.iter().collect::<BTreeSet<_>>() {
+                    maps.put_member(&MemberKey {
+                        service_id: id,
+                        backend_id: *b,
+                    })?;
+                }
             }
             if new_service {
                 maps.put_revnat(
@@ -571,7 +745,7 @@ impl MapDiff {
                 revision,
                 flags: want.flags,
                 affinity_timeout_secs: want.affinity_timeout_secs,
-                _pad: 0,
+                rr: 0,
             };
             // 2. publish
             maps.put_service(key, &value)?;
@@ -599,6 +773,19 @@ impl MapDiff {
                             stats.slots_deleted += 1;
                         }
                     }
+                    let now: BTreeSet<u32> = if want.members {
+                        ids.iter().copied().collect()
+                    } else {
+                        BTreeSet::new()
+                    };
+                    for b in old.backends.iter().collect::<BTreeSet<_>>() {
+                        if !now.contains(b) {
+                            let _ = maps.del_member(&MemberKey {
+                                service_id: id,
+                                backend_id: *b,
+                            });
+                        }
+                    }
                     self.note_removed(key, &old.backends, &ids);
                     for b in old.backends {
                         self.release_backend(b, maps, stats);
@@ -619,16 +806,30 @@ impl MapDiff {
                 for sk in &written {
                     let _ = maps.del_slot(sk);
                 }
-                for b in ids {
+                for b in ids.clone() {
                     self.release_backend(b, maps, stats);
                 }
                 let kept = old.as_ref().map_or(&[][..], |o| o.source_ranges.as_slice());
                 for r in want.source_ranges.iter().filter(|r| !kept.contains(r)) {
                     let _ = maps.del_src_range(id, r);
                 }
+                let kept: BTreeSet<u32> = old
+                    .as_ref()
+                    .map(|o| o.backends.iter().copied().collect())
+                    .unwrap_or_default();
+                if want.members {
+                    for b in &ids {
+                        if !kept.contains(b) {
+                            let _ = maps.del_member(&MemberKey {
+                                service_id: id,
+                                backend_id: *b,
+                            });
+                        }
+                    }
+                }
                 if new_service {
                     let _ = maps.del_revnat(id);
-                    self.free_service_ids.insert(id);
+                    self.service_ids.unuse(id);
                 }
                 Err(e)
             }
@@ -660,7 +861,13 @@ impl MapDiff {
         for r in &old.source_ranges {
             let _ = maps.del_src_range(old.value.id, r);
         }
-        self.free_service_ids.insert(old.value.id);
+        for b in old.backends.iter().collect::<BTreeSet<_>>() {
+            let _ = maps.del_member(&MemberKey {
+                service_id: old.value.id,
+                backend_id: *b,
+            });
+        }
+        self.service_ids.release(old.value.id);
         self.note_removed(key, &old.backends, &[]);
         for b in old.backends {
             self.release_backend(b, maps, stats);
@@ -678,7 +885,7 @@ pub struct FrontendView {
     pub id: u32,
     pub revision: u32,
     pub verdict: String,
-    /// "random" or "maglev".
+    /// "random", "maglev", "round-robin" or "least-conn".
     pub algorithm: String,
     /// The distinct backends (a Maglev table lists each many times).
     pub backends: Vec<String>,
@@ -727,6 +934,10 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
                 verdict: verdict.to_string(),
                 algorithm: if v.flags & service_flags::MAGLEV != 0 {
                     "maglev"
+                } else if v.flags & service_flags::ROUND_ROBIN != 0 {
+                    "round-robin"
+                } else if v.flags & service_flags::LEAST_CONN != 0 {
+                    "least-conn"
                 } else {
                     "random"
                 }
@@ -960,7 +1171,8 @@ mod tests {
             },
             0,
         );
-        let (mut adopted, stale) = MapDiff::adopt(&m);
+        let (mut adopted, stale) =
+            MapDiff::adopt(&m, proxy_common::MAGLEV_TABLE_SIZE, ID_QUARANTINE);
         assert_eq!(stale.len(), 1);
         let (s, errors) = adopted.sync(&d, &mut m, &stale);
         assert!(errors.is_empty());
@@ -1023,7 +1235,7 @@ mod tests {
         )]);
         for fe in d.frontends.values_mut() {
             fe.kind = FrontendKind::LoadBalancer;
-            fe.maglev = true;
+            fe.lb_algorithm = crate::store::LbAlgorithm::Maglev;
             fe.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
         }
         let mut r = MapDiff::default();
@@ -1044,7 +1256,7 @@ mod tests {
         }
         sync(&mut r, &d, &mut m);
         assert!(m.src_ranges.is_empty());
-        let (mut adopted, _) = MapDiff::adopt(&m);
+        let (mut adopted, _) = MapDiff::adopt(&m, proxy_common::MAGLEV_TABLE_SIZE, ID_QUARANTINE);
         assert!(adopted.sync(&d, &mut m, &[]).0.is_noop());
         sync(&mut r, &DesiredState::default(), &mut m);
         assert!(m.slots.is_empty() && m.backends.is_empty());

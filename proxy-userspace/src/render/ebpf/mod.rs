@@ -9,6 +9,7 @@
 //!
 //! [`EbpfRenderer`] ties them together behind the [`Renderer`] trait.
 pub mod datapath;
+pub mod gc;
 pub mod maglev;
 pub mod maps;
 pub mod packet;
@@ -20,9 +21,9 @@ pub mod trace;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use proxy_common::{BackendSlotKey, NodeConfig, map_names};
+use proxy_common::{BackendSlotKey, CtTimeouts, NodeConfig, drop_reason, map_names, map_sizes};
 
 use self::datapath::{LoadOutcome, PinLayout, TcInterfaces};
 use self::maps::{MapDiff, SyncStats};
@@ -37,6 +38,42 @@ pub struct EbpfConfig {
     pub bpf_fs_path: PathBuf,
     pub cgroup_path: PathBuf,
     pub tc_interfaces: TcInterfaces,
+    pub datapath: DatapathConfig,
+}
+
+/// Settings of the datapath itself (conntrack, NAT, Maglev).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub ct_timeouts: CtTimeouts,
+    /// The masquerade port range, inclusive.
+    pub nat_ports: (u16, u16),
+    /// Slots of a Maglev table (a prime).
+    pub maglev_table_size: u32,
+    /// How often expired conntrack entries are collected.
+    pub gc_interval: Duration,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            ct_timeouts: CtTimeouts::DEFAULT,
+            nat_ports: (proxy_common::NAT_PORT_MIN, proxy_common::NAT_PORT_MAX),
+            maglev_table_size: proxy_common::MAGLEV_TABLE_SIZE,
+            gc_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the datapath's own counters said at the last look (every GC pass).
+#[derive(Debug, Default)]
+struct DatapathCounters {
+    gc: gc::GcReport,
+    gc_runs: u64,
+    flows_collected: u64,
+    drops: [u64; drop_reason::COUNT as usize],
+    /// (frontend, scope, stats)
+    services: Vec<(String, &'static str, proxy_common::ServiceStats)>,
+    fill_warned: bool,
 }
 
 /// The eBPF mode. Owns the pinned maps, the map diff's memory of them, the TC links and the
@@ -51,6 +88,9 @@ pub struct EbpfRenderer {
     /// The kernel refused SOCK_DESTROY once: do not sweep again.
     sock_destroy_unsupported: bool,
     udp_sockets_destroyed: u64,
+    datapath: DatapathConfig,
+    last_gc: Option<Instant>,
+    counters: DatapathCounters,
 }
 
 impl EbpfRenderer {
@@ -64,6 +104,7 @@ impl EbpfRenderer {
         let outcome = datapath::ensure_loaded(&layout, &cfg.cgroup_path)?;
         let renderer = Self {
             tc_interfaces: cfg.tc_interfaces.clone(),
+            datapath: cfg.datapath,
             ..Self::with_maps(layout)?
         };
         renderer.attach_tc()?;
@@ -85,7 +126,55 @@ impl EbpfRenderer {
             node_config: None,
             sock_destroy_unsupported: false,
             udp_sockets_destroyed: 0,
+            datapath: DatapathConfig::default(),
+            last_gc: None,
+            counters: DatapathCounters::default(),
         })
+    }
+
+    /// Replaces the datapath settings (before the first sync).
+    pub fn set_datapath_config(&mut self, cfg: DatapathConfig) {
+        self.datapath = cfg;
+    }
+
+    /// Collects expired conntrack entries now and refreshes the datapath counters.
+    pub fn collect_garbage(&mut self) -> gc::GcReport {
+        let now = gc::monotonic_ns();
+        let report = match gc::collect(&mut self.maps, now) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("conntrack garbage collection: {e}");
+                return gc::GcReport::default();
+            }
+        };
+        self.last_gc = Some(Instant::now());
+        let c = &mut self.counters;
+        c.gc_runs += 1;
+        c.flows_collected += report.flows_deleted as u64;
+        c.gc = report;
+        #[expect(clippy::cast_precision_loss, reason = "map sizes far below 2^52")]
+        let fill = report.entries_left as f64 / map_sizes::CONNTRACK as f64;
+        if fill > 0.9 && !c.fill_warned {
+            tracing::warn!(
+                entries = report.entries_left,
+                capacity = map_sizes::CONNTRACK,
+                "the conntrack map is over 90% full: new flows will be dropped when it is full (established ones are kept)"
+            );
+            c.fill_warned = true;
+        } else if fill < 0.8 {
+            c.fill_warned = false;
+        }
+        if let Ok(d) = self.maps.drops() {
+            c.drops = d;
+        }
+        if let Ok(stats) = self.maps.service_stats() {
+            let names = self.diff.frontend_names();
+            c.services = stats
+                .into_iter()
+                .filter_map(|(id, s)| names.get(&id).map(|(f, scope)| (f.clone(), *scope, s)))
+                .collect();
+        }
+        report
     }
 
     /// The pinned maps, for inspection.
@@ -112,7 +201,11 @@ impl EbpfRenderer {
     /// revisions no service points at (left by a crash between publish and cleanup).
     fn adopt_kernel_state(&mut self) -> Result<Vec<BackendSlotKey>> {
         let snapshot = self.maps.snapshot()?;
-        let (diff, stale) = MapDiff::adopt(&snapshot);
+        let (diff, stale) = MapDiff::adopt(
+            &snapshot,
+            self.datapath.maglev_table_size,
+            maps::ID_QUARANTINE,
+        );
         self.diff = diff;
         Ok(stale)
     }
@@ -126,9 +219,18 @@ impl EbpfRenderer {
                 .find(|ip| ip.is_ipv4() == v4)
                 .map_or([0; 16], |ip| addr16(*ip))
         };
+        let t = self.datapath.ct_timeouts;
         let cfg = NodeConfig {
             snat_v4: first(true),
             snat_v6: first(false),
+            nat_port_min: self.datapath.nat_ports.0,
+            nat_port_max: self.datapath.nat_ports.1,
+            tcp_syn_secs: t.tcp_syn,
+            tcp_established_secs: t.tcp_established,
+            tcp_fin_secs: t.tcp_fin,
+            tcp_close_secs: t.tcp_close,
+            udp_secs: t.udp,
+            udp_stream_secs: t.udp_stream,
         };
         if self.node_config == Some(cfg) {
             return;
@@ -289,20 +391,100 @@ impl Renderer for EbpfRenderer {
         if let Err(e) = self.attach_tc() {
             tracing::error!("attaching TC programs: {e}");
         }
+        if self
+            .last_gc
+            .is_none_or(|t| t.elapsed() >= self.datapath.gc_interval)
+        {
+            self.collect_garbage();
+        }
     }
 
     fn cleanup(&mut self) -> Result<CleanupReport> {
         datapath::cleanup(&self.layout.root)
     }
 
+    #[expect(clippy::cast_precision_loss, reason = "counters far below 2^52")]
     fn metrics(&self) -> Vec<ModeMetric> {
-        vec![ModeMetric {
-            name: "udp_sockets_destroyed_total",
-            help: "Connected UDP sockets destroyed because their backend was removed.",
-            kind: MetricKind::Counter,
-            #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
-            value: self.udp_sockets_destroyed as f64,
-        }]
+        let c = &self.counters;
+        let plain = |name, help, kind, value: f64| ModeMetric {
+            name,
+            help,
+            kind,
+            value,
+            labels: Vec::new(),
+        };
+        let mut out = vec![
+            plain(
+                "udp_sockets_destroyed_total",
+                "Connected UDP sockets destroyed because their backend was removed.",
+                MetricKind::Counter,
+                self.udp_sockets_destroyed as f64,
+            ),
+            plain(
+                "conntrack_entries",
+                "Entries in the conntrack map at the last garbage collection.",
+                MetricKind::Gauge,
+                c.gc.entries_left as f64,
+            ),
+            plain(
+                "conntrack_capacity",
+                "Entries the conntrack map can hold.",
+                MetricKind::Gauge,
+                map_sizes::CONNTRACK as f64,
+            ),
+            plain(
+                "conntrack_gc_runs_total",
+                "Conntrack garbage collections.",
+                MetricKind::Counter,
+                c.gc_runs as f64,
+            ),
+            plain(
+                "conntrack_flows_collected_total",
+                "Expired flows deleted by the conntrack garbage collector.",
+                MetricKind::Counter,
+                c.flows_collected as f64,
+            ),
+        ];
+        for (i, name) in drop_reason::NAMES.iter().enumerate() {
+            out.push(ModeMetric {
+                labels: vec![("reason", (*name).to_string())],
+                ..plain(
+                    "datapath_drops_total",
+                    "Packets the datapath dropped, by reason.",
+                    MetricKind::Counter,
+                    c.drops[i] as f64,
+                )
+            });
+        }
+        for (metric, help, pick) in [
+            (
+                "service_packets_total",
+                "Packets translated by the TC path (both directions), per frontend; datagrams sent by unconnected sockets at the socket level.",
+                0,
+            ),
+            (
+                "service_bytes_total",
+                "Bytes translated by the TC path (both directions), per frontend.",
+                1,
+            ),
+            (
+                "service_flows_total",
+                "New flows (TC) and connected sockets (socket level), per frontend.",
+                2,
+            ),
+        ] {
+            for (frontend, scope, s) in &c.services {
+                let v = [s.packets, s.bytes, s.flows][pick];
+                out.push(ModeMetric {
+                    labels: vec![
+                        ("frontend", frontend.clone()),
+                        ("scope", (*scope).to_string()),
+                    ],
+                    ..plain(metric, help, MetricKind::Counter, v as f64)
+                });
+            }
+        }
+        out
     }
 }
 

@@ -2,10 +2,13 @@
 //! writes through), whole-map snapshots, and `BPF_MAP_UPDATE_BATCH` for cold starts.
 use std::os::fd::AsFd as _;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use std::collections::BTreeMap;
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use proxy_common::{
-    Backend, BackendSlotKey, CtKey, CtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SrcRangeData, map_names,
+    Backend, BackendSlotKey, CtKey, CtValue, MemberKey, NodeConfig, RevNatValue, ServiceKey,
+    ServiceStats, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeData, drop_reason,
+    map_names,
 };
 
 use super::datapath::PinLayout;
@@ -22,6 +25,10 @@ pub struct PinnedMaps {
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     config: aya::maps::Array<MapData, NodeConfig>,
     src_ranges: aya::maps::LpmTrie<MapData, SrcRangeData, u8>,
+    members: BpfHashMap<MapData, MemberKey, u32>,
+    stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    drops: PerCpuArray<MapData, u64>,
+    conns: BpfHashMap<MapData, u32, u32>,
 }
 
 /// The `KPR_SRC_RANGES` key of (service id, range).
@@ -89,7 +96,79 @@ impl PinnedMaps {
                 map_names::SRC_RANGES,
             )?))
             .map_err(|e| Error::map(map_names::SRC_RANGES, "typing", e))?,
+            members: open_hash(layout, map_names::MEMBERS, false)?,
+            stats: PerCpuHashMap::try_from(Map::PerCpuHashMap(open_pinned(
+                layout,
+                map_names::STATS,
+            )?))
+            .map_err(|e| Error::map(map_names::STATS, "typing", e))?,
+            drops: PerCpuArray::try_from(Map::PerCpuArray(open_pinned(layout, map_names::DROPS)?))
+                .map_err(|e| Error::map(map_names::DROPS, "typing", e))?,
+            conns: open_hash(layout, map_names::BACKEND_CONNS, false)?,
         })
+    }
+
+    /// Per-service counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// The kernel refused a read.
+    pub fn service_stats(&self) -> Result<BTreeMap<u32, ServiceStats>> {
+        let mut out = BTreeMap::new();
+        for r in self.stats.iter() {
+            let (id, per_cpu) = r.map_err(|e| Error::map(map_names::STATS, "reading", e))?;
+            let mut sum = ServiceStats::default();
+            for s in per_cpu.iter() {
+                sum.packets += s.packets;
+                sum.bytes += s.bytes;
+                sum.flows += s.flows;
+            }
+            out.insert(id, sum);
+        }
+        Ok(out)
+    }
+
+    /// Forgets a service id's counters (the id was freed).
+    pub fn forget_service_stats(&mut self, id: u32) {
+        let _ = self.stats.remove(&id);
+    }
+
+    /// Drops by reason (`drop_reason`), summed over CPUs.
+    ///
+    /// # Errors
+    /// The kernel refused a read.
+    pub fn drops(&self) -> Result<[u64; drop_reason::COUNT as usize]> {
+        let mut out = [0u64; drop_reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .drops
+                .get(&(i as u32), 0)
+                .map_err(|e| Error::map(map_names::DROPS, "reading", e))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Live connections per least-connection backend id.
+    ///
+    /// # Errors
+    /// The kernel refused a read.
+    pub fn backend_conns(&self) -> Result<BTreeMap<u32, u32>> {
+        self.conns
+            .iter()
+            .map(|r| r.map_err(|e| Error::map(map_names::BACKEND_CONNS, "reading", e)))
+            .collect()
+    }
+
+    /// Takes one live connection off a backend (a flow the datapath counted expired).
+    pub fn backend_conn_done(&mut self, id: u32) {
+        if let Ok(n) = self.conns.get(&id, 0) {
+            let _ = self.conns.insert(&id, &n.saturating_sub(1), 0);
+        }
+    }
+
+    /// Deletes one conntrack entry.
+    pub fn conntrack_del(&mut self, key: &CtKey) -> bool {
+        self.conntrack.remove(key).is_ok()
     }
 
     /// Sets the address masqueraded traffic leaves with.
@@ -169,6 +248,11 @@ impl PinnedMaps {
                 .src_ranges
                 .keys()
                 .filter_map(|k| k.ok().and_then(|k| src_range_of(&k)))
+                .collect(),
+            members: self
+                .members
+                .keys()
+                .filter_map(std::result::Result::ok)
                 .collect(),
             slot_capacity: None,
         })
@@ -319,6 +403,12 @@ impl LbMaps for Batched<'_> {
     fn del_src_range(&mut self, service_id: u32, range: &ipnet::IpNet) -> Result<()> {
         self.inner.del_src_range(service_id, range)
     }
+    fn put_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.inner.put_member(key)
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.inner.del_member(key)
+    }
 }
 
 fn map_err(name: &str, op: &'static str, e: aya::maps::MapError) -> Error {
@@ -333,6 +423,16 @@ fn open_pinned(layout: &PinLayout, name: &str) -> Result<MapData> {
 }
 
 impl LbMaps for PinnedMaps {
+    fn put_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.members
+            .insert(key, &1, 0)
+            .map_err(|e| map_err(map_names::MEMBERS, "insert", e))
+    }
+    fn del_member(&mut self, key: &MemberKey) -> Result<()> {
+        self.members
+            .remove(key)
+            .map_err(|e| map_err(map_names::MEMBERS, "delete", e))
+    }
     fn put_src_range(&mut self, service_id: u32, range: &ipnet::IpNet) -> Result<()> {
         self.src_ranges
             .insert(&src_range_key(service_id, range), &1, 0)

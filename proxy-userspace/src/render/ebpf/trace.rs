@@ -141,7 +141,8 @@ pub fn trace(
                 lines,
             }
         }
-        0 => {
+        // TCX_NEXT / TC_ACT_UNSPEC (-1): the packet goes on, translated or not.
+        0 | u32::MAX => {
             let new_dst = ends(&out).1;
             if new_dst == SocketAddr::new(dst, dport) {
                 lines.push(

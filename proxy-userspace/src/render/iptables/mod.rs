@@ -372,6 +372,7 @@ impl Renderer for IptablesRenderer {
                 kind: MetricKind::Counter,
                 #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
                 value: self.restores as f64,
+                labels: Vec::new(),
             },
         ]
     }

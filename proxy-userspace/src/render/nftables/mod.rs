@@ -272,6 +272,7 @@ impl Renderer for NftablesRenderer {
                 kind: MetricKind::Counter,
                 #[expect(clippy::cast_precision_loss, reason = "a counter far below 2^52")]
                 value: self.transactions as f64,
+                labels: Vec::new(),
             },
         ]
     }

@@ -1,0 +1,221 @@
+//! Conntrack garbage collection: deletes flows whose every entry expired.
+//!
+//! The datapath refreshes each entry's expiry as packets use it and never deletes live
+//! flows to make room (the conntrack map is a plain hash map, not an LRU). This pass, run by
+//! the agent every few seconds, is what frees entries: a flow goes when all of its entries
+//! (forward, masquerade, both reply directions) are past their expiry, so a flow that is
+//! quiet one way but busy the other stays. Entries left without their flow (a crash between
+//! two deletes) go once expired. A least-connection flow still counted is taken off its
+//! backend's count.
+use std::collections::HashMap;
+
+use proxy_common::{CtKey, CtValue, ct_flags, ct_kind};
+
+use super::pinned::PinnedMaps;
+use crate::Result;
+
+/// What one pass found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub entries_seen: usize,
+    pub flows_deleted: usize,
+    pub entries_deleted: usize,
+    pub entries_left: usize,
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns()`.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn key(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8, kind: u8) -> CtKey {
+    CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        kind,
+        _pad: [0; 2],
+    }
+}
+
+/// The other entries of the flow whose FORWARD entry is (`k`, `v`).
+#[must_use]
+pub fn siblings(entries: &HashMap<CtKey, CtValue>, k: &CtKey, v: &CtValue) -> Vec<CtKey> {
+    let (client, cport, backend, bport) = (k.saddr, k.sport, v.addr, v.port);
+    let mut out = vec![key(
+        backend,
+        client,
+        bport,
+        cport,
+        k.proto,
+        ct_kind::REPLY_SNAT,
+    )];
+    if v.flags & ct_flags::MASQ != 0 {
+        let snat = key(client, backend, cport, bport, k.proto, ct_kind::SNAT);
+        if let Some(s) = entries.get(&snat) {
+            out.push(key(
+                backend,
+                s.addr,
+                bport,
+                s.port,
+                k.proto,
+                ct_kind::REPLY_DNAT,
+            ));
+        }
+        out.push(snat);
+    }
+    out
+}
+
+/// The keys to delete at `now_ns`, and the backends whose counted flows they end.
+#[must_use]
+pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64) -> (Vec<CtKey>, Vec<u32>, usize) {
+    let mut doomed = Vec::new();
+    let mut uncount = Vec::new();
+    let mut flows = 0;
+    let mut owned = std::collections::HashSet::new();
+    for (k, v) in entries {
+        if k.kind != ct_kind::FORWARD {
+            continue;
+        }
+        let sibs = siblings(entries, k, v);
+        let latest = sibs
+            .iter()
+            .filter_map(|s| entries.get(s))
+            .map(|s| s.expires_ns)
+            .fold(v.expires_ns, u64::max);
+        owned.extend(sibs.iter().copied());
+        if now_ns > latest {
+            flows += 1;
+            if v.flags & ct_flags::COUNTED != 0 {
+                uncount.push(v.backend_id);
+            }
+            doomed.push(*k);
+            doomed.extend(sibs.into_iter().filter(|s| entries.contains_key(s)));
+        }
+    }
+    for (k, v) in entries {
+        if k.kind != ct_kind::FORWARD && !owned.contains(k) && now_ns > v.expires_ns {
+            doomed.push(*k);
+        }
+    }
+    (doomed, uncount, flows)
+}
+
+/// One pass over the conntrack map.
+///
+/// # Errors
+/// The map could not be read.
+pub fn collect(maps: &mut PinnedMaps, now_ns: u64) -> Result<GcReport> {
+    let entries: HashMap<CtKey, CtValue> = maps.conntrack()?.into_iter().collect();
+    let (doomed, uncount, flows) = expired(&entries, now_ns);
+    let mut deleted = 0;
+    for k in &doomed {
+        deleted += usize::from(maps.conntrack_del(k));
+    }
+    for id in uncount {
+        maps.backend_conn_done(id);
+    }
+    Ok(GcReport {
+        entries_seen: entries.len(),
+        flows_deleted: flows,
+        entries_deleted: deleted,
+        entries_left: entries.len().saturating_sub(deleted),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_common::v4_mapped;
+
+    fn flow(masq: bool, fwd_exp: u64, reply_exp: u64) -> HashMap<CtKey, CtValue> {
+        let client = v4_mapped([203, 0, 113, 2]);
+        let frontend = v4_mapped([192, 168, 0, 2]);
+        let backend = v4_mapped([10, 0, 0, 1]);
+        let node = frontend;
+        let base = CtValue {
+            addr: backend,
+            port: 80,
+            expires_ns: fwd_exp,
+            flags: if masq { ct_flags::MASQ } else { 0 },
+            ..CtValue::default()
+        };
+        let mut m = HashMap::new();
+        m.insert(
+            key(client, frontend, 40000, 3001, 6, ct_kind::FORWARD),
+            base,
+        );
+        m.insert(
+            key(backend, client, 80, 40000, 6, ct_kind::REPLY_SNAT),
+            CtValue {
+                addr: frontend,
+                port: 3001,
+                expires_ns: reply_exp,
+                ..base
+            },
+        );
+        if masq {
+            m.insert(
+                key(client, backend, 40000, 80, 6, ct_kind::SNAT),
+                CtValue {
+                    addr: node,
+                    port: 61000,
+                    ..base
+                },
+            );
+            m.insert(
+                key(backend, node, 80, 61000, 6, ct_kind::REPLY_DNAT),
+                CtValue {
+                    addr: client,
+                    port: 40000,
+                    expires_ns: reply_exp,
+                    ..base
+                },
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn a_flow_goes_only_when_every_entry_expired() {
+        for masq in [false, true] {
+            let n = if masq { 4 } else { 2 };
+            // Forward side expired, replies still live: kept.
+            let m = flow(masq, 100, 300);
+            assert_eq!(expired(&m, 200).0.len(), 0, "masq={masq}");
+            // Everything expired: all entries of the flow go.
+            let (doomed, _, flows) = expired(&m, 400);
+            assert_eq!((doomed.len(), flows), (n, 1), "masq={masq}");
+            // Nothing expired.
+            assert!(expired(&m, 50).0.is_empty());
+        }
+    }
+
+    #[test]
+    fn orphaned_entries_go_once_expired() {
+        let mut m = flow(true, 100, 100);
+        m.retain(|k, _| k.kind != ct_kind::FORWARD);
+        assert!(expired(&m, 50).0.is_empty());
+        assert_eq!(expired(&m, 200).0.len(), 3);
+    }
+
+    #[test]
+    fn counted_flows_are_taken_off_their_backend() {
+        let mut m = flow(false, 100, 100);
+        for v in m.values_mut() {
+            v.flags |= ct_flags::COUNTED;
+            v.backend_id = 7;
+        }
+        assert_eq!(expired(&m, 200).1, vec![7]);
+    }
+}
