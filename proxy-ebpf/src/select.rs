@@ -24,8 +24,15 @@ pub fn conns_add(backend_id: u32, delta: u32) {
         unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, delta) };
         return;
     }
-    if delta == 1 {
-        let _ = KPR_BACKEND_CONNS.insert(&backend_id, &1, u64::from(BPF_NOEXIST));
+    if delta == 1
+        && KPR_BACKEND_CONNS
+            .insert(&backend_id, &1, u64::from(BPF_NOEXIST))
+            .is_err()
+        && let Some(c) = KPR_BACKEND_CONNS.get_ptr_mut(&backend_id)
+    {
+        // Another CPU created the counter first: add to it.
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1) };
     }
 }
 

@@ -92,10 +92,51 @@ pub fn refresh(p: &Packet, ct: &mut CtValue, now: u64, reply: bool) {
     if state != ct.state || expires > ct.expires_ns + NS {
         ct.state = state;
         ct.expires_ns = expires;
-        if state >= ct_state::FIN && state <= ct_state::CLOSED {
+        // Only the FORWARD entry carries COUNTED; a closing direction ends the count.
+        if !reply && (state == ct_state::FIN || state == ct_state::CLOSED) {
             uncount(ct);
         }
     }
+}
+
+/// A RST from the backend's side closes the whole flow: its FORWARD entry (found from the
+/// REPLY_SNAT entry `key` -> `ct`) is marked closed too, so the flow expires in seconds, stops
+/// counting towards least connections, and a SYN reusing the client port opens a new flow.
+#[inline(never)]
+pub fn close_forward(key: &CtKey, ct: &CtValue, now: u64) {
+    let fwd = ct_key(
+        key.daddr,
+        ct.addr,
+        key.dport,
+        ct.port,
+        key.proto,
+        ct_kind::FORWARD,
+    );
+    if let Some(f) = KPR_CT.get_ptr_mut(&fwd) {
+        // SAFETY: a value pointer from a successful lookup, valid for this program run.
+        let f = unsafe { &mut *f };
+        f.state = ct_state::CLOSED;
+        f.expires_ns = now + timeout_ns(ct_state::CLOSED);
+        uncount(f);
+    }
+}
+
+/// Whether the reply direction of a flow (its REPLY_SNAT entry) is still alive: an
+/// answered UDP flow lives on its stream timeout even when the client is quiet.
+#[inline(never)]
+pub fn reply_alive(p: &Packet, ct: &CtValue, now: u64) -> bool {
+    let key = ct_key(
+        ct.addr,
+        p.src16,
+        ct.port,
+        p.sport,
+        p.proto,
+        ct_kind::REPLY_SNAT,
+    );
+    // SAFETY: a value pointer from a successful lookup, read once.
+    KPR_CT
+        .get_ptr(&key)
+        .is_some_and(|r| now <= unsafe { (*r).expires_ns })
 }
 
 /// Whether a packet continues the flow of its FORWARD entry. A TCP flow keeps its backend
@@ -104,7 +145,7 @@ pub fn refresh(p: &Packet, ct: &mut CtValue, now: u64, reply: bool) {
 /// A UDP flow whose backend left picks a new one (upstream clears those conntrack entries).
 #[inline(always)]
 pub fn keeps_flow(p: &Packet, ct: &CtValue, now: u64) -> bool {
-    if now > ct.expires_ns {
+    if now > ct.expires_ns && !reply_alive(p, ct, now) {
         return false;
     }
     if p.proto == proto::TCP {
@@ -338,7 +379,10 @@ pub fn create_flow<const L2: usize>(ctx: &TcContext, p: &Packet, choice: &Choice
     sc.key.kind = ct_kind::FORWARD;
     sc.val.addr = backend_addr;
     sc.val.port = backend_port;
-    if let Err(e) = KPR_CT.insert(&sc.key, &sc.val, u64::from(BPF_NOEXIST)) {
+    let inserted = KPR_CT.insert(&sc.key, &sc.val, u64::from(BPF_NOEXIST));
+    // Only the FORWARD entry counts towards least connections.
+    sc.val.flags &= !ct_flags::COUNTED;
+    if let Err(e) = inserted {
         if masq {
             let _ = KPR_CT.remove(&sc.nat_key);
         }
@@ -387,6 +431,7 @@ pub fn create_flow<const L2: usize>(ctx: &TcContext, p: &Packet, choice: &Choice
         }
     }
     if failed != 0 {
+        sc.val.flags = 0;
         sc.key.saddr = p.src16;
         sc.key.daddr = p.dst16;
         sc.key.sport = p.sport;
@@ -398,7 +443,7 @@ pub fn create_flow<const L2: usize>(ctx: &TcContext, p: &Packet, choice: &Choice
         }
         return drop(failed);
     }
-    if sc.val.flags & ct_flags::COUNTED != 0 {
+    if choice.service_flags & service_flags::LEAST_CONN != 0 {
         conns_add(backend_id, 1);
     }
     count_service(choice.service_id, u64::from(ctx.len()), 1, true);

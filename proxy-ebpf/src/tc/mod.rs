@@ -157,7 +157,11 @@ fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
     if let Some(ct) = KPR_CT.get_ptr_mut(&key) {
         // SAFETY: as above.
         let ct = unsafe { &mut *ct };
-        ct::refresh(p, ct, now_ns(), true);
+        let now = now_ns();
+        ct::refresh(p, ct, now, true);
+        if p.tcp_flags & parse::TCP_RST != 0 {
+            ct::close_forward(&key, ct, now);
+        }
         count_service(ct.service_id, u64::from(ctx.len()), 1, false);
         return translate::<L2>(ctx, p, true, &ct.addr, ct.port);
     }

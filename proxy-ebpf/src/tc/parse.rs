@@ -196,7 +196,8 @@ fn parse_v6<const L2: usize>(ctx: &TcContext, out: &mut Packet) -> Option<()> {
         }
         i += 1;
     }
-    if next != proto::TCP && next != proto::UDP {
+    // Headers this long would not leave the L4 header inside the bound the verifier knows.
+    if off > OFF_MASK - 40 || (next != proto::TCP && next != proto::UDP) {
         return None;
     }
     out.v6 = true;

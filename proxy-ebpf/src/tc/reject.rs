@@ -132,15 +132,17 @@ pub fn reject_v6<const L2: usize>(ctx: &TcContext, p: &Packet) -> i32 {
     let mut out = [0u8; MAX];
     let l4 = L2 + 40;
     if tcp {
-        let (Some(hdr), Some(plen)) = (read::<[u8; 14]>(ctx, l4), read::<[u8; 2]>(ctx, L2 + 4))
+        // The segment's TCP header sits after any extension headers.
+        let (Some(hdr), Some(plen)) = (read::<[u8; 14]>(ctx, p.l4()), read::<[u8; 2]>(ctx, L2 + 4))
         else {
             return drop(drop_reason::REJECT);
         };
+        let ext = (p.l4() - (L2 + 40)) as u32;
         if hdr[13] & TCP_RST != 0 {
             return SHOT; // never answer a RST
         }
         let payload =
-            u32::from(u16::from_be_bytes(plen)).saturating_sub(u32::from(hdr[12] >> 4) * 4);
+            u32::from(u16::from_be_bytes(plen)).saturating_sub(ext + u32::from(hdr[12] >> 4) * 4);
         write_rst(&mut out, l4, p, &hdr, payload);
     } else {
         let Some(quote) = read::<[u8; 48]>(ctx, L2) else {

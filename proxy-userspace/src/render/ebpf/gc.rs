@@ -76,12 +76,30 @@ pub fn siblings(entries: &HashMap<CtKey, CtValue>, k: &CtKey, v: &CtValue) -> Ve
     out
 }
 
-/// The keys to delete at `now_ns`, and the backends whose counted flows they end.
+/// What one pass decided: whole flows (FORWARD key first, then its siblings, and the
+/// backend to take a live connection off) and entries left without a flow.
+#[derive(Debug, Default)]
+pub struct Doomed {
+    pub flows: Vec<(Vec<CtKey>, Option<u32>)>,
+    pub orphans: Vec<CtKey>,
+}
+
+impl Doomed {
+    /// Every key, flows first.
+    #[must_use]
+    pub fn keys(&self) -> Vec<CtKey> {
+        self.flows
+            .iter()
+            .flat_map(|(k, _)| k.iter().copied())
+            .chain(self.orphans.iter().copied())
+            .collect()
+    }
+}
+
+/// The flows and entries that are dead at `now_ns`.
 #[must_use]
-pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64) -> (Vec<CtKey>, Vec<u32>, usize) {
-    let mut doomed = Vec::new();
-    let mut uncount = Vec::new();
-    let mut flows = 0;
+pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64) -> Doomed {
+    let mut out = Doomed::default();
     let mut owned = std::collections::HashSet::new();
     for (k, v) in entries {
         if k.kind != ct_kind::FORWARD {
@@ -95,20 +113,18 @@ pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64) -> (Vec<CtKey>, V
             .fold(v.expires_ns, u64::max);
         owned.extend(sibs.iter().copied());
         if now_ns > latest {
-            flows += 1;
-            if v.flags & ct_flags::COUNTED != 0 {
-                uncount.push(v.backend_id);
-            }
-            doomed.push(*k);
-            doomed.extend(sibs.into_iter().filter(|s| entries.contains_key(s)));
+            let mut keys = vec![*k];
+            keys.extend(sibs.into_iter().filter(|s| entries.contains_key(s)));
+            let uncount = (v.flags & ct_flags::COUNTED != 0).then_some(v.backend_id);
+            out.flows.push((keys, uncount));
         }
     }
     for (k, v) in entries {
         if k.kind != ct_kind::FORWARD && !owned.contains(k) && now_ns > v.expires_ns {
-            doomed.push(*k);
+            out.orphans.push(*k);
         }
     }
-    (doomed, uncount, flows)
+    out
 }
 
 /// One pass over the conntrack map.
@@ -117,13 +133,31 @@ pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64) -> (Vec<CtKey>, V
 /// The map could not be read.
 pub fn collect(maps: &mut PinnedMaps, now_ns: u64) -> Result<GcReport> {
     let entries: HashMap<CtKey, CtValue> = maps.conntrack()?.into_iter().collect();
-    let (doomed, uncount, flows) = expired(&entries, now_ns);
+    let doomed = expired(&entries, now_ns);
     let mut deleted = 0;
-    for k in &doomed {
-        deleted += usize::from(maps.conntrack_del(k));
+    let mut flows = 0;
+    for (keys, uncount) in &doomed.flows {
+        // The datapath may have refreshed or recreated the flow since the read: a FORWARD
+        // entry that changed is left alone, with its siblings.
+        let fwd = keys[0];
+        let still = maps.conntrack_get(&fwd)?;
+        if still.is_some_and(|v| Some(&v) != entries.get(&fwd)) {
+            continue;
+        }
+        let gone = maps.conntrack_del(&fwd);
+        deleted += usize::from(gone);
+        for k in &keys[1..] {
+            deleted += usize::from(maps.conntrack_del(k));
+        }
+        flows += 1;
+        // A counted flow the datapath did not see close (an idle timeout). The read-modify-
+        // write can race the datapath's atomic adds and lose one update, rarely.
+        if gone && let Some(id) = uncount {
+            maps.backend_conn_done(*id);
+        }
     }
-    for id in uncount {
-        maps.backend_conn_done(id);
+    for k in &doomed.orphans {
+        deleted += usize::from(maps.conntrack_del(k));
     }
     Ok(GcReport {
         entries_seen: entries.len(),
@@ -192,12 +226,16 @@ mod tests {
             let n = if masq { 4 } else { 2 };
             // Forward side expired, replies still live: kept.
             let m = flow(masq, 100, 300);
-            assert_eq!(expired(&m, 200).0.len(), 0, "masq={masq}");
+            assert!(expired(&m, 200).keys().is_empty(), "masq={masq}");
             // Everything expired: all entries of the flow go.
-            let (doomed, _, flows) = expired(&m, 400);
-            assert_eq!((doomed.len(), flows), (n, 1), "masq={masq}");
+            let doomed = expired(&m, 400);
+            assert_eq!(
+                (doomed.keys().len(), doomed.flows.len()),
+                (n, 1),
+                "masq={masq}"
+            );
             // Nothing expired.
-            assert!(expired(&m, 50).0.is_empty());
+            assert!(expired(&m, 50).keys().is_empty());
         }
     }
 
@@ -205,8 +243,8 @@ mod tests {
     fn orphaned_entries_go_once_expired() {
         let mut m = flow(true, 100, 100);
         m.retain(|k, _| k.kind != ct_kind::FORWARD);
-        assert!(expired(&m, 50).0.is_empty());
-        assert_eq!(expired(&m, 200).0.len(), 3);
+        assert!(expired(&m, 50).keys().is_empty());
+        assert_eq!(expired(&m, 200).orphans.len(), 3);
     }
 
     #[test]
@@ -216,6 +254,6 @@ mod tests {
             v.flags |= ct_flags::COUNTED;
             v.backend_id = 7;
         }
-        assert_eq!(expired(&m, 200).1, vec![7]);
+        assert_eq!(expired(&m, 200).flows[0].1, Some(7));
     }
 }

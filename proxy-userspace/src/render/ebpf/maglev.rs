@@ -108,3 +108,38 @@ mod tests {
         assert!(table(&[], 1021).is_empty());
     }
 }
+
+#[cfg(test)]
+mod evenness {
+    use super::table;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+
+    /// max/min slots per backend of a table of `n` backends.
+    fn spread(n: u32, size: u32) -> f64 {
+        let backends: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)))
+            .collect();
+        let mut count: HashMap<SocketAddr, u32> = HashMap::new();
+        for b in table(&backends, size) {
+            *count.entry(b).or_default() += 1;
+        }
+        assert_eq!(count.len(), n as usize, "every backend has slots");
+        let max = f64::from(*count.values().max().unwrap());
+        let min = f64::from(*count.values().min().unwrap());
+        max / min
+    }
+
+    /// The default table (16381 slots) shares evenly at 100 and 1,000 backends: Maglev
+    /// fills slots round-robin, so shares differ by at most one slot.
+    #[test]
+    fn shares_are_even_at_100_and_1000_backends() {
+        let s100 = spread(100, proxy_common::MAGLEV_TABLE_SIZE);
+        let s1000 = spread(1000, proxy_common::MAGLEV_TABLE_SIZE);
+        println!("maglev max/min share: 100 backends {s100:.3}, 1000 backends {s1000:.3}");
+        assert!(s100 <= 164.0 / 163.0 + 1e-9, "100 backends: {s100}");
+        assert!(s1000 <= 17.0 / 16.0 + 1e-9, "1000 backends: {s1000}");
+        // The old 1021-slot table was uneven at 1000 backends (1 or 2 slots each at best).
+        assert!(spread(1000, 1021) >= 2.0);
+    }
+}
