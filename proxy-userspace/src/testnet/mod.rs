@@ -7,6 +7,7 @@
 //! the node namespace. A packet to an address nobody in the topology owns (a Service VIP that
 //! was not translated, say) dies in the node namespace with "network unreachable"; nothing
 //! the harness runs is ever sent from, or to, the host's own namespace.
+pub mod tun;
 pub mod workload;
 
 use std::fs;
