@@ -108,6 +108,11 @@ pub mod service_flags {
     /// Least connections: the backend with the fewest live flows (`KPR_BACKEND_CONNS`), kept
     /// by the datapath itself.
     pub const LEAST_CONN: u32 = 1 << 7;
+    /// SOURCE_RANGES at the socket level, for a socket whose source is not chosen yet: the
+    /// node's clients are admitted (a node address is inside the ranges).
+    pub const RANGES_ADMIT_NODE: u32 = 1 << 8;
+    /// ... pod clients are admitted (every pod CIDR is inside the ranges).
+    pub const RANGES_ADMIT_PODS: u32 = 1 << 9;
 }
 
 /// Why the datapath dropped a packet: the index into the per-CPU `KPR_DROPS` array.
@@ -410,6 +415,9 @@ pub struct NodeConfig {
     /// The address masqueraded traffic leaves with (IPv4-mapped).
     pub snat_v4: [u8; 16],
     pub snat_v6: [u8; 16],
+    /// The node's network namespace (`SO_NETNS_COOKIE` of the agent's): sockets there are
+    /// the node's own clients.
+    pub node_netns_cookie: u64,
     /// The masquerade port range, inclusive (0: the defaults).
     pub nat_port_min: u16,
     pub nat_port_max: u16,
@@ -420,6 +428,7 @@ pub struct NodeConfig {
     pub tcp_close_secs: u32,
     pub udp_secs: u32,
     pub udp_stream_secs: u32,
+    pub _pad: u32,
 }
 
 /// The flow hash Maglev services pick by: a 32-bit mix (murmur3 steps) of (source address,
@@ -547,6 +556,7 @@ mod user {
         NodeConfig {
             snat_v4: [u8; 16],
             snat_v6: [u8; 16],
+            node_netns_cookie: u64,
             nat_port_min: u16,
             nat_port_max: u16,
             tcp_syn_secs: u32,
@@ -555,6 +565,7 @@ mod user {
             tcp_close_secs: u32,
             udp_secs: u32,
             udp_stream_secs: u32,
+            _pad: u32,
         }
         ServiceStats { packets: u64, bytes: u64, flows: u64 }
         MemberKey { service_id: u32, backend_id: u32 }
@@ -583,7 +594,7 @@ mod tests {
         assert_eq!(size_of::<SockRevNatValue>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<CtKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 16 + 8 + 2 + 1 + 1 + 4 + 4 + 4 + 2 + 6);
-        assert_eq!(size_of::<NodeConfig>(), 32 + 4 + 6 * 4);
+        assert_eq!(size_of::<NodeConfig>(), 32 + 8 + 4 + 6 * 4 + 4);
         assert_eq!(size_of::<ServiceStats>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 4);

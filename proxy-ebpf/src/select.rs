@@ -9,7 +9,11 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendSlotKey, MemberKey, ServiceValue, service_flags,
 };
 
-use crate::maps::{KPR_AFFINITY, KPR_BACKEND_CONNS, KPR_BACKENDS, KPR_MEMBERS, KPR_SLOTS};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::maps::{
+    KPR_AFFINITY, KPR_BACKEND_CONNS, KPR_BACKENDS, KPR_MEMBERS, KPR_SLOTS, KPR_SRC_RANGES,
+};
 
 /// Least connections scans every backend of sets up to this size; larger sets compare two
 /// random backends ("power of two choices", within a few percent of the best at any size).
@@ -34,6 +38,15 @@ pub fn conns_add(backend_id: u32, delta: u32) {
         // SAFETY: as above.
         unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(c, 1) };
     }
+}
+
+/// loadBalancerSourceRanges: is `client` inside one of the service's ranges?
+#[inline(never)]
+pub fn in_source_ranges(service_id: u32, client: &[u8; 16]) -> bool {
+    let mut data = [0u8; 20];
+    data[..4].copy_from_slice(&service_id.to_be_bytes());
+    data[4..].copy_from_slice(client);
+    KPR_SRC_RANGES.get(&Key::new(160, data)).is_some()
 }
 
 /// A backend's live connections (0 when it has none recorded).

@@ -11,11 +11,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
-    Backend, ServiceKey, SockRevNatKey, SockRevNatValue, is_v4_mapped, proto, scope, service_flags,
-    v4_mapped,
+    Backend, MemberKey, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, drop_reason,
+    is_v4_mapped, proto, scope, service_flags, v4_mapped,
 };
 
-use crate::maps::{KPR_BACKENDS, KPR_SERVICES, KPR_SOCK_REVNAT, count_service};
+use crate::maps::{
+    KPR_BACKENDS, KPR_CONFIG, KPR_MEMBERS, KPR_SERVICES, KPR_SOCK_REVNAT, count_drop, count_service,
+};
 use crate::select::{self, conns_add, select_backend};
 
 /// What a socket connected through a least-connection frontend counts towards: released
@@ -97,6 +99,10 @@ const ALLOW: i32 = 1;
 /// Fail the syscall; with `bpf_set_retval` the caller sees our errno instead of EPERM.
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+/// Where dropped datagrams go: the discard port of loopback.
+const DISCARD_PORT: u16 = 9;
+const BLACKHOLE6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// An address as seen by one hook: 16 bytes (v4-mapped for the *4 hooks) and a host-order port.
 struct SockAddr {
@@ -187,13 +193,96 @@ enum Pick {
     NotService,
     /// A frontend without endpoints: refuse.
     NoEndpoints,
+    /// A Local policy without local endpoints, or a source outside loadBalancerSourceRanges:
+    /// drop (the client hears no answer).
+    Drop,
     /// The backend, its id, the service id and the service's flags.
     Backend(Backend, u32, u32, u32),
 }
 
-/// Looks the frontend up and picks one of its backends (affinity, Maglev or random).
+/// `SockRevNatKey::_pad[0]` of a forward entry: (socket, frontend) -> the backend an
+/// unconnected socket's datagrams to that frontend go to.
+const FORWARD_ENTRY: u8 = 1;
+
+/// The key of a socket's forward entry for `frontend`.
 #[inline(always)]
-fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Pick {
+fn forward_key(cookie: u64, frontend: &SockAddr) -> SockRevNatKey {
+    SockRevNatKey {
+        cookie,
+        addr: frontend.addr,
+        port: frontend.port,
+        _pad: [FORWARD_ENTRY, 0, 0, 0, 0, 0],
+    }
+}
+
+/// The backend this (unconnected) socket already sends `dst`'s datagrams to, while that
+/// backend still serves the service (a QUIC-style client keeps one peer per socket).
+#[inline(never)]
+fn remembered(cookie: u64, dst: &SockAddr, svc: &ServiceValue) -> Option<(Backend, u32)> {
+    let f = KPR_SOCK_REVNAT.get_ptr(&forward_key(cookie, dst))?;
+    // SAFETY: a value pointer from a successful lookup; read at once.
+    let (addr, port, id) = unsafe { ((*f).addr, (*f).port, (*f).service_id) };
+    let b = KPR_BACKENDS.get_ptr(&id)?;
+    // SAFETY: as above.
+    let b = unsafe { *b };
+    let member = KPR_MEMBERS
+        .get_ptr(&MemberKey {
+            service_id: svc.id,
+            backend_id: id,
+        })
+        .is_some();
+    (b.addr == addr && b.port == port && member).then_some((b, id))
+}
+
+/// Whether a client of this socket may use a frontend with loadBalancerSourceRanges (pods
+/// and the node too, as upstream checks every source). A socket bound to an address is
+/// checked with it; otherwise the source is not chosen yet, and the agent's per-frontend
+/// verdict for node clients (the node's addresses) or pod clients (the pod CIDRs) decides.
+#[inline(never)]
+fn source_allowed(ctx: &SockAddrContext, svc: &ServiceValue, v6: bool) -> bool {
+    // SAFETY: `sk` of a sock_addr context; src_ip4/src_ip6 are readable.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if !sk.is_null() {
+        let mut src = [0u8; 16];
+        // SAFETY: as above.
+        unsafe {
+            if v6 {
+                let w = (*sk).src_ip6;
+                let mut i = 0;
+                while i < 4 {
+                    src[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+                    i += 1;
+                }
+            } else {
+                src = v4_mapped((*sk).src_ip4.to_ne_bytes());
+            }
+        }
+        let unbound = if v6 {
+            src == [0; 16]
+        } else {
+            src[12..] == [0; 4]
+        };
+        if !unbound {
+            return crate::select::in_source_ranges(svc.id, &src);
+        }
+    }
+    // SAFETY: plain helper call on our own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let node = KPR_CONFIG
+        .get(0)
+        .is_some_and(|c| c.node_netns_cookie != 0 && c.node_netns_cookie == netns);
+    let allowed = if node {
+        service_flags::RANGES_ADMIT_NODE
+    } else {
+        service_flags::RANGES_ADMIT_PODS
+    };
+    svc.flags & allowed != 0
+}
+
+/// Looks the frontend up and picks one of its backends (affinity, Maglev or random), or the
+/// one an unconnected socket already uses (`sendmsg`).
+#[inline(always)]
+fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8, sendmsg: bool, v6: bool) -> Pick {
     let key = ServiceKey {
         addr: dst.addr,
         port: dst.port,
@@ -205,8 +294,21 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Pick {
     };
     // SAFETY: a value pointer from a successful lookup, valid for this program run.
     let svc = unsafe { &mut *svc };
+    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(ctx, svc, v6) {
+        return Pick::Drop;
+    }
     if svc.backend_count == 0 {
+        if svc.flags & service_flags::DROP != 0 {
+            return Pick::Drop;
+        }
         return Pick::NoEndpoints;
+    }
+    if sendmsg {
+        // SAFETY: plain helper call on our own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some((b, id)) = remembered(cookie, dst, svc) {
+            return Pick::Backend(b, id, svc.id, svc.flags);
+        }
     }
     // The client of socket-level balancing is its network namespace (the source address is
     // not chosen yet at connect()); only affinity needs it. Maglev needs a flow hash, and a
@@ -244,12 +346,31 @@ fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
         return ALLOW;
     }
     let dst = if v6 { read_v6(sa) } else { read_v4(sa) };
-    match pick_backend(ctx, &dst, proto) {
+    match pick_backend(ctx, &dst, proto, !connect, v6) {
         Pick::NotService => ALLOW,
         Pick::NoEndpoints => {
             // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             DENY
+        }
+        Pick::Drop => {
+            count_drop(drop_reason::POLICY_DROP);
+            // A dropped SYN ends in ETIMEDOUT; a syscall cannot be held open for the
+            // retries, so connect() fails with that at once (never ECONNREFUSED: nothing
+            // answered). A datagram is dropped silently: sendmsg reports success.
+            if connect {
+                // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
+                unsafe { bpf_set_retval(-ETIMEDOUT) };
+                return DENY;
+            }
+            // Delivered nowhere: to the discard port of this host's loopback, which no
+            // socket of a network namespace binds by default, with no answer expected.
+            if v6 {
+                write_v6(sa, &BLACKHOLE6, DISCARD_PORT);
+            } else {
+                write_v4(sa, &v4_mapped([127, 0, 0, 1]), DISCARD_PORT);
+            }
+            ALLOW
         }
         Pick::Backend(backend, backend_id, service_id, flags) => {
             // A v4 socket can only reach a v4 backend; the model never mixes families, so a
@@ -274,6 +395,16 @@ fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
             // Best effort: if the LRU insert fails the reply is still delivered, only the
             // address reported to the application is the backend's.
             let _ = KPR_SOCK_REVNAT.insert(&key, &value, 0);
+            if !connect {
+                // Later datagrams of this socket to this frontend go to the same backend.
+                let remember = SockRevNatValue {
+                    addr: backend.addr,
+                    port: backend.port,
+                    _pad: 0,
+                    service_id: backend_id,
+                };
+                let _ = KPR_SOCK_REVNAT.insert(&forward_key(cookie, &dst), &remember, 0);
+            }
             if connect {
                 count_service(service_id, 0, 0, true);
                 if flags & service_flags::LEAST_CONN != 0 {

@@ -382,22 +382,16 @@ fn least_connections_prefers_the_idlest_backend() {
     let first = dst(&dp.run("kpr_tc_ingress", &tcp(41700, 3301, SYN)).1).0;
     let second = dst(&dp.run("kpr_tc_ingress", &tcp(41701, 3301, SYN)).1).0;
     assert_ne!(first, second, "the second flow goes to the idle backend");
-    let third = dst(&dp.run("kpr_tc_ingress", &tcp(41702, 3301, SYN)).1).0;
-    // Two flows on `third`'s backend now; the first flow ends (RST): its backend has the
-    // fewest live connections, whichever it was.
+    // The first flow ends (RST): its backend now has no live connection, the other one.
     dp.run("kpr_tc_ingress", &tcp(41700, 3301, RST));
     let conns = dp.renderer.maps().backend_conns().unwrap();
     assert_eq!(
         conns.values().sum::<u32>(),
-        2,
-        "three opened, one closed: {conns:?}"
+        1,
+        "two opened, one closed: {conns:?}"
     );
-    let idlest = if third == first { second } else { first };
-    let fourth = dst(&dp.run("kpr_tc_ingress", &tcp(41703, 3301, SYN)).1).0;
-    assert_eq!(
-        fourth, idlest,
-        "picks {first:?} {second:?} {third:?} {fourth:?}"
-    );
+    let third = dst(&dp.run("kpr_tc_ingress", &tcp(41702, 3301, SYN)).1).0;
+    assert_eq!(third, first, "the idle backend takes the new flow");
     let view = kpr::render::ebpf::maps::view(&dp.renderer.maps().snapshot().unwrap());
     assert!(view.iter().any(|v| v.algorithm == "least-conn"));
 }

@@ -5,7 +5,6 @@
 //! (plus SNAT at egress and REPLY_DNAT at ingress). Each entry expires on its own timer,
 //! refreshed by the packets that use it; the agent's garbage collector deletes a flow once
 //! all of its entries expired, so the datapath never evicts a live flow to make room.
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::BPF_NOEXIST, btf_maps::PerCpuArray, macros::btf_map, programs::TcContext,
 };
@@ -16,8 +15,8 @@ use proxy_common::{
 
 use super::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use super::{NEXT, ct_key, drop, translate};
-use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, KPR_SRC_RANGES, count_service};
-use crate::select::{self, conns_add, flow_hash, select_backend};
+use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, count_service};
+use crate::select::{self, conns_add, flow_hash, in_source_ranges, select_backend};
 
 const EEXIST: i32 = 17;
 const NS: u64 = 1_000_000_000;
@@ -204,15 +203,6 @@ pub fn delete_flow(fwd: &CtKey, ct: &mut CtValue) {
     let _ = KPR_CT.remove(fwd);
 }
 
-/// loadBalancerSourceRanges: is `client` inside one of the service's ranges?
-#[inline(never)]
-fn source_allowed(service_id: u32, client: &[u8; 16]) -> bool {
-    let mut data = [0u8; 20];
-    data[..4].copy_from_slice(&service_id.to_be_bytes());
-    data[4..].copy_from_slice(client);
-    KPR_SRC_RANGES.get(&Key::new(160, data)).is_some()
-}
-
 /// An address as one hash word: the IPv4 address itself (what the agent's Maglev prediction
 /// uses), or the XOR of an IPv6 address's four words.
 #[inline(always)]
@@ -240,7 +230,12 @@ pub fn choose(p: &Packet, out: &mut Choice) -> i32 {
     };
     // SAFETY: a value pointer from a successful lookup, valid for this program run.
     let svc = unsafe { &mut *svc };
-    if svc.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(svc.id, &p.src16) {
+    // loadBalancerSourceRanges; traffic the network presents with the LB IP itself as its
+    // source (a load balancer hairpinning the node's own connection) is let in, as upstream.
+    if svc.flags & service_flags::SOURCE_RANGES != 0
+        && p.src16 != p.dst16
+        && !in_source_ranges(svc.id, &p.src16)
+    {
         return drop(drop_reason::SOURCE_RANGE);
     }
     if svc.backend_count == 0 {

@@ -15,6 +15,7 @@
 //! under clsact), so programs attached after kpr see them; translated packets do too.
 mod ct;
 mod icmp;
+mod observe;
 mod parse;
 mod reject;
 

@@ -573,6 +573,11 @@ impl Topology {
         self.spawn_agent(self.agent_command(manifests, &[]))
     }
 
+    /// `start_agent` with extra flags.
+    pub fn start_agent_with(&self, manifests: &Path, extra: &[&str]) -> ChildGuard {
+        self.spawn_agent(self.agent_command(manifests, extra))
+    }
+
     /// Starts the agent inside the node namespace (TC programs on the node's interfaces).
     pub fn start_agent_in_node(&self, manifests: &Path, extra: &[&str]) -> ChildGuard {
         self.spawn_agent(self.agent_command_in_node(manifests, extra))

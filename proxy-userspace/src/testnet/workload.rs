@@ -12,6 +12,7 @@ fn usage() -> ! {
          \x20      kpr workload tcp ADDR COUNT [DELAY_MS] [BIND_IP]\n\
          \x20      kpr workload udp ADDR COUNT [DELAY_MS] [BIND_IP]\n\
          \x20      kpr workload hold ADDR SECS INTERVAL_MS\n\
+         \x20      kpr workload udpsendto ADDR COUNT   (one unconnected socket)\n\
          \x20      kpr workload udphold ADDR SECS INTERVAL_MS   (one connected UDP socket, \
          reconnected after an error)"
     );
@@ -139,6 +140,30 @@ fn udp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
             format!("{{\"backend\":\"{backend}\",\"seen_src\":\"{seen}\",\"peer\":\"{from}\"}}")
         }
         Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
+    }
+}
+
+/// One *unconnected* UDP socket sending `count` datagrams with sendto() (QUIC-style): one
+/// JSON line per datagram with the backend that answered and the address recvfrom() showed.
+fn udp_sendto(to: SocketAddr, count: u64) {
+    let any: IpAddr = if to.is_ipv4() { "0.0.0.0" } else { "::" }.parse().unwrap();
+    let sock = UdpSocket::bind(SocketAddr::new(any, 0)).expect("bind udp client");
+    sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    for _ in 0..count {
+        let mut buf = [0u8; 256];
+        let line = match sock
+            .send_to(b"x", to)
+            .and_then(|_| sock.recv_from(&mut buf))
+        {
+            Ok((n, from)) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let backend = text.split(' ').next().unwrap_or("").to_string();
+                format!("{{\"backend\":\"{backend}\",\"peer\":\"{from}\"}}")
+            }
+            Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
+        };
+        println!("{line}");
+        let _ = std::io::stdout().flush();
     }
 }
 
@@ -288,6 +313,7 @@ pub fn run(args: &[String]) {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&(1..args.len()).map(addr).collect::<Vec<_>>()),
         Some("udphold") => udp_hold(addr(1), num(2, 10), Duration::from_millis(num(3, 100))),
+        Some("udpsendto") => udp_sendto(addr(1), num(2, 1)),
         Some("udpc") => {
             for _ in 0..num(2, 1) {
                 println!("{}", udp_connected_once(addr(1)));

@@ -214,7 +214,8 @@ struct WantedService {
     flags: u32,
     affinity_timeout_secs: u32,
     frontend: SocketAddr,
-    /// Write `KPR_MEMBERS` pairs for this frontend (session affinity checks them).
+    /// Write `KPR_MEMBERS` pairs for this frontend (session affinity and the backends
+    /// unconnected UDP sockets remember check them).
     members: bool,
 }
 
@@ -224,6 +225,8 @@ struct Programmed {
     value: ServiceValue,
     backends: Vec<u32>,
     source_ranges: Vec<IpNet>,
+    /// `KPR_MEMBERS` holds this frontend's (service, backend) pairs.
+    members: bool,
 }
 
 /// Counts of what a sync wrote, for logs and metrics.
@@ -282,13 +285,56 @@ fn key_for(fe: &FrontendKey, scope: u8) -> ServiceKey {
     }
 }
 
+/// What the map entries of a frontend depend on beyond the frontend itself.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    maglev_table_size: u32,
+    /// The node's addresses and pod CIDRs: who socket-level clients of an LB IP with
+    /// loadBalancerSourceRanges are.
+    node_ips: &'a [std::net::IpAddr],
+    pod_cidrs: &'a [IpNet],
+}
+
+impl<'a> Ctx<'a> {
+    fn new(desired: &'a DesiredState, maglev_table_size: u32) -> Self {
+        Self {
+            maglev_table_size,
+            node_ips: &desired.masquerade_ips,
+            pod_cidrs: &desired.pod_cidrs,
+        }
+    }
+}
+
+/// The socket-level verdicts for a frontend's ranges when the source is not known yet: node
+/// clients are admitted when a node address is inside, pod clients when every pod CIDR is.
+fn range_admits(ranges: &[IpNet], ctx: Ctx<'_>) -> u32 {
+    let mut flags = 0;
+    if ctx
+        .node_ips
+        .iter()
+        .any(|ip| ranges.iter().any(|r| r.contains(ip)))
+    {
+        flags |= service_flags::RANGES_ADMIT_NODE;
+    }
+    if !ctx.pod_cidrs.is_empty()
+        && ctx
+            .pod_cidrs
+            .iter()
+            .all(|c| ranges.iter().any(|r| r.contains(c)))
+    {
+        flags |= service_flags::RANGES_ADMIT_PODS;
+    }
+    flags
+}
+
 fn wanted(
     fe: &Frontend,
     targets: &Targets,
     frontend: SocketAddr,
     external: bool,
-    maglev_table_size: u32,
+    ctx: Ctx<'_>,
 ) -> WantedService {
+    let maglev_table_size = ctx.maglev_table_size;
     let mut flags = 0;
     // The TC path serves external traffic: masquerade it when the model says so for every
     // external source. (Socket-level load balancing never rewrites a source.)
@@ -316,13 +362,14 @@ fn wanted(
             LbAlgorithm::LeastConn => flags |= service_flags::LEAST_CONN,
         }
     }
-    let source_ranges = if external {
-        fe.source_ranges.clone()
-    } else {
-        Vec::new()
-    };
+    // loadBalancerSourceRanges apply to every source: outside clients at TC (external
+    // key), pods and the node at the socket level (internal key).
+    let source_ranges = fe.source_ranges.clone();
     if !source_ranges.is_empty() {
         flags |= service_flags::SOURCE_RANGES;
+        if !external {
+            flags |= range_admits(&source_ranges, ctx);
+        }
     }
     WantedService {
         backends,
@@ -337,9 +384,10 @@ fn wanted(
 /// The map entries the desired state asks for: one INTERNAL key per frontend, plus an
 /// EXTERNAL key for frontends reachable from outside the cluster.
 fn wanted_entries(desired: &DesiredState, maglev: u32) -> BTreeMap<ServiceKey, WantedService> {
+    let ctx = Ctx::new(desired, maglev);
     let mut out = BTreeMap::new();
     for (fe_key, fe) in &desired.frontends {
-        out.extend(wanted_for(fe_key, fe, maglev));
+        out.extend(wanted_for(fe_key, fe, ctx));
     }
     out
 }
@@ -348,17 +396,17 @@ fn wanted_entries(desired: &DesiredState, maglev: u32) -> BTreeMap<ServiceKey, W
 fn wanted_for(
     fe_key: &FrontendKey,
     fe: &Frontend,
-    maglev: u32,
+    ctx: Ctx<'_>,
 ) -> Vec<(ServiceKey, WantedService)> {
     let frontend = SocketAddr::new(fe_key.ip, fe_key.port);
-    let mut out = vec![(
-        key_for(fe_key, scope::INTERNAL),
-        wanted(fe, &fe.internal, frontend, false, maglev),
-    )];
+    let mut internal = wanted(fe, &fe.internal, frontend, false, ctx);
+    // Unconnected UDP sockets keep their backend while it is a member of the set.
+    internal.members |= fe_key.protocol == Protocol::Udp;
+    let mut out = vec![(key_for(fe_key, scope::INTERNAL), internal)];
     if fe.kind != FrontendKind::ClusterIp {
         out.push((
             key_for(fe_key, scope::EXTERNAL),
-            wanted(fe, &fe.external, frontend, true, maglev),
+            wanted(fe, &fe.external, frontend, true, ctx),
         ));
     }
     out
@@ -459,6 +507,8 @@ impl MapDiff {
                     value: *value,
                     backends,
                     source_ranges,
+                    members: value.flags & service_flags::AFFINITY_CLIENT_IP != 0
+                        || (key.scope == scope::INTERNAL && key.proto == proxy_common::proto::UDP),
                 },
             );
         }
@@ -650,7 +700,7 @@ impl MapDiff {
             let wanted = desired
                 .frontends
                 .get(fe_key)
-                .map(|fe| wanted_for(fe_key, fe, self.maglev_table_size))
+                .map(|fe| wanted_for(fe_key, fe, Ctx::new(desired, self.maglev_table_size)))
                 .unwrap_or_default();
             for scope in [scope::INTERNAL, scope::EXTERNAL] {
                 let key = key_for(fe_key, scope);
@@ -691,7 +741,7 @@ impl MapDiff {
         if let Some(old) = &old
             && old.value.flags == want.flags
             && old.value.affinity_timeout_secs == want.affinity_timeout_secs
-            && (old.value.flags & service_flags::AFFINITY_CLIENT_IP != 0) == want.members
+            && old.members == want.members
             && old.source_ranges == want.source_ranges
             && self.same_backends(&old.backends, &want.backends)
         {
@@ -779,7 +829,7 @@ impl MapDiff {
                         BTreeSet::new()
                     };
                     for b in old.backends.iter().collect::<BTreeSet<_>>() {
-                        if !now.contains(b) {
+                        if old.members && !now.contains(b) {
                             let _ = maps.del_member(&MemberKey {
                                 service_id: id,
                                 backend_id: *b,
@@ -797,6 +847,7 @@ impl MapDiff {
                         value,
                         backends: ids,
                         source_ranges: want.source_ranges.clone(),
+                        members: want.members,
                     },
                 );
                 Ok(())
@@ -861,11 +912,13 @@ impl MapDiff {
         for r in &old.source_ranges {
             let _ = maps.del_src_range(old.value.id, r);
         }
-        for b in old.backends.iter().collect::<BTreeSet<_>>() {
-            let _ = maps.del_member(&MemberKey {
-                service_id: old.value.id,
-                backend_id: *b,
-            });
+        if old.members {
+            for b in old.backends.iter().collect::<BTreeSet<_>>() {
+                let _ = maps.del_member(&MemberKey {
+                    service_id: old.value.id,
+                    backend_id: *b,
+                });
+            }
         }
         self.service_ids.release(old.value.id);
         self.note_removed(key, &old.backends, &[]);
@@ -1249,7 +1302,11 @@ mod tests {
             .find(|v| v.scope == "external")
             .unwrap();
         assert_eq!((ext.algorithm.as_str(), ext.backends.len()), ("maglev", 2));
-        assert_eq!(m.src_ranges.len(), 1, "ranges only on the external key");
+        assert_eq!(
+            m.src_ranges.len(),
+            2,
+            "ranges on both keys: outside clients (TC) and pods or the node (sockets)"
+        );
         assert!(sync(&mut r, &d, &mut m).is_noop());
         for fe in d.frontends.values_mut() {
             fe.source_ranges.clear();
@@ -1260,5 +1317,40 @@ mod tests {
         assert!(adopted.sync(&d, &mut m, &[]).0.is_noop());
         sync(&mut r, &DesiredState::default(), &mut m);
         assert!(m.slots.is_empty() && m.backends.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn socket_clients_are_admitted_by_where_they_live() {
+        let node = ["192.168.0.2".parse().unwrap()];
+        let pods: Vec<IpNet> = vec![
+            "10.0.0.0/24".parse().unwrap(),
+            "10.0.1.0/24".parse().unwrap(),
+        ];
+        let ctx = Ctx {
+            maglev_table_size: 251,
+            node_ips: &node,
+            pod_cidrs: &pods,
+        };
+        let r = |s: &[&str]| -> Vec<IpNet> { s.iter().map(|x| x.parse().unwrap()).collect() };
+        assert_eq!(range_admits(&r(&["192.0.2.0/24"]), ctx), 0);
+        assert_eq!(
+            range_admits(&r(&["192.168.0.0/16"]), ctx),
+            service_flags::RANGES_ADMIT_NODE
+        );
+        assert_eq!(
+            range_admits(&r(&["10.0.0.0/16"]), ctx),
+            service_flags::RANGES_ADMIT_PODS
+        );
+        // One pod CIDR of two inside: pods are not all admitted.
+        assert_eq!(range_admits(&r(&["10.0.0.0/24"]), ctx), 0);
+        assert_eq!(
+            range_admits(&r(&["0.0.0.0/0"]), ctx),
+            service_flags::RANGES_ADMIT_NODE | service_flags::RANGES_ADMIT_PODS
+        );
     }
 }

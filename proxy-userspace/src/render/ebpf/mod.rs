@@ -223,6 +223,7 @@ impl EbpfRenderer {
         let cfg = NodeConfig {
             snat_v4: first(true),
             snat_v6: first(false),
+            node_netns_cookie: own_netns_cookie(),
             nat_port_min: self.datapath.nat_ports.0,
             nat_port_max: self.datapath.nat_ports.1,
             tcp_syn_secs: t.tcp_syn,
@@ -231,6 +232,7 @@ impl EbpfRenderer {
             tcp_close_secs: t.tcp_close,
             udp_secs: t.udp,
             udp_stream_secs: t.udp_stream,
+            _pad: 0,
         };
         if self.node_config == Some(cfg) {
             return;
@@ -489,6 +491,31 @@ impl Renderer for EbpfRenderer {
 }
 
 /// A 16-byte map address (IPv4-mapped for IPv4).
+/// The cookie of the agent's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), 0 when
+/// unknown: the node's own sockets are those in this namespace.
+#[must_use]
+pub fn own_netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a datagram socket, queried and closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return 0;
+        }
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        );
+        libc::close(fd);
+        if rc == 0 { cookie } else { 0 }
+    }
+}
+
 #[must_use]
 pub fn addr16(ip: IpAddr) -> [u8; 16] {
     match ip {
