@@ -372,7 +372,14 @@ impl RunArgs {
 /// The maps are not pinned (kpr is not running and never ran) or unreadable.
 pub fn read_services(bpf_fs_path: &std::path::Path) -> Result<Vec<FrontendView>> {
     let maps = PinnedMaps::open(&PinLayout::new(bpf_fs_path))?;
-    Ok(view(&maps.snapshot()?))
+    let mut rows = view(&maps.snapshot()?);
+    let stats = maps.service_stats()?;
+    for r in &mut rows {
+        if let Some(s) = stats.get(&r.id) {
+            (r.flows, r.packets, r.bytes) = (s.flows, s.packets, s.bytes);
+        }
+    }
+    Ok(rows)
 }
 
 /// Renders `kpr services` output.
@@ -388,8 +395,8 @@ pub fn format_table(rows: &[FrontendView]) -> String {
         .max(8);
     let _ = writeln!(
         out,
-        "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  BACKENDS",
-        "FRONTEND", "PROTO", "SCOPE", "ID", "VERDICT"
+        "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  {:<11}  {:>8}  {:>9}  {:>11}  BACKENDS",
+        "FRONTEND", "PROTO", "SCOPE", "ID", "VERDICT", "ALGORITHM", "FLOWS", "PACKETS", "BYTES"
     );
     for r in rows {
         let backends = if r.backends.is_empty() {
@@ -399,8 +406,16 @@ pub fn format_table(rows: &[FrontendView]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  {backends}",
-            r.frontend, r.protocol, r.scope, r.id, r.verdict
+            "{:<w$}  {:<5}  {:<8}  {:>4}  {:<7}  {:<11}  {:>8}  {:>9}  {:>11}  {backends}",
+            r.frontend,
+            r.protocol,
+            r.scope,
+            r.id,
+            r.verdict,
+            r.algorithm,
+            r.flows,
+            r.packets,
+            r.bytes
         );
     }
     out

@@ -190,6 +190,15 @@ fn a_program_after_kpr_in_the_tcx_chain_still_sees_traffic() {
         after_other >= after_service + 2,
         "pass-through packets reach the next program: {after_service} -> {after_other}"
     );
+    // The datapath counted the NodePort's flows and packets (kpr services).
+    let rows = t.services_json().expect("kpr services");
+    let np = rows
+        .iter()
+        .find(|r| r["frontend"] == "192.168.0.2:3001" && r["scope"] == "external")
+        .expect("the NodePort's external entry");
+    assert!(np["flows"].as_u64() >= Some(3), "{np}");
+    assert!(np["packets"].as_u64() >= Some(9), "{np}");
+    assert!(np["bytes"].as_u64() > Some(0), "{np}");
 }
 
 #[test]

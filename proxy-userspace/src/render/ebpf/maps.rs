@@ -942,6 +942,11 @@ pub struct FrontendView {
     pub algorithm: String,
     /// The distinct backends (a Maglev table lists each many times).
     pub backends: Vec<String>,
+    /// Datapath counters (filled in by `kpr services` from `KPR_STATS`): new flows or
+    /// connected sockets, and packets and bytes the TC path translated.
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Reads the frontends and their current backends out of a snapshot of the maps.
@@ -996,6 +1001,9 @@ pub fn view(snapshot: &MapsSnapshot) -> Vec<FrontendView> {
                 }
                 .to_string(),
                 backends,
+                flows: 0,
+                packets: 0,
+                bytes: 0,
             }
         })
         .collect()
