@@ -191,6 +191,10 @@ pub struct RunArgs {
     /// ebpf conntrack: idle timeout of an answered UDP flow.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub conntrack_udp_timeout_stream: Duration,
+    /// ebpf conntrack: entries of the conntrack map (a masqueraded flow takes 4, another 2);
+    /// applied when the map is created.
+    #[arg(long, default_value_t = proxy_common::map_sizes::CONNTRACK as u32)]
+    pub conntrack_max: u32,
     /// ebpf conntrack: how often expired flows are collected.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub conntrack_gc_interval: Duration,
@@ -336,6 +340,7 @@ impl RunArgs {
                     nat_ports: self.masquerade_port_range,
                     maglev_table_size: self.maglev_table_size,
                     gc_interval: self.conntrack_gc_interval,
+                    conntrack_max: self.conntrack_max.max(1024),
                 },
             },
             node: NodeInfo {

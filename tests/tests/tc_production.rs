@@ -52,7 +52,10 @@ fn start(t: &Topology, yaml: &str) -> ChildGuard {
     let dir = t.workdir.join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     write_manifest(&dir, "all.yaml", yaml);
-    let agent = t.start_agent_in_node(&dir, &["--node-ip", "192.168.0.2"]);
+    let agent = t.start_agent_in_node(
+        &dir,
+        &["--node-ip", "192.168.0.2", "--conntrack-max", "65536"],
+    );
     t.wait_for_services("frontends", Duration::from_secs(15), |rows| {
         backends_of(rows, "192.168.0.2:3001", "TCP").is_some()
     });
@@ -190,6 +193,12 @@ fn a_program_after_kpr_in_the_tcx_chain_still_sees_traffic() {
         after_other >= after_service + 2,
         "pass-through packets reach the next program: {after_service} -> {after_other}"
     );
+    // The conntrack map has the size asked for.
+    let ct = t
+        .bpffs
+        .join(format!("v{}/maps/KPR_CT", proxy_common::MAP_LAYOUT_VERSION));
+    let show = kpr_testnet::sh(&["bpftool", "map", "show", "pinned", ct.to_str().unwrap()]);
+    assert!(show.contains("max_entries 65536"), "{show}");
     // The datapath counted the NodePort's flows and packets (kpr services).
     let rows = t.services_json().expect("kpr services");
     let np = rows

@@ -13,6 +13,7 @@ use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::EbpfLoader;
+use aya::maps::MapData;
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::LinkOrder;
 use aya::programs::links::{FdLink, PinnedLink};
@@ -422,6 +423,38 @@ pub enum LoadOutcome {
 /// # Errors
 /// No bpffs, an unusable cgroup path, or the kernel refused to load or attach.
 pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
+    ensure_loaded_sized(layout, cgroup, proxy_common::map_sizes::CONNTRACK as u32)
+}
+
+/// [`ensure_loaded`] with a conntrack map of `conntrack_max` entries. The size applies when
+/// the map is created; a pinned map of another size is kept (its flows live) and reported.
+///
+/// # Errors
+/// As [`ensure_loaded`].
+pub fn ensure_loaded_sized(
+    layout: &PinLayout,
+    cgroup: &Path,
+    conntrack_max: u32,
+) -> Result<LoadOutcome> {
+    let outcome = ensure_loaded_inner(layout, cgroup, conntrack_max)?;
+    if let Ok(m) = MapData::from_pin(layout.map(map_names::CONNTRACK))
+        && let Ok(info) = m.info()
+        && info.max_entries() != conntrack_max
+    {
+        tracing::warn!(
+            pinned = info.max_entries(),
+            configured = conntrack_max,
+            "the pinned conntrack map keeps its size (its flows stay); `kpr cleanup` and a restart apply --conntrack-max"
+        );
+    }
+    Ok(outcome)
+}
+
+fn ensure_loaded_inner(
+    layout: &PinLayout,
+    cgroup: &Path,
+    conntrack_max: u32,
+) -> Result<LoadOutcome> {
     check_object()?;
     check_bpffs(&layout.root)?;
     let hash = object_hash();
@@ -443,6 +476,7 @@ pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
     })?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(layout.maps_dir())
+        .map_max_entries(map_names::CONNTRACK, conntrack_max)
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Object(Box::new(e)))?;
     let old_dirs = layout.other_link_dirs(&hash);

@@ -51,6 +51,8 @@ pub struct DatapathConfig {
     pub maglev_table_size: u32,
     /// How often expired conntrack entries are collected.
     pub gc_interval: Duration,
+    /// Entries of the conntrack map (applied when the map is created).
+    pub conntrack_max: u32,
 }
 
 impl Default for DatapathConfig {
@@ -60,6 +62,7 @@ impl Default for DatapathConfig {
             nat_ports: (proxy_common::NAT_PORT_MIN, proxy_common::NAT_PORT_MAX),
             maglev_table_size: proxy_common::MAGLEV_TABLE_SIZE,
             gc_interval: Duration::from_secs(10),
+            conntrack_max: map_sizes::CONNTRACK as u32,
         }
     }
 }
@@ -101,7 +104,8 @@ impl EbpfRenderer {
     /// The datapath could not be loaded or its maps opened.
     pub fn start(cfg: &EbpfConfig) -> Result<(Self, LoadOutcome)> {
         let layout = PinLayout::new(&cfg.bpf_fs_path);
-        let outcome = datapath::ensure_loaded(&layout, &cfg.cgroup_path)?;
+        let outcome =
+            datapath::ensure_loaded_sized(&layout, &cfg.cgroup_path, cfg.datapath.conntrack_max)?;
         let renderer = Self {
             tc_interfaces: cfg.tc_interfaces.clone(),
             datapath: cfg.datapath,
@@ -152,12 +156,13 @@ impl EbpfRenderer {
         c.gc_runs += 1;
         c.flows_collected += report.flows_deleted as u64;
         c.gc = report;
+        let capacity = self.maps.conntrack_capacity();
         #[expect(clippy::cast_precision_loss, reason = "map sizes far below 2^52")]
-        let fill = report.entries_left as f64 / map_sizes::CONNTRACK as f64;
+        let fill = report.entries_left as f64 / f64::from(capacity.max(1));
         if fill > 0.9 && !c.fill_warned {
             tracing::warn!(
                 entries = report.entries_left,
-                capacity = map_sizes::CONNTRACK,
+                capacity,
                 "the conntrack map is over 90% full: new flows will be dropped when it is full (established ones are kept)"
             );
             c.fill_warned = true;
@@ -432,7 +437,7 @@ impl Renderer for EbpfRenderer {
                 "conntrack_capacity",
                 "Entries the conntrack map can hold.",
                 MetricKind::Gauge,
-                map_sizes::CONNTRACK as f64,
+                f64::from(self.maps.conntrack_capacity()),
             ),
             plain(
                 "conntrack_gc_runs_total",

@@ -29,6 +29,7 @@ pub struct PinnedMaps {
     stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     drops: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, u32, u32>,
+    conntrack_capacity: u32,
 }
 
 /// The `KPR_SRC_RANGES` key of (service id, range).
@@ -105,6 +106,11 @@ impl PinnedMaps {
             drops: PerCpuArray::try_from(Map::PerCpuArray(open_pinned(layout, map_names::DROPS)?))
                 .map_err(|e| Error::map(map_names::DROPS, "typing", e))?,
             conns: open_hash(layout, map_names::BACKEND_CONNS, false)?,
+            conntrack_capacity: open_pinned(layout, map_names::CONNTRACK)?
+                .info()
+                .map_or(proxy_common::map_sizes::CONNTRACK as u32, |i| {
+                    i.max_entries()
+                }),
         })
     }
 
@@ -164,6 +170,12 @@ impl PinnedMaps {
         if let Ok(n) = self.conns.get(&id, 0) {
             let _ = self.conns.insert(&id, &n.saturating_sub(1), 0);
         }
+    }
+
+    /// The conntrack map's size (`max_entries`).
+    #[must_use]
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_capacity
     }
 
     /// Deletes one conntrack entry.
