@@ -377,6 +377,18 @@ fn spawn_manifests(mut source: ManifestSource, poll: Duration, tx: mpsc::Sender<
 ///
 /// # Errors
 /// Start-up failed (the datapath could not be loaded).
+/// kube-proxy's `--init-only`: the one-time node setup (the mode's datapath loaded and its
+/// kernel objects created), then return without watching anything.
+///
+/// # Errors
+/// The chosen mode's datapath could not be set up.
+pub fn init_only(cfg: &AgentConfig) -> Result<()> {
+    let choice = crate::render::probe::choose(cfg.mode, &cfg.ebpf.cgroup_path);
+    let _renderer = start_renderer(choice.mode, cfg)?;
+    tracing::info!(mode = %choice.mode, "node set up (--init-only)");
+    Ok(())
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let choice = crate::render::probe::choose(cfg.mode, &cfg.ebpf.cgroup_path);
     tracing::info!(mode = %choice.mode, requested = %choice.requested, reason = %choice.reason, "proxy mode");

@@ -17,15 +17,165 @@ use crate::{Error, Result};
 
 pub const DEFAULT_BPF_FS_PATH: &str = "/sys/fs/bpf/kpr";
 
+/// kpr takes kube-proxy's command line as it is (`kube-proxy --config=... --hostname-override=...`
+/// runs the agent); `kpr run ...` is the same, and the other subcommands inspect a node.
 #[derive(Debug, Parser)]
 #[command(
     name = "kpr",
     version,
-    about = "kpr: a kube-proxy replacement with an eBPF datapath"
+    about = "kpr: a kube-proxy replacement with an eBPF datapath",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Without a subcommand: run the agent (kube-proxy's command line).
+    #[command(flatten)]
+    pub run: Box<RunArgs>,
+}
+
+impl RunArgs {
+    /// Reads `--config` (if given) into these settings where the flag was not given on the
+    /// command line, and lists what was accepted without being acted on, for the log.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or holds a value kpr cannot use.
+    pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<Vec<String>> {
+        let explicit = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        };
+        let mut notes = Vec::new();
+        if let Some(path) = self.upstream.config.clone().filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::io(&path, e).context("reading --config"))?;
+            let loaded = crate::config::parse(&text)
+                .map_err(|e| e.context(format!("--config {}", path.display())))?;
+            for f in &loaded.unknown {
+                notes.push(format!(
+                    "config field {f} is not a KubeProxyConfiguration field: ignored"
+                ));
+            }
+            notes.extend(crate::config::apply(&loaded.config, self, &explicit)?);
+        }
+        // A specific --bind-address is the node IP when none was given (upstream's node IP
+        // detection starts there).
+        if self.node_ip.is_empty()
+            && let Ok(ip) = self.upstream.bind_address.parse::<IpAddr>()
+            && !ip.is_unspecified()
+        {
+            self.node_ip = vec![ip];
+        }
+        notes.extend(self.not_acted_on());
+        Ok(notes)
+    }
+
+    /// Upstream settings given a non-default value that kpr accepts without acting on.
+    #[must_use]
+    pub fn not_acted_on(&self) -> Vec<String> {
+        let u = &self.upstream;
+        let mut out = Vec::new();
+        let mut say =
+            |what: &str, why: &str| out.push(format!("{what}: accepted, not acted on ({why})"));
+        if let Some(g) = &u.feature_gates {
+            say(
+                &format!("--feature-gates {g}"),
+                "kpr's features are not gated",
+            );
+        }
+        if u.vmodule.is_some() {
+            say("--vmodule", "kpr has one log level, set by -v or RUST_LOG");
+        }
+        if u.logging_format != "text" {
+            say("--logging-format", "kpr logs text");
+        }
+        if u.ipvs_scheduler.is_some()
+            || u.ipvs_strict_arp
+            || !u.ipvs_exclude_cidrs.is_empty()
+            || u.ipvs_sync_period.is_some()
+            || u.ipvs_min_sync_period.is_some()
+            || u.ipvs_tcp_timeout.is_some()
+            || u.ipvs_tcpfin_timeout.is_some()
+            || u.ipvs_udp_timeout.is_some()
+        {
+            say("IPVS settings", "this build has no IPVS mode");
+        }
+        if u.conntrack_max_per_core != 32768
+            || u.conntrack_min != 131_072
+            || u.conntrack_tcp_be_liberal
+            || u.conntrack_tcp_timeout_close_wait != Duration::from_secs(3600)
+        {
+            say(
+                "--conntrack-max-per-core/--conntrack-min/--conntrack-tcp-be-liberal/--conntrack-tcp-timeout-close-wait",
+                "kpr does not change the node's nf_conntrack sysctls; the ebpf mode has its own conntrack",
+            );
+        }
+        if u.iptables_masquerade_bit != 14 {
+            say(
+                "--iptables-masquerade-bit",
+                "the rule modes use upstream's default mark 0x4000",
+            );
+        }
+        if u.iptables_sync_period.is_some() || u.iptables_min_sync_period.is_some() {
+            say(
+                "--iptables-sync-period/--iptables-min-sync-period",
+                "use --sync-period/--min-sync-period, which every mode honours",
+            );
+        }
+        if u.kube_api_qps != 5.0
+            || u.kube_api_burst != 10
+            || u.kube_api_content_type != "application/vnd.kubernetes.protobuf"
+        {
+            say(
+                "--kube-api-qps/--kube-api-burst/--kube-api-content-type",
+                "kpr watches with JSON and has no client-side rate limit",
+            );
+        }
+        if let Some(m) = &u.detect_local_mode
+            && m != "ClusterCIDR"
+        {
+            say(
+                &format!("--detect-local-mode {m}"),
+                "kpr detects local traffic by --cluster-cidr",
+            );
+        }
+        if u.pod_bridge_interface.is_some() || u.pod_interface_name_prefix.is_some() {
+            say(
+                "--pod-bridge-interface/--pod-interface-name-prefix",
+                "kpr detects local traffic by --cluster-cidr",
+            );
+        }
+        if u.profiling {
+            say("--profiling", "kpr serves no profiling endpoint");
+        }
+        if u.show_hidden_metrics_for_version.is_some() {
+            say("--show-hidden-metrics-for-version", "kpr hides no metrics");
+        }
+        if u.config_sync_period != Duration::from_secs(900) {
+            say(
+                "--config-sync-period",
+                "watches are resumed, not resynced; --sync-period re-reads the datapath",
+            );
+        }
+        if u.bind_address_hard_fail {
+            say(
+                "--bind-address-hard-fail",
+                "a failed bind is logged and the datapath keeps running",
+            );
+        }
+        if u.healthz_port.is_some() || u.metrics_port.is_some() || u.proxy_port_range.is_some() {
+            say(
+                "--healthz-port/--metrics-port/--proxy-port-range",
+                "deprecated upstream; use the bind-address flags",
+            );
+        }
+        out
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,7 +305,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub cleanup_other_modes: bool,
     /// Masquerade all traffic to ClusterIPs.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub masquerade_all: bool,
     /// Minimum time between syncs (bursts of changes are coalesced), e.g. "1s", "100ms".
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
@@ -205,6 +355,126 @@ pub struct RunArgs {
     /// ebpf: slots of a Maglev table, a prime well above 100x the backends of a service.
     #[arg(long, default_value_t = proxy_common::MAGLEV_TABLE_SIZE, value_parser = parse_maglev_size)]
     pub maglev_table_size: u32,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+/// kube-proxy's other flags: every upstream Linux flag parses, so kubeadm's (or anyone's)
+/// command line starts kpr as it is. Those kpr acts on are applied in `agent_config`; the
+/// others are reported once at start (`ignored_flags`).
+#[derive(Debug, clap::Args)]
+pub struct UpstreamArgs {
+    /// kube-proxy's configuration file (KubeProxyConfiguration v1alpha1); flags given on the
+    /// command line override it.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Write the effective configuration to this file and exit.
+    #[arg(long)]
+    pub write_config_to: Option<String>,
+    /// Log verbosity (kube-proxy's klog levels: 0-3 info, 4-5 debug, 6+ trace).
+    #[arg(short = 'v', long = "v", default_value_t = 0)]
+    pub verbosity: u32,
+    /// Per-module verbosity (accepted; kpr has one level).
+    #[arg(long)]
+    pub vmodule: Option<String>,
+    /// Log format: "text" (default) or "json".
+    #[arg(long, default_value = "text")]
+    pub logging_format: String,
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub log_flush_frequency: Duration,
+    #[arg(long, hide = true)]
+    pub log_text_split_stream: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_text_info_buffer_size: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_json_split_stream: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_json_info_buffer_size: Option<String>,
+    /// Feature gates, "Name=true,Other=false" (accepted and reported; kpr's features are not
+    /// gated).
+    #[arg(long)]
+    pub feature_gates: Option<String>,
+    /// Remove every proxy mode's state (kpr's and kube-proxy's) and exit.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cleanup: bool,
+    /// Do the one-time node setup (sysctls, datapath load) and exit.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub init_only: bool,
+    /// The node's address for node-IP detection (0.0.0.0 / :: = detect from the Node object).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: String,
+    /// Exit when the healthz or metrics server cannot bind.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub bind_address_hard_fail: bool,
+    /// Resync period of the configuration from the API (informers).
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub config_sync_period: Duration,
+    /// Conntrack table entries per CPU (rule modes: nf_conntrack_max = max(this x CPUs, min)).
+    #[arg(long, default_value_t = 32768)]
+    pub conntrack_max_per_core: i32,
+    #[arg(long, default_value_t = 131_072)]
+    pub conntrack_min: i32,
+    /// nf_conntrack_tcp_be_liberal (rule modes).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub conntrack_tcp_be_liberal: bool,
+    /// nf_conntrack_tcp_timeout_close_wait (rule modes).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    /// How local traffic is detected: ClusterCIDR (default with --cluster-cidr), NodeCIDR,
+    /// BridgeInterface, InterfaceNamePrefix.
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
+    /// Bit of the packet mark for masquerading (rule modes).
+    #[arg(long, default_value_t = 14)]
+    pub iptables_masquerade_bit: i32,
+    #[arg(long, value_parser = parse_duration)]
+    pub iptables_min_sync_period: Option<Duration>,
+    #[arg(long, value_parser = parse_duration)]
+    pub iptables_sync_period: Option<Duration>,
+    /// IPVS mode (not available in this build): accepted and reported.
+    #[arg(long, value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<String>,
+    #[arg(long, value_parser = parse_duration)]
+    pub ipvs_min_sync_period: Option<Duration>,
+    #[arg(long)]
+    pub ipvs_scheduler: Option<String>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ipvs_strict_arp: bool,
+    #[arg(long, value_parser = parse_duration)]
+    pub ipvs_sync_period: Option<Duration>,
+    #[arg(long, value_parser = parse_duration)]
+    pub ipvs_tcp_timeout: Option<Duration>,
+    #[arg(long, value_parser = parse_duration)]
+    pub ipvs_tcpfin_timeout: Option<Duration>,
+    #[arg(long, value_parser = parse_duration)]
+    pub ipvs_udp_timeout: Option<Duration>,
+    #[arg(long, default_value_t = 10)]
+    pub kube_api_burst: i32,
+    #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+    #[arg(long, default_value_t = 5.0)]
+    pub kube_api_qps: f32,
+    /// The agent's oom_score_adj (-1000..1000).
+    #[arg(long, default_value_t = -999, allow_negative_numbers = true)]
+    pub oom_score_adj: i32,
+    /// Serve pprof-style profiling (accepted; kpr has none).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub profiling: bool,
+    /// Deprecated upstream; accepted.
+    #[arg(long)]
+    pub proxy_port_range: Option<String>,
+    #[arg(long)]
+    pub show_hidden_metrics_for_version: Option<String>,
+    /// Deprecated upstream (use --healthz-bind-address); accepted.
+    #[arg(long, hide = true)]
+    pub healthz_port: Option<u16>,
+    /// Deprecated upstream (use --metrics-bind-address); accepted.
+    #[arg(long, hide = true)]
+    pub metrics_port: Option<u16>,
 }
 
 /// `--masquerade-port-range`: "MIN-MAX", 1024 <= MIN <= MAX.
@@ -271,23 +541,12 @@ pub fn parse_mode(s: &str) -> Result<ModeArg, String> {
     }
 }
 
-/// Parses "250ms", "5s", "1m", "1h" (the Go duration forms kube-proxy takes).
+/// Parses a Go duration ("250ms", "5s", "1m", "24h0m0s"; a bare number is seconds).
 ///
 /// # Errors
 /// Not one of those forms.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    crate::config::parse_go_duration(s)
 }
 
 impl RunArgs {
@@ -453,9 +712,139 @@ mod mode_tests {
             .map_err(|e| e.to_string())?
             .command
         {
-            Command::Run(r) => Ok(r.agent_config().mode),
+            Some(Command::Run(r)) => Ok(r.agent_config().mode),
             _ => unreachable!("a run command"),
         }
+    }
+
+    /// Parses a top-level (kube-proxy style) command line and resolves `--config`.
+    fn kube_proxy(args: &[&str]) -> (RunArgs, Vec<String>) {
+        let mut full = vec!["kube-proxy"];
+        full.extend_from_slice(args);
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let matches = cmd.try_get_matches_from(full).expect("parses");
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert!(cli.command.is_none(), "top-level flags run the agent");
+        let mut run = *cli.run;
+        let notes = run.resolve(&matches).expect("resolves");
+        (run, notes)
+    }
+
+    #[test]
+    fn kubeadms_command_line_and_config_start_the_agent() {
+        let dir = std::env::temp_dir().join(format!("kpr-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("config.conf");
+        std::fs::write(
+            &conf,
+            crate::config::KUBEADM_EXAMPLE.replace("mode: \"\"", "mode: nftables"),
+        )
+        .unwrap();
+        let conf = conf.to_str().unwrap().to_string();
+        let (run, notes) = kube_proxy(&[&format!("--config={conf}"), "--hostname-override=node-a"]);
+        assert_eq!(run.hostname_override.as_deref(), Some("node-a"));
+        assert_eq!(
+            run.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        assert_eq!(
+            run.cluster_cidr,
+            vec!["10.244.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!(
+            run.proxy_mode.0,
+            Some(ProxyMode::Nftables),
+            "mode from the file"
+        );
+        assert!(
+            notes.is_empty(),
+            "kubeadm's defaults need no note: {notes:?}"
+        );
+        // Flags given on the command line win over the file, as upstream.
+        let (run, _) = kube_proxy(&[
+            &format!("--config={conf}"),
+            "--proxy-mode=iptables",
+            "--cluster-cidr=10.1.0.0/16",
+        ]);
+        assert_eq!(run.proxy_mode.0, Some(ProxyMode::Iptables));
+        assert_eq!(
+            run.cluster_cidr,
+            vec!["10.1.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_upstream_flag_parses() {
+        let (run, notes) = kube_proxy(&[
+            "-v=4",
+            "--vmodule=proxier=5",
+            "--feature-gates=Foo=true",
+            "--bind-address=192.168.0.2",
+            "--bind-address-hard-fail=false",
+            "--cleanup=false",
+            "--cluster-cidr=10.0.0.0/8",
+            "--config-sync-period=15m0s",
+            "--conntrack-max-per-core=0",
+            "--conntrack-min=131072",
+            "--conntrack-tcp-be-liberal",
+            "--conntrack-tcp-timeout-close-wait=1h0m0s",
+            "--conntrack-tcp-timeout-established=24h0m0s",
+            "--conntrack-udp-timeout=30s",
+            "--conntrack-udp-timeout-stream=2m0s",
+            "--detect-local-mode=ClusterCIDR",
+            "--healthz-bind-address=0.0.0.0:10256",
+            "--hostname-override=n1",
+            "--init-only=false",
+            "--iptables-localhost-nodeports=true",
+            "--iptables-masquerade-bit=14",
+            "--iptables-min-sync-period=1s",
+            "--iptables-sync-period=30s",
+            "--ipvs-exclude-cidrs=10.0.0.0/24",
+            "--ipvs-min-sync-period=0s",
+            "--ipvs-scheduler=rr",
+            "--ipvs-strict-arp=false",
+            "--ipvs-sync-period=30s",
+            "--ipvs-tcp-timeout=0s",
+            "--ipvs-tcpfin-timeout=0s",
+            "--ipvs-udp-timeout=0s",
+            "--kube-api-burst=10",
+            "--kube-api-content-type=application/vnd.kubernetes.protobuf",
+            "--kube-api-qps=5",
+            "--kubeconfig=/k",
+            "--log-flush-frequency=5s",
+            "--logging-format=text",
+            "--masquerade-all=false",
+            "--master=https://10.0.0.1:6443",
+            "--metrics-bind-address=127.0.0.1:10249",
+            "--nodeport-addresses=primary",
+            "--oom-score-adj=-999",
+            "--pod-bridge-interface=",
+            "--pod-interface-name-prefix=",
+            "--profiling=false",
+            "--proxy-mode=nftables",
+            "--show-hidden-metrics-for-version=",
+            "--write-config-to=",
+        ]);
+        assert_eq!(run.upstream.verbosity, 4);
+        assert_eq!(
+            run.node_ip,
+            vec!["192.168.0.2".parse::<IpAddr>().unwrap()],
+            "from --bind-address"
+        );
+        assert!(notes.iter().any(|n| n.contains("IPVS")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("--feature-gates")),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn kpr_run_is_an_alias() {
+        assert_eq!(
+            mode_of(&["--proxy-mode=iptables"]),
+            Ok(Some(ProxyMode::Iptables))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`serve`] (HTTP endpoints), [`cli`], [`conformance`] and [`testnet`] stand beside it.
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod conformance;
 pub mod model;
 pub mod render;

@@ -181,3 +181,47 @@ fn load_balancer_source_ranges_apply_to_pod_clients() {
         assert_eq!(l["backend"], "10.0.1.2:8080", "{l}");
     }
 }
+
+#[test]
+fn started_like_kube_proxy_with_a_config_file() {
+    let mut t = Topology::new("kpstyle");
+    t.add_pod("client1", Ipv4Addr::new(10, 0, 0, 2));
+    t.add_pod("backend0", BACKENDS[0]);
+    t.serve("backend0", &[8080]);
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(
+        &dir,
+        "all.yaml",
+        &service("web", "10.96.0.20", "", "", &BACKENDS[..1]),
+    );
+    // kubeadm's config.conf, with the mode and the kpr section a node would add.
+    let conf = t.workdir.join("config.conf");
+    std::fs::write(
+        &conf,
+        kpr::config::KUBEADM_EXAMPLE.replace("mode: \"\"", "mode: ebpf")
+            + "kpr:\n  lbAlgorithm: round-robin\n  conntrackMax: 65536\n",
+    )
+    .unwrap();
+    let _agent = t.spawn(t.agent_command_kube_proxy_style(
+        &dir,
+        &[
+            &format!("--config={}", conf.display()),
+            "--hostname-override=test-node",
+            "-v=2",
+        ],
+    ));
+    wait_for(&t, "10.96.0.20:80");
+    for l in t.client("client1", &["tcp", "10.96.0.20:80", "3"]) {
+        assert_eq!(l["backend"], "10.0.1.2:8080", "{l}");
+    }
+    let rows = t.services_json().unwrap();
+    let web = rows
+        .iter()
+        .find(|r| r["frontend"] == "10.96.0.20:80" && r["protocol"] == "TCP")
+        .unwrap();
+    assert_eq!(
+        web["algorithm"], "round-robin",
+        "the kpr section applies: {web}"
+    );
+}

@@ -552,6 +552,22 @@ impl Topology {
         self.agent_command_with_source(&["--manifests".as_ref(), manifests.as_os_str()], extra)
     }
 
+    /// The agent started the way kubeadm starts kube-proxy: flags at the top level, no `run`
+    /// (host-safe flags added, as for [`Topology::agent_command`]).
+    pub fn agent_command_kube_proxy_style(&self, manifests: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(kpr_bin());
+        cmd.arg(format!("--manifests={}", manifests.display()))
+            .arg(format!("--bpf-fs-path={}", self.bpffs.display()))
+            .arg(format!("--cgroup-path={}", self.cgroup.path.display()))
+            .args(extra);
+        host_safe(cmd)
+    }
+
+    /// Spawns an agent command built by the caller (log in the workdir, killed on drop).
+    pub fn spawn(&self, cmd: Command) -> ChildGuard {
+        self.spawn_agent(cmd)
+    }
+
     fn agent_command_with_source(&self, source: &[&std::ffi::OsStr], extra: &[&str]) -> Command {
         let mut cmd = Command::new(kpr_bin());
         cmd.arg("run")
