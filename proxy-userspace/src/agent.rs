@@ -182,6 +182,7 @@ impl Syncer {
             sync_period: cfg.sync_period,
             mode: renderer.mode(),
             mode_choice: Some(choice),
+            node_eligible: true,
             ..Default::default()
         };
         Self {
@@ -202,6 +203,28 @@ impl Syncer {
 
     /// Applies a change; returns whether the desired state may have changed.
     pub fn apply(&mut self, change: Change) -> bool {
+        if let Some(m) = crate::metrics::get() {
+            // Upstream counts every Service and EndpointSlice event; the pending gauges drop
+            // to zero when a sync takes the changes.
+            match &change {
+                Change::ServiceUpsert(_) | Change::ServiceDelete(_) => {
+                    m.service_changes_total.inc();
+                    m.service_changes_pending.inc();
+                }
+                Change::SliceUpsert(_) | Change::SliceDelete(_) => {
+                    m.endpoint_changes_total.inc();
+                    m.endpoint_changes_pending.inc();
+                }
+                _ => {}
+            }
+            let now = unix_now();
+            for f in &m.families {
+                m.last_queued.with_label_values(&[f]).set(now);
+            }
+        }
+        if let Ok(mut st) = self.status.lock() {
+            st.oldest_pending.get_or_insert_with(Instant::now);
+        }
         match change {
             Change::Node(node) => {
                 if node.name.is_empty() {
@@ -277,6 +300,10 @@ impl Syncer {
 
     fn sync_with(&mut self, periodic: bool) {
         let started = Instant::now();
+        if let Some(m) = crate::metrics::get() {
+            m.service_changes_pending.set(0);
+            m.endpoint_changes_pending.set(0);
+        }
         let dirty = self.store.take_dirty();
         let report = match self
             .desired
@@ -294,9 +321,59 @@ impl Syncer {
                 unsafe { libc::malloc_trim(0) };
                 report
             }
-            Some(keys) => self.renderer.sync_frontends(&self.desired.state, &keys),
+            Some(keys) => {
+                let report = self.renderer.sync_frontends(&self.desired.state, &keys);
+                self.record(&report, started);
+                self.record_metrics(&report, started, false);
+                return;
+            }
         };
         self.record(&report, started);
+        self.record_metrics(&report, started, true);
+    }
+
+    /// Upstream's sync metrics: durations (all, and full or partial), the last successful
+    /// sync, failures per mode, and Services with a Local policy but no local endpoints.
+    fn record_metrics(&self, report: &SyncReport, started: Instant, full: bool) {
+        let Some(m) = crate::metrics::get() else {
+            return;
+        };
+        let secs = started.elapsed().as_secs_f64();
+        m.observe(&m.sync_duration, secs);
+        m.observe(
+            if full {
+                &m.sync_full_duration
+            } else {
+                &m.sync_partial_duration
+            },
+            secs,
+        );
+        if report.errors.is_empty() {
+            let now = unix_now();
+            for f in &m.families {
+                m.last_synced.with_label_values(&[f]).set(now);
+            }
+        } else {
+            match self.renderer.mode() {
+                ProxyMode::Iptables => {
+                    m.inc(&m.iptables_restore_failures);
+                    if !full {
+                        m.inc(&m.iptables_partial_restore_failures);
+                    }
+                }
+                ProxyMode::Nftables => m.inc(&m.nftables_sync_failures),
+                _ => {}
+            }
+        }
+        let (internal, external) = crate::model::no_local_endpoints(&self.desired.state);
+        for f in &m.families {
+            m.no_local_endpoints
+                .with_label_values(&["internal", f])
+                .set(i64::try_from(internal).unwrap_or(i64::MAX));
+            m.no_local_endpoints
+                .with_label_values(&["external", f])
+                .set(i64::try_from(external).unwrap_or(i64::MAX));
+        }
     }
 
     /// The periodic resync: recomputes the desired state and hands all of it to the renderer
@@ -317,12 +394,19 @@ impl Syncer {
             for t in self.pending_triggers.drain(..) {
                 if let Some(secs) = ProgrammingLatency::since(&t) {
                     self.latency.observe(secs);
+                    if let Some(m) = crate::metrics::get() {
+                        m.observe(&m.network_programming, secs);
+                    }
                     tracing::info!(seconds = secs, trigger = %t, "network programming latency");
                 }
             }
         }
         self.health_checks.clone_from(&desired.health_checks);
         if let Ok(mut st) = self.status.lock() {
+            if report.errors.is_empty() {
+                st.oldest_pending = None;
+                st.last_updated = Some(jiff::Timestamp::now());
+            }
             st.last_sync = Some(Instant::now());
             st.syncs += 1;
             st.sync_errors += u64::from(!report.errors.is_empty());
@@ -396,6 +480,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tracing::info!(feature = c.feature, since = c.since, detail = %c.detail, "kernel feature missing");
     }
     let mut cfg = cfg;
+    let mut families: Vec<&'static str> = Vec::new();
+    for ip in &cfg.node.ips {
+        let f = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    }
+    if families.is_empty() {
+        families.push("IPv4");
+    }
+    crate::metrics::init(choice.mode, families);
     crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, cfg.node_port_addresses_given);
     let renderer = start_renderer(choice.mode, &cfg)?;
     if cfg.cleanup_other_modes {
@@ -480,4 +575,11 @@ mod tests {
         l.observe(3.0);
         assert_eq!((l.count, l.sum_secs, l.max_secs), (2, 4.0, 3.0));
     }
+}
+
+/// Seconds since the Unix epoch (the timestamp gauges).
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -108,6 +108,9 @@ pub struct Iptables {
     pub masquerade_bit: Option<i32>,
     pub masquerade_all: Option<bool>,
     pub localhost_node_ports: Option<bool>,
+    /// Newest releases: SNAT to the node's InternalIP (accepted, reported).
+    #[serde(rename = "snatNodeInternalIP")]
+    pub snat_node_internal_ip: Option<bool>,
     pub sync_period: Option<GoDuration>,
     pub min_sync_period: Option<GoDuration>,
 }

@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::render::{MetricKind, ModeMetric, ProxyMode};
+use crate::render::{ModeMetric, ProxyMode};
 use crate::store::ObjectRef;
 
 /// What the endpoints report; updated by the sync loop.
@@ -40,73 +40,64 @@ pub struct AgentStatus {
     pub mode_metrics: Vec<ModeMetric>,
     /// Why this mode runs (`/proxyModeStatus`).
     pub mode_choice: Option<crate::render::probe::ModeChoice>,
+    /// When the oldest change not yet synced arrived (health).
+    pub oldest_pending: Option<Instant>,
+    /// The last successful sync, wall clock (health's `lastUpdated`).
+    pub last_updated: Option<jiff::Timestamp>,
+    /// Whether this node should get load-balancer traffic (`nodeEligible`).
+    pub node_eligible: bool,
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
 
-async fn healthz(State(status): State<SharedStatus>) -> impl IntoResponse {
+/// upstream's health: unhealthy when a queued change has waited longer than twice the sync
+/// period without a successful sync; `/healthz` also says whether the node is eligible for
+/// load-balancer traffic, `/livez` ignores that.
+fn health(status: &SharedStatus, livez: bool) -> (StatusCode, String) {
     let s = status.lock().expect("status lock");
-    let healthy = s
-        .last_sync
-        .is_some_and(|t| t.elapsed() < s.sync_period * 2 + Duration::from_secs(30));
-    let body = format!(
-        "{{\"lastUpdated\":\"{:.1}s ago\",\"currentTime\":\"\",\"nodeEligible\":true,\"healthy\":{healthy}}}",
-        s.last_sync.map_or(-1.0, |t| t.elapsed().as_secs_f64())
-    );
-    let code = if healthy {
+    let timeout = s.sync_period * 2;
+    let healthy = s.oldest_pending.is_none_or(|t| t.elapsed() < timeout);
+    let eligible = s.node_eligible;
+    let ok = healthy && (livez || eligible);
+    let stamp = |t: Option<jiff::Timestamp>| {
+        t.unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .strftime("%Y-%m-%dT%H:%M:%S%.fZ")
+            .to_string()
+    };
+    let body = serde_json::json!({
+        "lastUpdated": stamp(s.last_updated),
+        "currentTime": stamp(Some(jiff::Timestamp::now())),
+        "nodeEligible": eligible,
+        "healthy": healthy,
+    })
+    .to_string();
+    let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    if let Some(m) = crate::metrics::get() {
+        let c = if livez { &m.livez } else { &m.healthz };
+        c.with_label_values(&[code.as_str()]).inc();
+    }
+    (code, body)
+}
+
+async fn healthz(State(status): State<SharedStatus>) -> impl IntoResponse {
+    let (code, body) = health(&status, false);
+    (code, [("content-type", "application/json")], body)
+}
+
+async fn livez(State(status): State<SharedStatus>) -> impl IntoResponse {
+    let (code, body) = health(&status, true);
     (code, [("content-type", "application/json")], body)
 }
 
 async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
-    let s = status.lock().expect("status lock");
-    let body = format!(
-        "# HELP kpr_sync_proxy_rules_total Syncs of the datapath.\n# TYPE kpr_sync_proxy_rules_total counter\nkpr_sync_proxy_rules_total {}\n\
-# HELP kpr_sync_proxy_rules_errors_total Syncs that reported errors.\n# TYPE kpr_sync_proxy_rules_errors_total counter\nkpr_sync_proxy_rules_errors_total {}\n\
-# HELP kpr_sync_proxy_rules_last_duration_seconds Duration of the last sync.\n# TYPE kpr_sync_proxy_rules_last_duration_seconds gauge\nkpr_sync_proxy_rules_last_duration_seconds {}\n\
-# HELP kpr_frontends Frontends programmed.\n# TYPE kpr_frontends gauge\nkpr_frontends {}\n\
-# HELP kpr_services Services in the store.\n# TYPE kpr_services gauge\nkpr_services {}\n\
-# HELP kpr_endpoint_slices EndpointSlices in the store.\n# TYPE kpr_endpoint_slices gauge\nkpr_endpoint_slices {}\n\
-# HELP kpr_network_programming_duration_seconds From an EndpointSlice's last-change-trigger-time to its sync.\n# TYPE kpr_network_programming_duration_seconds summary\nkpr_network_programming_duration_seconds_sum {}\nkpr_network_programming_duration_seconds_count {}\n",
-        s.syncs,
-        s.sync_errors,
-        s.last_sync_secs,
-        s.frontends,
-        s.services,
-        s.endpoint_slices,
-        s.latency_sum_secs,
-        s.latency_count,
-    );
-    let mut body = body;
-    let mut last = "";
-    for m in &s.mode_metrics {
-        let kind = match m.kind {
-            MetricKind::Counter => "counter",
-            MetricKind::Gauge => "gauge",
-        };
-        if m.name != last {
-            body.push_str(&format!(
-                "# HELP kpr_{name} {help}\n# TYPE kpr_{name} {kind}\n",
-                name = m.name,
-                help = m.help,
-            ));
-            last = m.name;
-        }
-        let labels = if m.labels.is_empty() {
-            String::new()
-        } else {
-            let pairs: Vec<String> = m
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-                .collect();
-            format!("{{{}}}", pairs.join(","))
-        };
-        body.push_str(&format!("kpr_{}{labels} {}\n", m.name, m.value));
-    }
+    let body = match crate::metrics::get() {
+        Some(m) => m.render(&status),
+        None => crate::metrics::Metrics::render_kpr_only(&status),
+    };
     ([("content-type", "text/plain; version=0.0.4")], body)
 }
 
@@ -131,7 +122,7 @@ pub async fn start(
     if let Some(addr) = healthz_addr {
         let app = Router::new()
             .route("/healthz", get(healthz))
-            .route("/livez", get(healthz))
+            .route("/livez", get(livez))
             .with_state(status.clone());
         spawn_server("healthz", addr, app).await;
     }

@@ -184,11 +184,31 @@ fn health_check_node_ports_healthz_and_metrics() {
         .unwrap();
     let l: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(l["status"], 200);
+    let text = l["body"].as_str().unwrap();
+    for want in [
+        "kpr_sync_proxy_rules_total",
+        // upstream's names, types and labels
+        "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.001\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        "# TYPE kubeproxy_sync_full_proxy_rules_duration_seconds histogram",
+        "kubeproxy_proxy_healthz_total{code=\"200\"}",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 1",
+        "process_resident_memory_bytes",
+        // kpr's datapath counters
+        "kpr_conntrack_capacity",
+        "kpr_datapath_drops_total{reason=\"conntrack_full\"}",
+    ] {
+        assert!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
+    }
+    // upstream's health body: timestamps, node eligibility
+    let body: serde_json::Value = serde_json::from_str(healthz["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["healthy"], true, "{body}");
+    assert_eq!(body["nodeEligible"], true, "{body}");
     assert!(
-        l["body"]
-            .as_str()
-            .unwrap()
-            .contains("kpr_sync_proxy_rules_total"),
-        "{l}"
+        body["lastUpdated"].as_str().unwrap().starts_with("20"),
+        "an RFC 3339 time: {body}"
     );
 }

@@ -1081,3 +1081,20 @@ mod tests {
         );
     }
 }
+
+/// Services with a Local traffic policy and no usable endpoint, (internal, external): what
+/// upstream's `kubeproxy_sync_proxy_rules_no_local_endpoints_total` counts.
+#[must_use]
+pub fn no_local_endpoints(desired: &DesiredState) -> (usize, usize) {
+    let mut internal = BTreeSet::new();
+    let mut external = BTreeSet::new();
+    for fe in desired.frontends.values() {
+        if matches!(fe.internal, Targets::Drop) {
+            internal.insert(&fe.service);
+        }
+        if fe.kind != FrontendKind::ClusterIp && matches!(fe.external, Targets::Drop) {
+            external.insert(&fe.service);
+        }
+    }
+    (internal.len(), external.len())
+}
