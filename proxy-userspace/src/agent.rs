@@ -515,6 +515,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map_err(|e| Error::io("SIGTERM handler", e))?;
     crate::serve::start(cfg.healthz_bind, cfg.metrics_bind, syncer.status.clone()).await;
     let mut health = crate::serve::HealthChecks::default();
+    health.status = Some(syncer.status.clone());
     let mut interfaces = tokio::time::interval(Duration::from_secs(2));
     let mut dirty = false;
     let mut last_sync = Instant::now() - cfg.min_sync_period;

@@ -54,6 +54,20 @@ pub type SharedStatus = Arc<Mutex<AgentStatus>>;
 /// period without a successful sync; `/healthz` also says whether the node is eligible for
 /// load-balancer traffic, `/livez` ignores that.
 fn health(status: &SharedStatus, livez: bool) -> (StatusCode, String) {
+    let (code, body) = health_of(status, livez);
+    if let Some(m) = crate::metrics::get() {
+        let c = if livez { &m.livez } else { &m.healthz };
+        c.with_label_values(&[code.as_str()]).inc();
+    }
+    (code, body)
+}
+
+/// The proxy's health as `/healthz` answers it, without counting the request.
+fn health_peek(status: &SharedStatus) -> (StatusCode, String) {
+    health_of(status, false)
+}
+
+fn health_of(status: &SharedStatus, livez: bool) -> (StatusCode, String) {
     let s = status.lock().expect("status lock");
     let timeout = s.sync_period * 2;
     let healthy = s.oldest_pending.is_none_or(|t| t.elapsed() < timeout);
@@ -76,10 +90,6 @@ fn health(status: &SharedStatus, livez: bool) -> (StatusCode, String) {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    if let Some(m) = crate::metrics::get() {
-        let c = if livez { &m.livez } else { &m.healthz };
-        c.with_label_values(&[code.as_str()]).inc();
-    }
     (code, body)
 }
 
@@ -156,15 +166,22 @@ async fn spawn_server(
     }
 }
 
-type HealthState = Arc<Mutex<(ObjectRef, usize)>>;
+type HealthState = Arc<Mutex<(ObjectRef, usize, Option<SharedStatus>)>>;
 
 async fn service_health(State(state): State<HealthState>) -> impl IntoResponse {
-    let (svc, n) = state.lock().expect("health lock").clone();
-    let body = format!(
-        "{{\"service\":{{\"namespace\":\"{}\",\"name\":\"{}\"}},\"localEndpoints\":{n}}}",
-        svc.namespace, svc.name
-    );
-    let code = if n > 0 {
+    let (svc, n, status) = state.lock().expect("health lock").clone();
+    // upstream: 503 when the node's proxy itself is unhealthy, else by local endpoints.
+    let (proxy_code, _) = status
+        .as_ref()
+        .map_or((StatusCode::OK, String::new()), |s| health_peek(s));
+    let proxy_healthy = proxy_code == StatusCode::OK;
+    let body = serde_json::json!({
+        "service": {"namespace": svc.namespace.to_string(), "name": svc.name.to_string()},
+        "localEndpoints": n,
+        "serviceProxyHealthy": proxy_healthy,
+    })
+    .to_string();
+    let code = if n > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -176,14 +193,16 @@ async fn service_health(State(state): State<HealthState>) -> impl IntoResponse {
 #[derive(Default)]
 pub struct HealthChecks {
     running: BTreeMap<u16, (HealthState, tokio::task::JoinHandle<()>)>,
+    /// The proxy's own health, which every check reports as `serviceProxyHealthy`.
+    pub status: Option<SharedStatus>,
 }
 
 impl HealthChecks {
     /// Makes the running servers match `wanted` (port -> (service, local endpoints)).
     pub async fn sync(&mut self, wanted: &BTreeMap<ObjectRef, (u16, usize)>) {
-        let by_port: BTreeMap<u16, (ObjectRef, usize)> = wanted
+        let by_port: BTreeMap<u16, (ObjectRef, usize, Option<SharedStatus>)> = wanted
             .iter()
-            .map(|(svc, (port, n))| (*port, (svc.clone(), *n)))
+            .map(|(svc, (port, n))| (*port, (svc.clone(), *n, self.status.clone())))
             .collect();
         self.running.retain(|port, (_, task)| {
             let keep = by_port.contains_key(port);

@@ -161,6 +161,7 @@ fn health_check_node_ports_healthz_and_metrics() {
     assert_eq!(body["service"]["namespace"], "ns");
     assert_eq!(body["service"]["name"], "lb");
     assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["serviceProxyHealthy"], true, "{body}");
     let none = get("192.168.0.2:30001", "/");
     assert_eq!(none["status"], 503, "no local endpoint: {none}");
     assert!(

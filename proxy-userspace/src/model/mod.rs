@@ -512,7 +512,14 @@ pub fn compute_service(
         for port in &svc.ports {
             let eps = endpoints_for_port(store, svc, port, node);
             let cat = categorize(&eps, svc, node);
-            local_endpoint_count.extend(cat.local.iter().map(SocketAddr::ip));
+            // The health check counts ready local endpoints only (upstream): a node whose
+            // local pods are all terminating reports 0, so load balancers drain it, while
+            // its traffic still reaches them (the terminating fallback).
+            local_endpoint_count.extend(
+                eps.iter()
+                    .filter(|c| c.local && c.ready && !c.terminating)
+                    .map(|c| c.addr.ip()),
+            );
             let cluster_targets = targets(&cat.cluster, false, cat.has_any);
             let internal = if svc.internal_policy_local {
                 targets(&cat.local, true, cat.has_any)
@@ -912,6 +919,17 @@ mod tests {
         assert_eq!(
             desired.health_checks.get(&ObjectRef::new("ns", "s")),
             Some(&(30000, 1))
+        );
+        // Only terminating local endpoints: the health check reports 0 (load balancers
+        // drain the node) though traffic still reaches them.
+        let draining = store(
+            vec![svc("s").external(true)],
+            vec![slice("s", "s-1", &[ep("10.1.0.1", NODE).terminating()])],
+        );
+        let desired = compute(&draining, &node(), &config());
+        assert_eq!(
+            desired.health_checks.get(&ObjectRef::new("ns", "s")),
+            Some(&(30000, 0))
         );
     }
 
