@@ -355,6 +355,14 @@ pub struct RunArgs {
     /// ebpf: slots of a Maglev table, a prime well above 100x the backends of a service.
     #[arg(long, default_value_t = proxy_common::MAGLEV_TABLE_SIZE, value_parser = parse_maglev_size)]
     pub maglev_table_size: u32,
+    /// Accept a --cgroup-path that is not the node's root cgroup (only processes below it
+    /// are load-balanced).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_child_cgroup: bool,
+    /// Mount a bpffs of kpr's own when --bpf-fs-path is not on one (the datapath then dies
+    /// with the agent's mount namespace).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_private_bpffs: bool,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
 }
@@ -601,6 +609,8 @@ impl RunArgs {
                     gc_interval: self.conntrack_gc_interval,
                     conntrack_max: self.conntrack_max.max(1024),
                 },
+                allow_child_cgroup: self.allow_child_cgroup,
+                allow_private_bpffs: self.allow_private_bpffs,
             },
             node: NodeInfo {
                 name,

@@ -225,3 +225,30 @@ fn started_like_kube_proxy_with_a_config_file() {
         "the kpr section applies: {web}"
     );
 }
+
+#[test]
+fn refuses_a_cgroup_that_is_not_the_nodes_root() {
+    let t = Topology::new("cgcheck");
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new(kpr_testnet::kpr_bin())
+        .arg(format!("--manifests={}", dir.display()))
+        .arg(format!("--bpf-fs-path={}", t.bpffs.display()))
+        .arg(format!("--cgroup-path={}", t.cgroup.path.display()))
+        .args([
+            "--proxy-mode=ebpf",
+            "--tc-interfaces=none",
+            "--cleanup-other-modes=false",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a child cgroup is refused: {err}");
+    assert!(err.contains("is not the node's root cgroup"), "{err}");
+    assert!(
+        !t.bpffs
+            .join(format!("v{}", proxy_common::MAP_LAYOUT_VERSION))
+            .exists(),
+        "nothing was loaded"
+    );
+}

@@ -559,6 +559,7 @@ impl Topology {
         cmd.arg(format!("--manifests={}", manifests.display()))
             .arg(format!("--bpf-fs-path={}", self.bpffs.display()))
             .arg(format!("--cgroup-path={}", self.cgroup.path.display()))
+            .arg("--allow-child-cgroup")
             .args(extra);
         host_safe(cmd)
     }
@@ -576,6 +577,7 @@ impl Topology {
             .arg(&self.bpffs)
             .arg("--cgroup-path")
             .arg(&self.cgroup.path)
+            .arg("--allow-child-cgroup")
             .args(["--min-sync-period", "20ms"])
             .args(extra);
         if !extra.contains(&"--hostname-override") {

@@ -344,6 +344,37 @@ fn mount_bpffs_if_missing(path: &Path) {
     }
 }
 
+/// Whether the nearest existing ancestor of `path` is on a bpffs.
+fn bpffs_below(path: &Path) -> bool {
+    let probe = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("/"));
+    statfs_magic(probe) == Some(BPF_FS_MAGIC)
+}
+
+/// Fails unless `cgroup` is a cgroup v2 root (a root has no `cgroup.type`): the socket
+/// programs act only below the cgroup they attach to, so a container's own cgroup would
+/// leave every pod without ClusterIPs.
+///
+/// # Errors
+/// Not a cgroup v2 directory, or not a root one.
+pub fn check_root_cgroup(cgroup: &Path) -> Result<()> {
+    if !cgroup.join("cgroup.procs").exists() {
+        return Err(Error::invalid(format!(
+            "--cgroup-path {} is not a cgroup v2 directory (no cgroup.procs): mount the host's /sys/fs/cgroup",
+            cgroup.display()
+        )));
+    }
+    if cgroup.join("cgroup.type").exists() {
+        return Err(Error::invalid(format!(
+            "--cgroup-path {} is not the node's root cgroup (it has cgroup.type): processes outside it, pods included, would not be load-balanced. Mount the host's /sys/fs/cgroup (hostPath) and point --cgroup-path at it, or pass --allow-child-cgroup",
+            cgroup.display()
+        )));
+    }
+    Ok(())
+}
+
 fn statfs_magic(path: &Path) -> Option<i64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs with a valid C string and an out-parameter of the right type.
@@ -355,7 +386,13 @@ fn statfs_magic(path: &Path) -> Option<i64> {
 }
 
 /// Fails with a clear message unless `path` is on a bpffs.
-fn check_bpffs(path: &Path) -> Result<()> {
+fn check_bpffs(path: &Path, may_mount: bool) -> Result<()> {
+    if !may_mount && !bpffs_below(path) {
+        return Err(Error::invalid(format!(
+            "{} is not on a BPF filesystem. kpr's pinned programs and maps must outlive the agent: mount the host's /sys/fs/bpf (in a DaemonSet: a hostPath volume with mountPropagation: Bidirectional), or pass --allow-private-bpffs to let kpr mount one itself (the datapath is then torn down whenever the agent's mount namespace goes)",
+            path.display()
+        )));
+    }
     mount_bpffs_if_missing(path);
     let probe = path
         .ancestors()
@@ -423,7 +460,12 @@ pub enum LoadOutcome {
 /// # Errors
 /// No bpffs, an unusable cgroup path, or the kernel refused to load or attach.
 pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
-    ensure_loaded_sized(layout, cgroup, proxy_common::map_sizes::CONNTRACK as u32)
+    ensure_loaded_sized(
+        layout,
+        cgroup,
+        proxy_common::map_sizes::CONNTRACK as u32,
+        true,
+    )
 }
 
 /// [`ensure_loaded`] with a conntrack map of `conntrack_max` entries. The size applies when
@@ -435,7 +477,9 @@ pub fn ensure_loaded_sized(
     layout: &PinLayout,
     cgroup: &Path,
     conntrack_max: u32,
+    may_mount_bpffs: bool,
 ) -> Result<LoadOutcome> {
+    check_bpffs(&layout.root, may_mount_bpffs)?;
     let outcome = ensure_loaded_inner(layout, cgroup, conntrack_max)?;
     if let Ok(m) = MapData::from_pin(layout.map(map_names::CONNTRACK))
         && let Ok(info) = m.info()
@@ -456,7 +500,6 @@ fn ensure_loaded_inner(
     conntrack_max: u32,
 ) -> Result<LoadOutcome> {
     check_object()?;
-    check_bpffs(&layout.root)?;
     let hash = object_hash();
     let links_dir = layout.links_dir(&hash);
     let maps_present = map_names::ALL.iter().all(|m| layout.map(m).exists());

@@ -39,6 +39,11 @@ pub struct EbpfConfig {
     pub cgroup_path: PathBuf,
     pub tc_interfaces: TcInterfaces,
     pub datapath: DatapathConfig,
+    /// Attach to a cgroup that is not the node's root (tests, a node whose pods live in one
+    /// known subtree).
+    pub allow_child_cgroup: bool,
+    /// Mount a bpffs of kpr's own when none is there (it dies with the mount namespace).
+    pub allow_private_bpffs: bool,
 }
 
 /// Settings of the datapath itself (conntrack, NAT, Maglev).
@@ -104,8 +109,15 @@ impl EbpfRenderer {
     /// The datapath could not be loaded or its maps opened.
     pub fn start(cfg: &EbpfConfig) -> Result<(Self, LoadOutcome)> {
         let layout = PinLayout::new(&cfg.bpf_fs_path);
-        let outcome =
-            datapath::ensure_loaded_sized(&layout, &cfg.cgroup_path, cfg.datapath.conntrack_max)?;
+        if !cfg.allow_child_cgroup {
+            datapath::check_root_cgroup(&cfg.cgroup_path)?;
+        }
+        let outcome = datapath::ensure_loaded_sized(
+            &layout,
+            &cfg.cgroup_path,
+            cfg.datapath.conntrack_max,
+            cfg.allow_private_bpffs,
+        )?;
         let renderer = Self {
             tc_interfaces: cfg.tc_interfaces.clone(),
             datapath: cfg.datapath,
