@@ -278,6 +278,12 @@ impl Syncer {
         self.services_listed && self.slices_listed
     }
 
+    /// Whether a sync has completed without errors since the agent started.
+    #[must_use]
+    pub fn synced_ok(&self) -> bool {
+        self.status.lock().is_ok_and(|s| s.last_updated.is_some())
+    }
+
     /// The renderer's mode.
     #[must_use]
     pub fn mode(&self) -> ProxyMode {
@@ -493,9 +499,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     crate::metrics::init(choice.mode, families);
     crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, cfg.node_port_addresses_given);
     let renderer = start_renderer(choice.mode, &cfg)?;
-    if cfg.cleanup_other_modes {
-        cleanup_other_modes(choice.mode, &cfg);
-    }
+    // What another mode (or kube-proxy) left is removed only once this mode's datapath holds
+    // every Service (the first successful full sync): until then the old rules keep serving,
+    // so a takeover drops no connection.
+    let mut cleanup_pending = cfg.cleanup_other_modes;
     let mut syncer = Syncer::new(&cfg, renderer, choice);
     tracing::info!(mode = %syncer.mode(), node = %cfg.node.name, "kpr agent started");
     let (tx, mut rx) = mpsc::channel::<Change>(1024);
@@ -546,6 +553,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     syncer.resync();
                     last_full = Instant::now();
                     health.sync(&syncer.health_checks).await;
+                }
+                if cleanup_pending && syncer.synced_ok() {
+                    cleanup_other_modes(syncer.mode(), &cfg);
+                    cleanup_pending = false;
                 }
             }
             _ = interfaces.tick() => syncer.tick(),

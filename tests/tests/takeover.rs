@@ -1,0 +1,167 @@
+//! Takeover without drops: a node whose Services are served by kube-proxy-style iptables
+//! rules (kpr's iptables mode stands in for kube-proxy: upstream's chain layout) is taken over
+//! by the ebpf mode while connections flow — new connections continuously from a pod to a
+//! ClusterIP and from outside to a NodePort, plus one long-lived connection — and the old
+//! rules are removed only after the new datapath holds every Service. Zero failed new
+//! connections (before the fix, removing the old rules before the first sync dropped some).
+//! The long-lived connection is reported: it does not survive the removal of the rules it
+//! was established through (a known gap).
+//!
+//! Address plan (inside the test's namespaces):
+//!   client pod 10.0.0.2; backends 10.180.0.1, 10.180.0.2 (:80)
+//!   outside host 203.0.113.2, linked to the node (192.168.0.2)
+//!   Service web: ClusterIP 172.30.0.10:80, NodePort 30080 (eTP=Cluster)
+use std::io::Read as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kpr_testnet::{Topology, backends_of, write_manifest};
+
+const MANIFESTS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: web}
+spec:
+  type: NodePort
+  clusterIP: 172.30.0.10
+  ports: [{name: p, port: 80, targetPort: 80, nodePort: 30080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.180.0.1], conditions: {ready: true}, nodeName: test-node}
+- {addresses: [10.180.0.2], conditions: {ready: true}, nodeName: test-node}
+ports: [{name: p, port: 80, protocol: TCP}]
+";
+
+fn chains(t: &Topology) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.node.path().display()))
+        .args(["iptables-save", "-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn agent(t: &Topology, dir: &std::path::Path, mode: &str) -> kpr_testnet::ChildGuard {
+    t.start_agent_in_node(
+        dir,
+        &[
+            "--proxy-mode",
+            mode,
+            "--node-ip",
+            "192.168.0.2",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
+    )
+}
+
+fn collect(mut child: std::process::Child) -> Vec<serde_json::Value> {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = child.wait();
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
+    let mut t = Topology::new("takeover");
+    t.add_external(
+        "outside",
+        Ipv4Addr::new(203, 0, 113, 2),
+        Ipv4Addr::new(192, 168, 0, 2),
+    );
+    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
+    for (name, ip) in [("a", [10, 180, 0, 1]), ("b", [10, 180, 0, 2])] {
+        t.add_pod(name, Ipv4Addr::from(ip));
+        t.serve(name, &[80]);
+    }
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "all.yaml", MANIFESTS);
+
+    // kube-proxy's rules, written by kpr's iptables mode.
+    let mut old = agent(&t, &dir, "iptables");
+    let start = std::time::Instant::now();
+    while !chains(&t).contains("KUBE-SVC-") {
+        assert!(start.elapsed() < Duration::from_secs(15), "iptables rules");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for l in t.client("client", &["tcp", "172.30.0.10:80", "3"]) {
+        assert!(l["backend"].is_string(), "served by the rules: {l}");
+    }
+
+    // Traffic that spans the takeover: a long-lived connection, and new connections every
+    // 40 ms from a pod (ClusterIP) and from outside (NodePort).
+    let hold = t
+        .workload_in("client", &["hold", "172.30.0.10:80", "6", "100"], true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pod = t
+        .workload_in("client", &["tcp", "172.30.0.10:80", "120", "40"], true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let outside = t
+        .workload_in("outside", &["tcp", "192.168.0.2:30080", "120", "40"], false)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // kube-proxy goes (its rules stay), kpr's ebpf mode comes up and only then removes them.
+    old.kill9();
+    let _new = agent(&t, &dir, "ebpf");
+    t.wait_for_services("ebpf frontends", Duration::from_secs(15), |rows| {
+        backends_of(rows, "172.30.0.10:80", "TCP").is_some()
+    });
+    let start = std::time::Instant::now();
+    while chains(&t).contains("KUBE-SVC-") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "kube-proxy's chains are removed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let pod = collect(pod);
+    let outside = collect(outside);
+    let hold = collect(hold);
+    for (what, lines) in [
+        ("pod -> ClusterIP", &pod),
+        ("outside -> NodePort", &outside),
+    ] {
+        assert_eq!(lines.len(), 120, "{what}");
+        let failed: Vec<_> = lines.iter().filter(|l| !l["error"].is_null()).collect();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} failed: {failed:?}",
+            failed.len()
+        );
+    }
+    // The long-lived connection was established through the old rules' DNAT. It is reported,
+    // not asserted: on this kernel it stops answering once the old rules are removed
+    // (README, Operating kpr: a known gap of the takeover).
+    assert!(hold[0]["connected"].is_string(), "{:?}", hold[0]);
+    let answered = hold[1..].iter().filter(|e| e["echo"].is_string()).count();
+    eprintln!(
+        "long-lived connection through the takeover: {answered} of {} requests answered",
+        hold.len() - 1
+    );
+}
