@@ -113,7 +113,14 @@ pub mod service_flags {
     pub const RANGES_ADMIT_NODE: u32 = 1 << 8;
     /// ... pod clients are admitted (every pod CIDR is inside the ranges).
     pub const RANGES_ADMIT_PODS: u32 = 1 << 9;
+    /// On a ClusterIP's (internal) entry: traffic to it that arrives from outside the node
+    /// (the TC path) is masqueraded unless its source is in the pod CIDRs (`POD_CIDRS_ID`),
+    /// upstream's local-traffic detector. `EXTERNAL_MASQ` on that entry: always (masqueradeAll).
+    pub const MASQ_UNLESS_PODS: u32 = 1 << 10;
 }
+
+/// The `KPR_SRC_RANGES` id under which the agent writes the pod CIDRs (never a service id).
+pub const POD_CIDRS_ID: u32 = u32::MAX;
 
 /// Why the datapath dropped a packet: the index into the per-CPU `KPR_DROPS` array.
 pub mod drop_reason {

@@ -492,3 +492,35 @@ fn a_backend_reset_closes_the_whole_flow() {
         "and expires in seconds, not a day"
     );
 }
+
+#[test]
+fn a_cluster_ip_reached_from_outside_is_served_and_masqueraded_per_the_detector() {
+    let mut dp = Datapath::new("tcclip");
+    dp.program(&manifests(true, &["10.180.0.1"]));
+    // From outside the cluster (not a pod CIDR source): DNAT and masquerade.
+    let (rc, fwd) = dp.run(
+        "kpr_tc_ingress",
+        &packet(CLIENT, 42200, [172, 30, 0, 41], 80, Some(SYN), b""),
+    );
+    assert_eq!(rc, TC_NEXT);
+    assert_eq!(
+        dst(&fwd),
+        (BACKEND_LOCAL, 80),
+        "served from the ClusterIP's entry"
+    );
+    let (_, out) = dp.run("kpr_tc_egress", &fwd);
+    assert_eq!(src(&out).0, NODE, "masqueraded: the source is not a pod");
+    assert_checksums(&out);
+    // From a pod CIDR (10.0.0.0/8 here), e.g. a pod on another node: client kept.
+    let pod = [10, 99, 0, 7];
+    let (_, fwd) = dp.run(
+        "kpr_tc_ingress",
+        &packet(pod, 42201, [172, 30, 0, 41], 80, Some(SYN), b""),
+    );
+    assert_eq!(dst(&fwd), (BACKEND_LOCAL, 80));
+    let (_, out) = dp.run("kpr_tc_egress", &fwd);
+    assert_eq!(src(&out), (pod, 42201), "pod traffic keeps its source");
+    // A port the ClusterIP does not serve stays untouched.
+    let other = packet(CLIENT, 42202, [172, 30, 0, 41], 8080, Some(SYN), b"");
+    assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_NEXT, other.clone()));
+}

@@ -9,8 +9,8 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST, btf_maps::PerCpuArray, macros::btf_map, programs::TcContext,
 };
 use proxy_common::{
-    CtKey, CtTimeouts, CtValue, NAT_PORT_MAX, NAT_PORT_MIN, NodeConfig, ServiceKey, ct_flags,
-    ct_kind, ct_state, drop_reason, proto, scope, service_flags,
+    CtKey, CtTimeouts, CtValue, NAT_PORT_MAX, NAT_PORT_MIN, NodeConfig, POD_CIDRS_ID, ServiceKey,
+    ct_flags, ct_kind, ct_state, drop_reason, proto, scope, service_flags,
 };
 
 use super::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
@@ -219,17 +219,29 @@ pub fn fold_addr(a: &[u8; 16]) -> u32 {
 // stack frames never add up (the verifier allows 512 bytes along any call chain).
 #[inline(never)]
 pub fn choose(p: &Packet, out: &mut Choice) -> i32 {
-    let skey = ServiceKey {
+    let mut skey = ServiceKey {
         addr: p.dst16,
         port: p.dport,
         proto: p.proto,
         scope: scope::EXTERNAL,
     };
-    let Some(svc) = KPR_SERVICES.get_ptr_mut(&skey) else {
-        return NEXT;
+    let svc = match KPR_SERVICES.get_ptr_mut(&skey) {
+        Some(svc) => svc,
+        None => {
+            // A ClusterIP reached from outside the node (routed to it): served from its
+            // internal entry, as upstream serves every source of a ClusterIP.
+            skey.scope = scope::INTERNAL;
+            match KPR_SERVICES.get_ptr_mut(&skey) {
+                Some(svc) => svc,
+                None => return NEXT,
+            }
+        }
     };
     // SAFETY: a value pointer from a successful lookup, valid for this program run.
     let svc = unsafe { &mut *svc };
+    if skey.scope == scope::INTERNAL && svc.flags & service_flags::CLUSTER_IP == 0 {
+        return NEXT;
+    }
     // loadBalancerSourceRanges; traffic the network presents with the LB IP itself as its
     // source (a load balancer hairpinning the node's own connection) is let in, as upstream.
     if svc.flags & service_flags::SOURCE_RANGES != 0
@@ -265,6 +277,12 @@ pub fn choose(p: &Packet, out: &mut Choice) -> i32 {
     out.backend_id = backend_id;
     out.service_id = svc.id;
     out.service_flags = svc.flags;
+    // Outside traffic to a ClusterIP is masqueraded unless it comes from a pod CIDR
+    // (upstream's local-traffic detector).
+    if svc.flags & service_flags::MASQ_UNLESS_PODS != 0 && !in_source_ranges(POD_CIDRS_ID, &p.src16)
+    {
+        out.service_flags |= service_flags::EXTERNAL_MASQ;
+    }
     CHOSEN
 }
 

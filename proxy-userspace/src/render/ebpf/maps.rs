@@ -337,9 +337,19 @@ fn wanted(
     let maglev_table_size = ctx.maglev_table_size;
     let mut flags = 0;
     // The TC path serves external traffic: masquerade it when the model says so for every
-    // external source. (Socket-level load balancing never rewrites a source.)
-    if external && fe.external_masquerade == Masquerade::Always {
+    // external source. (Socket-level load balancing never rewrites a source.) A ClusterIP has
+    // no external entry: outside traffic to it is served from its internal entry, which says
+    // how to masquerade that traffic.
+    if (external || fe.kind == FrontendKind::ClusterIp)
+        && fe.external_masquerade == Masquerade::Always
+    {
         flags |= service_flags::EXTERNAL_MASQ;
+    }
+    if !external
+        && fe.kind == FrontendKind::ClusterIp
+        && fe.external_masquerade == Masquerade::UnlessFromPods
+    {
+        flags |= service_flags::MASQ_UNLESS_PODS;
     }
     if fe.kind == FrontendKind::ClusterIp {
         flags |= service_flags::CLUSTER_IP;

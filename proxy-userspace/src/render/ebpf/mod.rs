@@ -99,6 +99,8 @@ pub struct EbpfRenderer {
     datapath: DatapathConfig,
     last_gc: Option<Instant>,
     counters: DatapathCounters,
+    /// The pod CIDRs written under `POD_CIDRS_ID` (None: not written by this agent yet).
+    pod_cidrs: Option<BTreeSet<ipnet::IpNet>>,
 }
 
 impl EbpfRenderer {
@@ -145,6 +147,7 @@ impl EbpfRenderer {
             datapath: DatapathConfig::default(),
             last_gc: None,
             counters: DatapathCounters::default(),
+            pod_cidrs: None,
         })
     }
 
@@ -251,6 +254,7 @@ impl EbpfRenderer {
             udp_stream_secs: t.udp_stream,
             _pad: 0,
         };
+        self.sync_pod_cidrs(desired, report);
         if self.node_config == Some(cfg) {
             return;
         }
@@ -269,6 +273,28 @@ impl EbpfRenderer {
     /// if the kernel refuses a batch (a full map, say), the renderer re-reads what the maps
     /// hold and finishes element by element, where every frontend's failure is reported on
     /// its own and leaves nothing half-published.
+    /// The pod CIDRs (the local-traffic detector) in `KPR_SRC_RANGES` under `POD_CIDRS_ID`,
+    /// for outside traffic to ClusterIPs.
+    fn sync_pod_cidrs(&mut self, desired: &DesiredState, report: &mut SyncReport) {
+        use self::maps::LbMaps as _;
+        let want: BTreeSet<ipnet::IpNet> = desired.pod_cidrs.iter().copied().collect();
+        if self.pod_cidrs.as_ref() == Some(&want) {
+            return;
+        }
+        let old = self.pod_cidrs.take().unwrap_or_default();
+        for r in want.difference(&old) {
+            if let Err(e) = self.maps.put_src_range(proxy_common::POD_CIDRS_ID, r) {
+                report.errors.push(e.context("writing the pod CIDRs"));
+                return;
+            }
+        }
+        for r in old.difference(&want) {
+            let _ = self.maps.del_src_range(proxy_common::POD_CIDRS_ID, r);
+        }
+        report.changes += 1;
+        self.pod_cidrs = Some(want);
+    }
+
     fn sync_batched(&mut self, desired: &DesiredState) -> (SyncStats, Vec<Error>) {
         let mut batched = Batched {
             inner: &mut self.maps,
