@@ -235,6 +235,10 @@ impl Syncer {
                     next.ips = node.ips;
                 }
                 next.labels = node.labels;
+                next.lb_ineligible = node.lb_ineligible;
+                if let Ok(mut st) = self.status.lock() {
+                    st.node_eligible = !node.lb_ineligible;
+                }
                 let changed = next != self.node;
                 self.node = next;
                 if changed {

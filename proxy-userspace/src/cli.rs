@@ -616,6 +616,7 @@ impl RunArgs {
                 name,
                 ips: self.node_ip.clone(),
                 labels: Default::default(),
+                lb_ineligible: false,
             },
             proxy: ProxyConfig {
                 cluster_cidrs: self.cluster_cidr.clone(),

@@ -191,6 +191,9 @@ pub struct NodeInfo {
     /// The first is the primary node IP.
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// The Node is being deleted or tainted `ToBeDeletedByClusterAutoscaler`: load balancers
+    /// should stop sending to it (`/healthz` says `nodeEligible: false`).
+    pub lb_ineligible: bool,
 }
 
 impl NodeInfo {

@@ -194,6 +194,7 @@ fn bench_programming() -> anyhow::Result<()> {
             name: "bench".into(),
             ips: vec!["192.168.0.2".parse()?],
             labels: Default::default(),
+            lb_ineligible: false,
         };
         let config = ProxyConfig::default();
         let mut store = Store::default();

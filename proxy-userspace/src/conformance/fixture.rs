@@ -201,6 +201,7 @@ impl Fixture {
             name: self.node.name.clone(),
             ips: self.node.ips.clone(),
             labels: self.node.labels.clone(),
+            lb_ineligible: false,
         }
     }
 

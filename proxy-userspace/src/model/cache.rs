@@ -100,6 +100,7 @@ mod tests {
             name: "n".into(),
             ips: vec!["192.168.0.2".parse().unwrap()],
             labels: Default::default(),
+            lb_ineligible: false,
         };
         let config = ProxyConfig::default();
         let mut store = Store::default();

@@ -673,6 +673,7 @@ mod tests {
                 "zone-a".to_string(),
             )]
             .into(),
+            lb_ineligible: false,
         }
     }
 

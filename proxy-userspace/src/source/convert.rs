@@ -275,6 +275,17 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<SliceInfo> {
 
 /// This node's name, InternalIPs (then ExternalIPs) and labels.
 #[must_use]
+/// upstream (healthcheck): a Node being deleted, or tainted by the cluster autoscaler for
+/// deletion, is not eligible for load-balancer traffic.
+fn lb_ineligible(node: &Node) -> bool {
+    node.metadata.deletion_timestamp.is_some()
+        || node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"))
+}
+
 pub fn node(node: &Node) -> NodeInfo {
     let mut ips: Vec<IpAddr> = Vec::new();
     for wanted in ["InternalIP", "ExternalIP"] {
@@ -297,6 +308,7 @@ pub fn node(node: &Node) -> NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
         ips,
         labels: node.metadata.labels.clone().unwrap_or_default(),
+        lb_ineligible: lb_ineligible(node),
     }
 }
 
@@ -496,5 +508,29 @@ mod tests {
             ],
             "InternalIPs first"
         );
+    }
+}
+
+#[cfg(test)]
+mod eligibility_tests {
+    use super::*;
+
+    fn node_json(v: serde_json::Value) -> Node {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn deleted_or_autoscaler_tainted_nodes_are_not_eligible() {
+        let plain = node_json(serde_json::json!({"metadata": {"name": "n"}}));
+        assert!(!node(&plain).lb_ineligible);
+        let tainted = node_json(serde_json::json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
+        }));
+        assert!(node(&tainted).lb_ineligible);
+        let deleting = node_json(serde_json::json!({
+            "metadata": {"name": "n", "deletionTimestamp": "2026-12-02T00:00:00Z"}
+        }));
+        assert!(node(&deleting).lb_ineligible);
     }
 }

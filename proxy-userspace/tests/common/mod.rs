@@ -87,6 +87,7 @@ impl Datapath {
             name: "test-node".into(),
             ips: vec![Ipv4Addr::from(NODE).into(), NODE6.into()],
             labels: Default::default(),
+            lb_ineligible: false,
         };
         let config = ProxyConfig {
             cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],

@@ -612,6 +612,7 @@ mod tests {
             name: "node-a".into(),
             ips: vec!["192.168.0.2".parse().unwrap()],
             labels: Default::default(),
+            lb_ineligible: false,
         }
     }
 

@@ -670,6 +670,7 @@ mod tests {
             name: "node-a".into(),
             ips: vec!["192.168.0.2".parse().unwrap()],
             labels: Default::default(),
+            lb_ineligible: false,
         };
         let mut config = ProxyConfig {
             cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
