@@ -351,6 +351,30 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
+impl CtKey {
+    /// The key of an entry of `kind` for the tuple (`saddr`:`sport` -> `daddr`:`dport`).
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(
+        saddr: [u8; 16],
+        daddr: [u8; 16],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        kind: u8,
+    ) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            kind,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// A conntrack value: the address and port to write, the backend the flow is pinned to, and
 /// its lifecycle (state and expiry). Every entry of a flow carries the forward tuple's
 /// essentials, so the agent's garbage collector can find all of a flow's entries from any one.

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kpr_testnet::{ChildGuard, Topology, kpr_bin, write_manifest};
+use kpr_testnet::{Topology, kpr_bin, write_manifest};
 
 fn manifests(web_backends: &[&str]) -> String {
     let eps: Vec<String> = web_backends
@@ -57,22 +57,8 @@ fn cluster(tag: &str) -> (Topology, std::path::PathBuf) {
     (t, dir)
 }
 
-fn agent(t: &Topology, dir: &std::path::Path, mode: &str) -> ChildGuard {
-    t.start_agent_in_node(
-        dir,
-        &[
-            "--proxy-mode",
-            mode,
-            "--node-ip",
-            "192.168.0.2",
-            "--cluster-cidr",
-            "10.0.0.0/8",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ],
-    )
+fn agent(t: &Topology, dir: &std::path::Path, mode: &str) -> kpr_testnet::ChildGuard {
+    t.start_mode_agent_in_node(dir, mode)
 }
 
 /// Waits until every connection to `vip` reaches one of `backends` (and each was reached).

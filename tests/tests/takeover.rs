@@ -47,21 +47,7 @@ fn chains(t: &Topology) -> String {
 }
 
 fn agent(t: &Topology, dir: &std::path::Path, mode: &str) -> kpr_testnet::ChildGuard {
-    t.start_agent_in_node(
-        dir,
-        &[
-            "--proxy-mode",
-            mode,
-            "--node-ip",
-            "192.168.0.2",
-            "--cluster-cidr",
-            "10.0.0.0/8",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ],
-    )
+    t.start_mode_agent_in_node(dir, mode)
 }
 
 fn collect(mut child: std::process::Child) -> Vec<serde_json::Value> {

@@ -78,15 +78,7 @@ pub fn ct_key(
     proto: u8,
     kind: u8,
 ) -> CtKey {
-    CtKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        kind,
-        _pad: [0; 2],
-    }
+    CtKey::new(saddr, daddr, sport, dport, proto, kind)
 }
 
 #[inline(always)]

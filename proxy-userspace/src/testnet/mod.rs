@@ -564,6 +564,26 @@ impl Topology {
         host_safe(cmd)
     }
 
+    /// An agent of `mode` in the node namespace, as the rule-mode and takeover tests run it:
+    /// node IP 192.168.0.2, pod CIDR 10.0.0.0/8, no health or metrics servers.
+    pub fn start_mode_agent_in_node(&self, manifests: &Path, mode: &str) -> ChildGuard {
+        self.start_agent_in_node(
+            manifests,
+            &[
+                "--proxy-mode",
+                mode,
+                "--node-ip",
+                "192.168.0.2",
+                "--cluster-cidr",
+                "10.0.0.0/8",
+                "--healthz-bind-address",
+                "",
+                "--metrics-bind-address",
+                "",
+            ],
+        )
+    }
+
     /// Spawns an agent command built by the caller (log in the workdir, killed on drop).
     pub fn spawn(&self, cmd: Command) -> ChildGuard {
         self.spawn_agent(cmd)

@@ -36,15 +36,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 fn key(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8, kind: u8) -> CtKey {
-    CtKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto,
-        kind,
-        _pad: [0; 2],
-    }
+    CtKey::new(saddr, daddr, sport, dport, proto, kind)
 }
 
 /// The other entries of the flow whose FORWARD entry is (`k`, `v`).
