@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     pub healthz_bind: Option<std::net::SocketAddr>,
     pub metrics_bind: Option<std::net::SocketAddr>,
+    /// The effective configuration as KubeProxyConfiguration YAML, served at `/configz`.
+    pub configz: String,
 }
 
 /// Removes what every mode programmed: kpr's eBPF pins under `bpf_fs_path`, `KUBE-*` iptables
@@ -183,6 +185,7 @@ impl Syncer {
             mode: renderer.mode(),
             mode_choice: Some(choice),
             node_eligible: true,
+            configz: cfg.configz.clone(),
             ..Default::default()
         };
         Self {

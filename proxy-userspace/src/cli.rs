@@ -581,6 +581,7 @@ impl RunArgs {
             }),
         };
         AgentConfig {
+            configz: crate::config::effective_yaml(self),
             source,
             mode: self.proxy_mode.0,
             node_port_addresses_given: !self.nodeport_addresses.is_empty(),

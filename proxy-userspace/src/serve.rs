@@ -46,6 +46,8 @@ pub struct AgentStatus {
     pub last_updated: Option<jiff::Timestamp>,
     /// Whether this node should get load-balancer traffic (`nodeEligible`).
     pub node_eligible: bool,
+    /// The effective configuration (`/configz`).
+    pub configz: String,
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
@@ -91,6 +93,13 @@ fn health_of(status: &SharedStatus, livez: bool) -> (StatusCode, String) {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, body)
+}
+
+/// The effective configuration (kube-proxy's `/configz`): KubeProxyConfiguration YAML with
+/// kpr's section.
+async fn configz(State(status): State<SharedStatus>) -> impl IntoResponse {
+    let body = status.lock().expect("status lock").configz.clone();
+    ([("content-type", "application/yaml")], body)
 }
 
 async fn healthz(State(status): State<SharedStatus>) -> impl IntoResponse {
@@ -141,6 +150,7 @@ pub async fn start(
             .route("/metrics", get(metrics))
             .route("/proxyMode", get(proxy_mode))
             .route("/proxyModeStatus", get(proxy_mode_status))
+            .route("/configz", get(configz))
             .route("/healthz", get(healthz))
             .with_state(status);
         spawn_server("metrics", addr, app).await;

@@ -204,6 +204,24 @@ fn health_check_node_ports_healthz_and_metrics() {
     ] {
         assert!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
     }
+    // /configz: the effective configuration.
+    let out = t
+        .command_in_ns(
+            &t.node.path(),
+            &kpr_testnet::kpr_bin(),
+            &["workload", "http", "127.0.0.1:10249", "/configz"],
+            false,
+        )
+        .output()
+        .unwrap();
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = kpr::config::parse(c["body"].as_str().unwrap()).expect("/configz parses back");
+    assert_eq!(
+        cfg.config.hostname_override.as_deref(),
+        Some("test-node"),
+        "{c}"
+    );
+    assert!(cfg.unknown.is_empty(), "{:?}", cfg.unknown);
     // upstream's health body: timestamps, node eligibility
     let body: serde_json::Value = serde_json::from_str(healthz["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["healthy"], true, "{body}");
