@@ -14,7 +14,7 @@ use proxy_common::{
 };
 
 use super::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
-use super::{NEXT, ct_key, drop, translate};
+use super::{NEXT, drop, translate};
 use crate::maps::{KPR_BACKENDS, KPR_CONFIG, KPR_CT, KPR_SERVICES, count_service};
 use crate::select::{self, conns_add, flow_hash, in_source_ranges, select_backend};
 
@@ -103,7 +103,7 @@ pub fn refresh(p: &Packet, ct: &mut CtValue, now: u64, reply: bool) {
 /// counting towards least connections, and a SYN reusing the client port opens a new flow.
 #[inline(never)]
 pub fn close_forward(key: &CtKey, ct: &CtValue, now: u64) {
-    let fwd = ct_key(
+    let fwd = CtKey::new(
         key.daddr,
         ct.addr,
         key.dport,
@@ -124,7 +124,7 @@ pub fn close_forward(key: &CtKey, ct: &CtValue, now: u64) {
 /// answered UDP flow lives on its stream timeout even when the client is quiet.
 #[inline(never)]
 pub fn reply_alive(p: &Packet, ct: &CtValue, now: u64) -> bool {
-    let key = ct_key(
+    let key = CtKey::new(
         ct.addr,
         p.src16,
         ct.port,
@@ -181,7 +181,7 @@ fn snat_address(cfg: &NodeConfig, v6: bool) -> Option<[u8; 16]> {
 pub fn delete_flow(fwd: &CtKey, ct: &mut CtValue) {
     uncount(ct);
     let (client, cport, backend, bport) = (fwd.saddr, fwd.sport, ct.addr, ct.port);
-    let mut key = ct_key(
+    let mut key = CtKey::new(
         backend,
         client,
         bport,
@@ -191,12 +191,12 @@ pub fn delete_flow(fwd: &CtKey, ct: &mut CtValue) {
     );
     let _ = KPR_CT.remove(&key);
     if ct.flags & ct_flags::MASQ != 0 {
-        key = ct_key(client, backend, cport, bport, fwd.proto, ct_kind::SNAT);
+        key = CtKey::new(client, backend, cport, bport, fwd.proto, ct_kind::SNAT);
         if let Some(snat) = KPR_CT.get_ptr(&key) {
             // SAFETY: as above.
             let (addr, port) = unsafe { ((*snat).addr, (*snat).port) };
             let _ = KPR_CT.remove(&key);
-            key = ct_key(backend, addr, bport, port, fwd.proto, ct_kind::REPLY_DNAT);
+            key = CtKey::new(backend, addr, bport, port, fwd.proto, ct_kind::REPLY_DNAT);
             let _ = KPR_CT.remove(&key);
         }
     }

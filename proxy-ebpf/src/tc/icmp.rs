@@ -1,9 +1,9 @@
 //! ICMP and ICMPv6 errors about translated flows, translated like the flow itself.
 use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
-use proxy_common::{ct_flags, ct_kind, proto, v4_mapped};
+use proxy_common::{CtKey, ct_flags, ct_kind, proto, v4_mapped};
 
 use super::parse::{ip_version, read};
-use super::{NEXT as OK, SHOT, csum_diff16, ct_key};
+use super::{NEXT as OK, SHOT, csum_diff16};
 use crate::maps::KPR_CT;
 
 const IPPROTO_ICMP: u8 = 1;
@@ -114,7 +114,7 @@ fn icmp_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
     let (isrc16, idst16) = (v4_mapped(isrc), v4_mapped(idst));
     if ingress {
         // About our reply (frontend -> client): the flow's forward entry names the backend.
-        let mut key = ct_key(
+        let mut key = CtKey::new(
             idst16,
             isrc16,
             idport,
@@ -127,7 +127,7 @@ fn icmp_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
             let ct = unsafe { &*ct };
             let (backend, bport, masq) = (ct.addr, ct.port, ct.flags & ct_flags::MASQ != 0);
             if masq {
-                key = ct_key(idst16, backend, idport, bport, inner_proto, ct_kind::SNAT);
+                key = CtKey::new(idst16, backend, idport, bport, inner_proto, ct_kind::SNAT);
                 if let Some(snat) = KPR_CT.get_ptr(&key) {
                     // SAFETY: as above.
                     let snat = unsafe { &*snat };
@@ -143,7 +143,7 @@ fn icmp_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
             return icmp_rewrite_outer::<L2>(ctx, false, outer_dst, &backend);
         }
         // From the backend's side, about a masqueraded packet (node -> backend): to the client.
-        key = ct_key(
+        key = CtKey::new(
             idst16,
             isrc16,
             idport,
@@ -163,7 +163,7 @@ fn icmp_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
         return OK;
     }
     // Egress, towards a client, about its packet to a backend: show the frontend.
-    let key = ct_key(
+    let key = CtKey::new(
         idst16,
         isrc16,
         idport,
@@ -266,13 +266,13 @@ fn icmp6_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
     let isport = u16::from_be_bytes([ports[0], ports[1]]);
     let idport = u16::from_be_bytes([ports[2], ports[3]]);
     if ingress {
-        let mut key = ct_key(idst, isrc, idport, isport, inner_next, ct_kind::FORWARD);
+        let mut key = CtKey::new(idst, isrc, idport, isport, inner_next, ct_kind::FORWARD);
         if let Some(ct) = KPR_CT.get_ptr(&key) {
             // SAFETY: a value pointer from a successful lookup, valid for this program run.
             let ct = unsafe { &*ct };
             let (backend, bport, masq) = (ct.addr, ct.port, ct.flags & ct_flags::MASQ != 0);
             if masq {
-                key = ct_key(idst, backend, idport, bport, inner_next, ct_kind::SNAT);
+                key = CtKey::new(idst, backend, idport, bport, inner_next, ct_kind::SNAT);
                 if let Some(snat) = KPR_CT.get_ptr(&key) {
                     // SAFETY: as above.
                     let snat = unsafe { &*snat };
@@ -292,7 +292,7 @@ fn icmp6_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
             }
             return OK;
         }
-        key = ct_key(idst, isrc, idport, isport, inner_next, ct_kind::REPLY_DNAT);
+        key = CtKey::new(idst, isrc, idport, isport, inner_next, ct_kind::REPLY_DNAT);
         if let Some(ct) = KPR_CT.get_ptr(&key) {
             // SAFETY: as above.
             let ct = unsafe { &*ct };
@@ -306,7 +306,7 @@ fn icmp6_error<const L2: usize>(ctx: &TcContext, ingress: bool) -> i32 {
         }
         return OK;
     }
-    let key = ct_key(idst, isrc, idport, isport, inner_next, ct_kind::REPLY_SNAT);
+    let key = CtKey::new(idst, isrc, idport, isport, inner_next, ct_kind::REPLY_SNAT);
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: as above.
         let ct = unsafe { &*ct };

@@ -70,18 +70,6 @@ pub fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-pub fn ct_key(
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    sport: u16,
-    dport: u16,
-    proto: u8,
-    kind: u8,
-) -> CtKey {
-    CtKey::new(saddr, daddr, sport, dport, proto, kind)
-}
-
-#[inline(always)]
 fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
     let p = match scratch_parse::<L2>(ctx) {
         Some(Some(p)) => p,
@@ -94,7 +82,7 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
     let now = now_ns();
     // An established flow to a frontend, or a reply to a masqueraded flow. Map values are
     // used in place, not copied to the stack.
-    let mut key = ct_key(
+    let mut key = CtKey::new(
         p.src16,
         p.dst16,
         p.sport,
@@ -140,7 +128,7 @@ fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
     if p.frag == FRAG_LATER {
         return follow_fragment::<L2>(ctx, p, true);
     }
-    let mut key = ct_key(p.src16, p.dst16, p.sport, p.dport, p.proto, ct_kind::SNAT);
+    let mut key = CtKey::new(p.src16, p.dst16, p.sport, p.dport, p.proto, ct_kind::SNAT);
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: a value pointer from a successful lookup, valid for this program run.
         let ct = unsafe { &*ct };

@@ -35,15 +35,11 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-fn key(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8, kind: u8) -> CtKey {
-    CtKey::new(saddr, daddr, sport, dport, proto, kind)
-}
-
 /// The other entries of the flow whose FORWARD entry is (`k`, `v`).
 #[must_use]
 pub fn siblings(entries: &HashMap<CtKey, CtValue>, k: &CtKey, v: &CtValue) -> Vec<CtKey> {
     let (client, cport, backend, bport) = (k.saddr, k.sport, v.addr, v.port);
-    let mut out = vec![key(
+    let mut out = vec![CtKey::new(
         backend,
         client,
         bport,
@@ -52,9 +48,9 @@ pub fn siblings(entries: &HashMap<CtKey, CtValue>, k: &CtKey, v: &CtValue) -> Ve
         ct_kind::REPLY_SNAT,
     )];
     if v.flags & ct_flags::MASQ != 0 {
-        let snat = key(client, backend, cport, bport, k.proto, ct_kind::SNAT);
+        let snat = CtKey::new(client, backend, cport, bport, k.proto, ct_kind::SNAT);
         if let Some(s) = entries.get(&snat) {
-            out.push(key(
+            out.push(CtKey::new(
                 backend,
                 s.addr,
                 bport,
@@ -178,11 +174,11 @@ mod tests {
         };
         let mut m = HashMap::new();
         m.insert(
-            key(client, frontend, 40000, 3001, 6, ct_kind::FORWARD),
+            CtKey::new(client, frontend, 40000, 3001, 6, ct_kind::FORWARD),
             base,
         );
         m.insert(
-            key(backend, client, 80, 40000, 6, ct_kind::REPLY_SNAT),
+            CtKey::new(backend, client, 80, 40000, 6, ct_kind::REPLY_SNAT),
             CtValue {
                 addr: frontend,
                 port: 3001,
@@ -192,7 +188,7 @@ mod tests {
         );
         if masq {
             m.insert(
-                key(client, backend, 40000, 80, 6, ct_kind::SNAT),
+                CtKey::new(client, backend, 40000, 80, 6, ct_kind::SNAT),
                 CtValue {
                     addr: node,
                     port: 61000,
@@ -200,7 +196,7 @@ mod tests {
                 },
             );
             m.insert(
-                key(backend, node, 80, 61000, 6, ct_kind::REPLY_DNAT),
+                CtKey::new(backend, node, 80, 61000, 6, ct_kind::REPLY_DNAT),
                 CtValue {
                     addr: client,
                     port: 40000,
