@@ -319,6 +319,10 @@ pub mod ct_flags {
     /// The flow counts towards its backend's live connections (least-connection services);
     /// cleared once it stopped counting.
     pub const COUNTED: u8 = 1 << 1;
+    /// The kernel's own conntrack NATs this flow: it was established through kube-proxy's
+    /// rules before kpr took over (the agent records such flows at its first sync). The TC
+    /// programs only keep the entry alive and leave the packets to the kernel.
+    pub const KERNEL_NAT: u8 = 1 << 2;
 }
 
 /// TCP/UDP state of one direction of a flow (`CtValue::state`); each state has its timeout.

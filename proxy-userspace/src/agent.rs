@@ -63,6 +63,12 @@ pub fn cleanup_all(
     let mut report = CleanupReport::default();
     if wants(ProxyMode::Ebpf) {
         report = crate::render::ebpf::datapath::cleanup(bpf_fs_path)?;
+        if crate::render::ebpf::takeover::release() {
+            report.removed.push(format!(
+                "nftables table inet {}",
+                crate::render::ebpf::takeover::TABLE
+            ));
+        }
     }
     if wants(ProxyMode::Iptables) {
         report

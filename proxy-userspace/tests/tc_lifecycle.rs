@@ -524,3 +524,51 @@ fn a_cluster_ip_reached_from_outside_is_served_and_masqueraded_per_the_detector(
     let other = packet(CLIENT, 42202, [172, 30, 0, 41], 8080, Some(SYN), b"");
     assert_eq!(dp.run("kpr_tc_ingress", &other), (TC_NEXT, other.clone()));
 }
+
+#[test]
+fn a_flow_the_kernel_translates_is_left_to_it() {
+    use proxy_common::{CtKey, CtValue, ct_flags, v4_mapped};
+    let mut dp = Datapath::new("tckernel");
+    // Maglev: a mid-stream segment without a flow would be balanced (its pick depends on the
+    // flow alone), so only the KERNEL_NAT entry keeps it from being translated.
+    dp.program(&balanced("maglev", &["10.180.2.1", "10.180.2.2"]));
+    let (rc, data) = dp.run("kpr_tc_ingress", &tcp(41700, 3301, PSH_ACK));
+    assert_eq!(rc, TC_NEXT);
+    assert_ne!(
+        dst(&data).0,
+        NODE,
+        "control: without the entry it is balanced"
+    );
+    let entries = dp.ct_kinds().len();
+
+    // A flow established through kube-proxy's rules, recorded at takeover.
+    let key = CtKey::new(
+        v4_mapped(CLIENT),
+        v4_mapped(NODE),
+        41701,
+        3301,
+        6,
+        ct_kind::FORWARD,
+    );
+    let value = CtValue {
+        addr: v4_mapped([10, 180, 2, 9]),
+        port: 80,
+        expires_ns: gc::monotonic_ns() + 3_600 * 1_000_000_000,
+        flags: ct_flags::KERNEL_NAT,
+        state: ct_state::ESTABLISHED,
+        ..CtValue::default()
+    };
+    dp.maps_mut().conntrack_put(&key, &value).unwrap();
+    let sent = tcp(41701, 3301, PSH_ACK);
+    let (rc, data) = dp.run("kpr_tc_ingress", &sent);
+    assert_eq!(rc, TC_NEXT);
+    assert_eq!(data, sent, "left untouched for the kernel's conntrack");
+    assert_eq!(
+        dp.ct_kinds().len(),
+        entries + 1,
+        "no flow of kpr's own was made for it"
+    );
+    // Its FIN moves the entry's state like any flow's.
+    dp.run("kpr_tc_ingress", &tcp(41701, 3301, FIN_ACK));
+    assert_eq!(dp.forward(41701).unwrap().state, ct_state::FIN);
+}

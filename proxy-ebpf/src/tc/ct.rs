@@ -147,7 +147,7 @@ pub fn keeps_flow(p: &Packet, ct: &CtValue, now: u64) -> bool {
     if now > ct.expires_ns && !reply_alive(p, ct, now) {
         return false;
     }
-    if p.proto == proto::TCP {
+    if p.proto == proto::TCP || ct.flags & ct_flags::KERNEL_NAT != 0 {
         return !(p.is_syn() && (ct.state == ct_state::FIN || ct.state == ct_state::CLOSED));
     }
     match KPR_BACKENDS.get_ptr(&ct.backend_id) {

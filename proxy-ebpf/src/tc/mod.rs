@@ -25,7 +25,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{CtKey, FragKey, FragValue, ct_kind, drop_reason, proto};
+use proxy_common::{CtKey, FragKey, FragValue, ct_flags, ct_kind, drop_reason, proto};
 
 use self::parse::{FRAG_FIRST, FRAG_LATER, Packet, scratch_parse};
 use crate::maps::{KPR_CT, KPR_FRAGS, count_drop, count_service};
@@ -69,16 +69,25 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The packet when it is a TCP/UDP packet with ports, or the verdict when the program is
+/// done with it here: ICMP errors and later fragments are handled whole, everything else
+/// that is not TCP/UDP over IP passes.
+#[inline(always)]
+fn flow_packet<const L2: usize>(ctx: &TcContext, egress: bool) -> Result<&'static Packet, i32> {
+    match scratch_parse::<L2>(ctx) {
+        Some(Some(p)) if p.frag == FRAG_LATER => Err(follow_fragment::<L2>(ctx, p, egress)),
+        Some(Some(p)) => Ok(p),
+        Some(None) => Err(icmp::errors::<L2>(ctx, !egress)),
+        None => Err(NEXT),
+    }
+}
+
 #[inline(always)]
 fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
-    let p = match scratch_parse::<L2>(ctx) {
-        Some(Some(p)) => p,
-        Some(None) => return icmp::errors::<L2>(ctx, true),
-        None => return NEXT,
+    let p = match flow_packet::<L2>(ctx, false) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
-    if p.frag == FRAG_LATER {
-        return follow_fragment::<L2>(ctx, p, false);
-    }
     let now = now_ns();
     // An established flow to a frontend, or a reply to a masqueraded flow. Map values are
     // used in place, not copied to the stack.
@@ -95,6 +104,10 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
         let ct = unsafe { &mut *ct };
         if ct::keeps_flow(p, ct, now) {
             ct::refresh(p, ct, now, false);
+            if ct.flags & ct_flags::KERNEL_NAT != 0 {
+                // Established through kube-proxy's rules: the kernel's conntrack NATs it.
+                return NEXT;
+            }
             count_service(ct.service_id, u64::from(ctx.len()), 1, false);
             return translate::<L2>(ctx, p, false, &ct.addr, ct.port);
         }
@@ -120,14 +133,10 @@ fn ingress<const L2: usize>(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn egress<const L2: usize>(ctx: &TcContext) -> i32 {
-    let p = match scratch_parse::<L2>(ctx) {
-        Some(Some(p)) => p,
-        Some(None) => return icmp::errors::<L2>(ctx, false),
-        None => return NEXT,
+    let p = match flow_packet::<L2>(ctx, true) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
-    if p.frag == FRAG_LATER {
-        return follow_fragment::<L2>(ctx, p, true);
-    }
     let mut key = CtKey::new(p.src16, p.dst16, p.sport, p.dport, p.proto, ct_kind::SNAT);
     if let Some(ct) = KPR_CT.get_ptr(&key) {
         // SAFETY: a value pointer from a successful lookup, valid for this program run.

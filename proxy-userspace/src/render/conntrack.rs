@@ -234,6 +234,59 @@ impl Socket {
     }
 }
 
+/// One conntrack entry as a dump shows it: protocol, original tuple (source, destination),
+/// the source of the reply tuple, and the original tuple's raw attribute (to delete it by).
+struct Entry {
+    proto: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+    reply_src: SocketAddr,
+    raw: Vec<u8>,
+}
+
+/// Dumps one family's conntrack table, keeping the entries `want` accepts.
+fn dump(
+    sock: &mut Socket,
+    family: u8,
+    mut want: impl FnMut(&Entry) -> bool,
+) -> io::Result<Vec<Entry>> {
+    let seq = sock.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[])?;
+    let mut kept = Vec::new();
+    let code = sock.recv(seq, |body| {
+        let mut orig = None;
+        let mut reply = None;
+        for (ty, payload, whole) in attrs(body) {
+            match ty {
+                CTA_TUPLE_ORIG => orig = tuple(payload).map(|t| (t, whole)),
+                CTA_TUPLE_REPLY => reply = tuple(payload),
+                _ => {}
+            }
+        }
+        let (Some(((proto, src, dst), raw)), Some((_, reply_src, _))) = (orig, reply) else {
+            return;
+        };
+        let e = Entry {
+            proto,
+            src,
+            dst,
+            reply_src,
+            raw: Vec::new(),
+        };
+        if want(&e) {
+            kept.push(Entry {
+                raw: raw.to_vec(),
+                ..e
+            });
+        }
+    })?;
+    if code != 0 {
+        return Err(io::Error::from_raw_os_error(-code));
+    }
+    Ok(kept)
+}
+
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+
 /// Deletes the UDP conntrack entries `stale` describes, in this network namespace. Returns
 /// how many were deleted.
 ///
@@ -245,7 +298,7 @@ pub fn delete(stale: &BTreeSet<Stale>) -> io::Result<usize> {
     }
     let mut sock = Socket::open()?;
     let mut deleted = 0;
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+    for family in FAMILIES {
         let want: Vec<&Stale> = stale
             .iter()
             .filter(|s| s.frontend.is_ipv4() == (family == libc::AF_INET as u8))
@@ -253,40 +306,18 @@ pub fn delete(stale: &BTreeSet<Stale>) -> io::Result<usize> {
         if want.is_empty() {
             continue;
         }
-        let seq = sock.send(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[])?;
-        let mut victims: Vec<Vec<u8>> = Vec::new();
-        let code = sock.recv(seq, |body| {
-            let mut orig = None;
-            let mut reply = None;
-            for (ty, payload, whole) in attrs(body) {
-                match ty {
-                    CTA_TUPLE_ORIG => orig = tuple(payload).map(|t| (t, whole.to_vec())),
-                    CTA_TUPLE_REPLY => reply = tuple(payload),
-                    _ => {}
-                }
-            }
-            let (Some(((proto, _, dst), raw)), Some((_, backend, _))) = (orig, reply) else {
-                return;
-            };
-            if proto != 17 {
-                return;
-            }
-            let hit = want
-                .iter()
-                .any(|s| s.frontend == dst && s.backend.is_none_or(|b| b == backend));
-            if hit {
-                victims.push(raw);
-            }
+        let victims = dump(&mut sock, family, |e| {
+            e.proto == 17
+                && want
+                    .iter()
+                    .any(|s| s.frontend == e.dst && s.backend.is_none_or(|b| b == e.reply_src))
         })?;
-        if code != 0 {
-            return Err(io::Error::from_raw_os_error(-code));
-        }
-        for raw in victims {
+        for v in victims {
             let seq = sock.send(
                 IPCTNL_MSG_CT_DELETE,
                 NLM_F_REQUEST | NLM_F_ACK,
                 family,
-                &raw,
+                &v.raw,
             )?;
             match sock.recv(seq, |_| {})? {
                 0 => deleted += 1,
@@ -297,6 +328,57 @@ pub fn delete(stale: &BTreeSet<Stale>) -> io::Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// A flow the kernel's conntrack translates: its client, the frontend it was sent to, and
+/// the backend netfilter's DNAT chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelNatFlow {
+    pub protocol: Protocol,
+    pub client: SocketAddr,
+    pub frontend: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+/// The TCP and UDP flows, in this network namespace, that netfilter DNATs from one of
+/// `frontends` to another address: flows established through kube-proxy's (or kpr's rule
+/// modes') rules, which the kernel keeps translating after the rules are gone.
+///
+/// # Errors
+/// The conntrack table could not be read (no netfilter conntrack, no permission).
+pub fn kernel_nat_flows(frontends: &BTreeSet<FrontendKey>) -> io::Result<Vec<KernelNatFlow>> {
+    if frontends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sock = Socket::open()?;
+    let mut out = Vec::new();
+    for family in FAMILIES {
+        for e in dump(&mut sock, family, |e| {
+            let protocol = match e.proto {
+                6 => Protocol::Tcp,
+                17 => Protocol::Udp,
+                _ => return false,
+            };
+            e.reply_src != e.dst
+                && frontends.contains(&FrontendKey {
+                    ip: e.dst.ip(),
+                    port: e.dst.port(),
+                    protocol,
+                })
+        })? {
+            out.push(KernelNatFlow {
+                protocol: if e.proto == 6 {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                client: e.src,
+                frontend: e.dst,
+                backend: e.reply_src,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -211,10 +211,13 @@ fn hold(to: SocketAddr, secs: u64, interval: Duration) {
         let mut line = String::new();
         let ok = writeln!(s, "ping{n}").is_ok()
             && reader.read_line(&mut line).map(|k| k > 0).unwrap_or(false);
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
         if ok {
-            println!("{{\"echo\":\"{}\"}}", line.trim());
+            println!("{{\"echo\":\"{}\",\"at_ms\":{at}}}", line.trim());
         } else {
-            println!("{{\"error\":\"echo {n} failed\"}}");
+            println!("{{\"error\":\"echo {n} failed\",\"at_ms\":{at}}}");
         }
         let _ = std::io::stdout().flush();
         std::thread::sleep(interval);

@@ -21,6 +21,8 @@ pub struct GcReport {
     pub flows_deleted: usize,
     pub entries_deleted: usize,
     pub entries_left: usize,
+    /// Flows left to the kernel's conntrack (`KERNEL_NAT`) still alive.
+    pub kernel_nat_left: usize,
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns()`.
@@ -38,6 +40,9 @@ pub fn monotonic_ns() -> u64 {
 /// The other entries of the flow whose FORWARD entry is (`k`, `v`).
 #[must_use]
 pub fn siblings(entries: &HashMap<CtKey, CtValue>, k: &CtKey, v: &CtValue) -> Vec<CtKey> {
+    if v.flags & ct_flags::KERNEL_NAT != 0 {
+        return Vec::new();
+    }
     let (client, cport, backend, bport) = (k.saddr, k.sport, v.addr, v.port);
     let mut out = vec![CtKey::new(
         backend,
@@ -147,7 +152,18 @@ pub fn collect(maps: &mut PinnedMaps, now_ns: u64) -> Result<GcReport> {
     for k in &doomed.orphans {
         deleted += usize::from(maps.conntrack_del(k));
     }
+    let doomed_flows: std::collections::HashSet<CtKey> =
+        doomed.flows.iter().map(|(keys, _)| keys[0]).collect();
+    let kernel_nat_left = entries
+        .iter()
+        .filter(|(k, v)| {
+            k.kind == ct_kind::FORWARD
+                && v.flags & ct_flags::KERNEL_NAT != 0
+                && !doomed_flows.contains(k)
+        })
+        .count();
     Ok(GcReport {
+        kernel_nat_left,
         entries_seen: entries.len(),
         flows_deleted: flows,
         entries_deleted: deleted,
@@ -243,5 +259,19 @@ mod tests {
             v.backend_id = 7;
         }
         assert_eq!(expired(&m, 200).flows[0].1, Some(7));
+    }
+
+    #[test]
+    fn a_flow_left_to_the_kernel_is_one_entry_kept_until_it_expires() {
+        let mut m = flow(false, 100, 100);
+        m.retain(|k, _| k.kind == ct_kind::FORWARD);
+        for v in m.values_mut() {
+            v.flags = ct_flags::KERNEL_NAT;
+        }
+        let (k, v) = m.iter().next().unwrap();
+        assert!(siblings(&m, k, v).is_empty());
+        assert!(expired(&m, 50).keys().is_empty());
+        let doomed = expired(&m, 200);
+        assert_eq!((doomed.flows.len(), doomed.orphans.len()), (1, 0));
     }
 }

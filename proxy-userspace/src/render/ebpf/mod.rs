@@ -16,6 +16,7 @@ pub mod packet;
 pub mod pinned;
 pub mod scratch;
 pub mod sockterm;
+pub mod takeover;
 pub mod trace;
 
 use std::collections::BTreeSet;
@@ -78,6 +79,8 @@ struct DatapathCounters {
     gc: gc::GcReport,
     gc_runs: u64,
     flows_collected: u64,
+    /// Flows established through the previous rules, left to the kernel's conntrack.
+    kernel_nat_flows: u64,
     drops: [u64; drop_reason::COUNT as usize],
     /// (frontend, scope, stats)
     services: Vec<(String, &'static str, proxy_common::ServiceStats)>,
@@ -101,6 +104,10 @@ pub struct EbpfRenderer {
     counters: DatapathCounters,
     /// The pod CIDRs written under `POD_CIDRS_ID` (None: not written by this agent yet).
     pod_cidrs: Option<BTreeSet<ipnet::IpNet>>,
+    /// Flows the kernel's conntrack NATs were recorded (once, at the first full sync).
+    kernel_flows_recorded: bool,
+    /// The `takeover` table holds the kernel's conntrack for them.
+    conntrack_held: bool,
 }
 
 impl EbpfRenderer {
@@ -123,6 +130,9 @@ impl EbpfRenderer {
         let renderer = Self {
             tc_interfaces: cfg.tc_interfaces.clone(),
             datapath: cfg.datapath,
+            // A previous agent's hold (restarted during a takeover): released by the
+            // collector like its own.
+            conntrack_held: takeover::held(),
             ..Self::with_maps(layout)?
         };
         renderer.attach_tc()?;
@@ -148,6 +158,8 @@ impl EbpfRenderer {
             last_gc: None,
             counters: DatapathCounters::default(),
             pod_cidrs: None,
+            kernel_flows_recorded: false,
+            conntrack_held: false,
         })
     }
 
@@ -167,6 +179,12 @@ impl EbpfRenderer {
             }
         };
         self.last_gc = Some(Instant::now());
+        if self.conntrack_held && report.kernel_nat_left == 0 && takeover::release() {
+            tracing::info!(
+                "the last flow established through the previous rules is gone: the kernel's conntrack is no longer held"
+            );
+            self.conntrack_held = false;
+        }
         let c = &mut self.counters;
         c.gc_runs += 1;
         c.flows_collected += report.flows_deleted as u64;
@@ -228,6 +246,83 @@ impl EbpfRenderer {
         );
         self.diff = diff;
         Ok(stale)
+    }
+
+    /// Marks every flow the kernel's conntrack DNATs from one of the desired frontends (it was
+    /// established through kube-proxy's rules) with a `KERNEL_NAT` conntrack entry: the TC
+    /// programs then leave its packets to the kernel instead of balancing a mid-stream packet
+    /// afresh (which would collide with the kernel's entry for the same flow). Without
+    /// netfilter conntrack there is nothing to record. Returns how many were recorded.
+    fn record_kernel_nat_flows(&mut self, desired: &DesiredState) -> usize {
+        use proxy_common::{CtKey, CtValue, ct_flags, ct_kind, ct_state};
+        if self.tc_interfaces == TcInterfaces::None {
+            return 0;
+        }
+        let frontends: BTreeSet<FrontendKey> = desired.frontends.keys().copied().collect();
+        let flows = match crate::render::conntrack::kernel_nat_flows(&frontends) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!("reading the kernel's conntrack table: {e}");
+                return 0;
+            }
+        };
+        let now = gc::monotonic_ns();
+        let t = self.datapath.ct_timeouts;
+        let mut recorded = 0;
+        for f in flows {
+            let (proto, state, secs) = match f.protocol {
+                crate::model::Protocol::Tcp => (6, ct_state::ESTABLISHED, t.tcp_established),
+                crate::model::Protocol::Udp => (17, ct_state::UDP_REPLY, t.udp_stream),
+                _ => continue,
+            };
+            let key = CtKey::new(
+                addr16(f.client.ip()),
+                addr16(f.frontend.ip()),
+                f.client.port(),
+                f.frontend.port(),
+                proto,
+                ct_kind::FORWARD,
+            );
+            if matches!(self.maps.conntrack_get(&key), Ok(Some(_))) {
+                continue;
+            }
+            let value = CtValue {
+                addr: addr16(f.backend.ip()),
+                expires_ns: now + u64::from(secs) * 1_000_000_000,
+                port: f.backend.port(),
+                flags: ct_flags::KERNEL_NAT,
+                state,
+                backend_id: 0,
+                generation: 0,
+                service_id: 0,
+                nat_port: 0,
+                _pad: [0; 6],
+            };
+            match self.maps.conntrack_put(&key, &value) {
+                Ok(()) => recorded += 1,
+                Err(e) => {
+                    tracing::warn!("recording a flow the kernel translates: {e}");
+                    break;
+                }
+            }
+        }
+        if recorded > 0 {
+            tracing::info!(
+                flows = recorded,
+                "flows established through the previous rules are left to the kernel's conntrack"
+            );
+            if !self.conntrack_held {
+                match takeover::hold() {
+                    Ok(()) => self.conntrack_held = true,
+                    Err(e) => tracing::warn!(
+                        "cannot keep the kernel's conntrack running for them (nftables table inet {}): {e}; they may break when the previous rules are removed",
+                        takeover::TABLE
+                    ),
+                }
+            }
+        }
+        self.counters.kernel_nat_flows += recorded as u64;
+        recorded
     }
 
     /// Writes the masquerade addresses when they changed.
@@ -413,11 +508,22 @@ impl Renderer for EbpfRenderer {
                 return report;
             }
         };
+        // Flows established through kube-proxy's rules (a takeover) are recorded before the
+        // frontends are published and once more after, so the TC programs leave them to the
+        // kernel's conntrack, which keeps translating them after the rules are gone.
+        let first = !self.kernel_flows_recorded;
+        if first {
+            self.record_kernel_nat_flows(desired);
+        }
         let (stats, errors) = if self.diff.is_empty() && stale.is_empty() {
             self.sync_batched(desired)
         } else {
             self.diff.sync(desired, &mut self.maps, &stale)
         };
+        if first {
+            self.record_kernel_nat_flows(desired);
+            self.kernel_flows_recorded = true;
+        }
         self.finish(stats, errors, report)
     }
 
@@ -445,7 +551,13 @@ impl Renderer for EbpfRenderer {
     }
 
     fn cleanup(&mut self) -> Result<CleanupReport> {
-        datapath::cleanup(&self.layout.root)
+        let mut report = datapath::cleanup(&self.layout.root)?;
+        if takeover::release() {
+            report
+                .removed
+                .push(format!("nftables table inet {}", takeover::TABLE));
+        }
+        Ok(report)
     }
 
     #[expect(clippy::cast_precision_loss, reason = "counters far below 2^52")]
@@ -488,6 +600,12 @@ impl Renderer for EbpfRenderer {
                 "Expired flows deleted by the conntrack garbage collector.",
                 MetricKind::Counter,
                 c.flows_collected as f64,
+            ),
+            plain(
+                "conntrack_kernel_nat_flows_total",
+                "Flows found established through the previous rules (kube-proxy's) at takeover, left to the kernel's conntrack.",
+                MetricKind::Counter,
+                c.kernel_nat_flows as f64,
             ),
         ];
         for (i, name) in drop_reason::NAMES.iter().enumerate() {
