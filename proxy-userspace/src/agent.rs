@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub metrics_bind: Option<std::net::SocketAddr>,
     /// The effective configuration as KubeProxyConfiguration YAML, served at `/configz`.
     pub configz: String,
+    /// The node's netfilter conntrack settings (written in the rule modes).
+    pub conntrack_sysctls: crate::sysctl::ConntrackSysctls,
 }
 
 /// Removes what every mode programmed: kpr's eBPF pins under `bpf_fs_path`, `KUBE-*` iptables
@@ -123,6 +125,10 @@ fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
 /// # Errors
 /// The mode is not built yet, or its datapath could not be set up.
 pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
+    if matches!(mode, ProxyMode::Iptables | ProxyMode::Nftables) {
+        // Their datapath is the kernel's conntrack: sized and timed as upstream does.
+        cfg.conntrack_sysctls.apply_to_node();
+    }
     match mode {
         ProxyMode::Ebpf => {
             let (renderer, outcome) = EbpfRenderer::start(&cfg.ebpf)?;

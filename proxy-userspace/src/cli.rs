@@ -105,16 +105,6 @@ impl RunArgs {
         {
             say("IPVS settings", "this build has no IPVS mode");
         }
-        if u.conntrack_max_per_core != 32768
-            || u.conntrack_min != 131_072
-            || u.conntrack_tcp_be_liberal
-            || u.conntrack_tcp_timeout_close_wait != Duration::from_secs(3600)
-        {
-            say(
-                "--conntrack-max-per-core/--conntrack-min/--conntrack-tcp-be-liberal/--conntrack-tcp-timeout-close-wait",
-                "kpr does not change the node's nf_conntrack sysctls; the ebpf mode has its own conntrack",
-            );
-        }
         if u.iptables_masquerade_bit != 14 {
             say(
                 "--iptables-masquerade-bit",
@@ -581,6 +571,25 @@ impl RunArgs {
             }),
         };
         AgentConfig {
+            conntrack_sysctls: crate::sysctl::ConntrackSysctls {
+                max_per_core: u32::try_from(self.upstream.conntrack_max_per_core).unwrap_or(0),
+                min: u32::try_from(self.upstream.conntrack_min).unwrap_or(0),
+                tcp_established: self.conntrack_tcp_timeout_established,
+                tcp_close_wait: self.upstream.conntrack_tcp_timeout_close_wait,
+                tcp_be_liberal: self.upstream.conntrack_tcp_be_liberal,
+                // Upstream leaves the UDP timeouts alone unless set; kpr's defaults (the
+                // kernel's, which its own conntrack uses) count as unset.
+                udp: if self.conntrack_udp_timeout == Duration::from_secs(30) {
+                    Duration::ZERO
+                } else {
+                    self.conntrack_udp_timeout
+                },
+                udp_stream: if self.conntrack_udp_timeout_stream == Duration::from_secs(120) {
+                    Duration::ZERO
+                } else {
+                    self.conntrack_udp_timeout_stream
+                },
+            },
             configz: crate::config::effective_yaml(self),
             source,
             mode: self.proxy_mode.0,

@@ -15,6 +15,7 @@ pub mod render;
 pub mod serve;
 pub mod source;
 pub mod store;
+pub mod sysctl;
 pub mod testkit;
 pub mod testnet;
 

@@ -106,6 +106,14 @@ fn iptables_mode_serves_syncs_partially_and_cleans_up() {
     wait_reaches(&t, "172.30.0.11:80", &["10.180.0.2:80"]);
     let save = iptables_save(&t);
     assert!(save.contains(":KUBE-SVC-"), "{save}");
+    // The node's conntrack settings, as upstream sets them (a new namespace starts with the
+    // kernel's 60 s close-wait timeout; kube-proxy's default is 1 h).
+    let close_wait = in_node(
+        &t,
+        "cat",
+        &["/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"],
+    );
+    assert_eq!(close_wait.trim(), "3600", "conntrack.tcpCloseWaitTimeout applied");
     assert!(
         save.contains(
             "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
