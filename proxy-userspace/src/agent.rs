@@ -251,6 +251,7 @@ impl Syncer {
                 }
                 next.labels = node.labels;
                 next.lb_ineligible = node.lb_ineligible;
+                next.pod_cidrs = node.pod_cidrs;
                 if let Ok(mut st) = self.status.lock() {
                     st.node_eligible = !node.lb_ineligible;
                 }

@@ -40,6 +40,20 @@ impl RunArgs {
     ///
     /// # Errors
     /// The file cannot be read or parsed, or holds a value kpr cannot use.
+    /// The local-traffic detector of `--detect-local-mode` and its interface flag.
+    ///
+    /// # Errors
+    /// An unknown mode, or an interface mode without its interface.
+    pub fn local_detector(&self) -> Result<crate::model::LocalDetector> {
+        let u = &self.upstream;
+        crate::model::LocalDetector::parse(
+            u.detect_local_mode.as_deref().unwrap_or(""),
+            u.pod_bridge_interface.as_deref(),
+            u.pod_interface_name_prefix.as_deref(),
+        )
+        .map_err(Error::invalid)
+    }
+
     pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<Vec<String>> {
         let explicit = |id: &str| {
             matches!(
@@ -71,6 +85,7 @@ impl RunArgs {
         {
             self.node_ip = vec![ip];
         }
+        self.local_detector()?;
         notes.extend(self.not_acted_on());
         Ok(notes)
     }
@@ -124,20 +139,6 @@ impl RunArgs {
             say(
                 "--kube-api-qps/--kube-api-burst/--kube-api-content-type",
                 "kpr watches with JSON and has no client-side rate limit",
-            );
-        }
-        if let Some(m) = &u.detect_local_mode
-            && m != "ClusterCIDR"
-        {
-            say(
-                &format!("--detect-local-mode {m}"),
-                "kpr detects local traffic by --cluster-cidr",
-            );
-        }
-        if u.pod_bridge_interface.is_some() || u.pod_interface_name_prefix.is_some() {
-            say(
-                "--pod-bridge-interface/--pod-interface-name-prefix",
-                "kpr detects local traffic by --cluster-cidr",
             );
         }
         if u.profiling {
@@ -625,11 +626,12 @@ impl RunArgs {
             node: NodeInfo {
                 name,
                 ips: self.node_ip.clone(),
-                labels: Default::default(),
-                lb_ineligible: false,
+                ..NodeInfo::default()
             },
             proxy: ProxyConfig {
                 cluster_cidrs: self.cluster_cidr.clone(),
+                // Checked by `resolve`.
+                local_detector: self.local_detector().unwrap_or_default(),
                 masquerade_all: self.masquerade_all,
                 lb_algorithm: crate::store::LbAlgorithm::parse(&self.lb_algorithm)
                     .unwrap_or_default(),

@@ -194,6 +194,8 @@ pub struct NodeInfo {
     /// The Node is being deleted or tainted `ToBeDeletedByClusterAutoscaler`: load balancers
     /// should stop sending to it (`/healthz` says `nodeEligible: false`).
     pub lb_ineligible: bool,
+    /// The Node's `spec.podCIDRs` (detectLocalMode NodeCIDR).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl NodeInfo {

@@ -59,7 +59,10 @@ impl ConntrackSysctls {
                 self.tcp_close_wait,
             ),
             ("net/netfilter/nf_conntrack_udp_timeout", self.udp),
-            ("net/netfilter/nf_conntrack_udp_timeout_stream", self.udp_stream),
+            (
+                "net/netfilter/nf_conntrack_udp_timeout_stream",
+                self.udp_stream,
+            ),
         ] {
             if !d.is_zero() {
                 out.push((name, d.as_secs()));
@@ -112,11 +115,19 @@ impl ConntrackSysctls {
 
     /// [`Self::apply`] on this node, each outcome logged.
     pub fn apply_to_node(&self) {
-        let cpus = std::thread::available_parallelism()
-            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
-        for a in self.apply(&PathBuf::from("/proc/sys"), &PathBuf::from("/sys/module"), cpus) {
+        let cpus =
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
+        for a in self.apply(
+            &PathBuf::from("/proc/sys"),
+            &PathBuf::from("/sys/module"),
+            cpus,
+        ) {
             match a.error {
-                None => tracing::info!(setting = a.name, value = a.value, "conntrack setting written"),
+                None => tracing::info!(
+                    setting = a.name,
+                    value = a.value,
+                    "conntrack setting written"
+                ),
                 Some(e) => tracing::warn!(
                     setting = a.name,
                     value = a.value,
@@ -180,14 +191,21 @@ mod tests {
         };
         assert_eq!(c.max(2), 131_072, "min wins on a small node");
         assert_eq!(c.max(8), 262_144);
-        assert_eq!(ConntrackSysctls::default().max(64), 0, "0 per core: leave it");
+        assert_eq!(
+            ConntrackSysctls::default().max(64),
+            0,
+            "0 per core: leave it"
+        );
     }
 
     #[test]
     fn only_what_differs_is_written_and_the_hash_size_only_grows() {
         let proc = tree(&[
             ("net/netfilter/nf_conntrack_max", "65536\n"),
-            ("net/netfilter/nf_conntrack_tcp_timeout_established", "86400\n"),
+            (
+                "net/netfilter/nf_conntrack_tcp_timeout_established",
+                "86400\n",
+            ),
             ("net/netfilter/nf_conntrack_tcp_timeout_close_wait", "60\n"),
             ("net/netfilter/nf_conntrack_tcp_be_liberal", "0\n"),
         ]);
@@ -213,7 +231,10 @@ mod tests {
         );
         assert!(done.iter().all(|a| a.error.is_none()));
         let read = |p: &str| std::fs::read_to_string(proc.path().join(p)).unwrap();
-        assert_eq!(read("net/netfilter/nf_conntrack_tcp_timeout_close_wait").trim(), "3600");
+        assert_eq!(
+            read("net/netfilter/nf_conntrack_tcp_timeout_close_wait").trim(),
+            "3600"
+        );
         // A second run has nothing to do.
         assert!(c.apply(proc.path(), sys.path(), 4).is_empty());
     }

@@ -113,7 +113,11 @@ fn iptables_mode_serves_syncs_partially_and_cleans_up() {
         "cat",
         &["/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"],
     );
-    assert_eq!(close_wait.trim(), "3600", "conntrack.tcpCloseWaitTimeout applied");
+    assert_eq!(
+        close_wait.trim(),
+        "3600",
+        "conntrack.tcpCloseWaitTimeout applied"
+    );
     assert!(
         save.contains(
             "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"

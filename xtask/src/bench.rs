@@ -195,6 +195,7 @@ fn bench_programming() -> anyhow::Result<()> {
             ips: vec!["192.168.0.2".parse()?],
             labels: Default::default(),
             lb_ineligible: false,
+            pod_cidrs: Vec::new(),
         };
         let config = ProxyConfig::default();
         let mut store = Store::default();

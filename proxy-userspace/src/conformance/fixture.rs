@@ -183,6 +183,7 @@ pub fn proxy_config(c: &FixtureConfig, mode: ProxyMode) -> Result<ProxyConfig> {
         node_port_addresses: NodePortAddresses::parse(&c.node_port_addresses)?,
         localhost_node_ports: c.localhost_node_ports,
         cluster_ip_checks: false,
+        ..ProxyConfig::default()
     };
     crate::render::apply_mode_defaults(mode, &mut config, !c.node_port_addresses.is_empty());
     Ok(config)
@@ -201,7 +202,7 @@ impl Fixture {
             name: self.node.name.clone(),
             ips: self.node.ips.clone(),
             labels: self.node.labels.clone(),
-            lb_ineligible: false,
+            ..NodeInfo::default()
         }
     }
 

@@ -101,6 +101,7 @@ mod tests {
             ips: vec!["192.168.0.2".parse().unwrap()],
             labels: Default::default(),
             lb_ineligible: false,
+            pod_cidrs: Vec::new(),
         };
         let config = ProxyConfig::default();
         let mut store = Store::default();

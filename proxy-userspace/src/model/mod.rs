@@ -54,11 +54,58 @@ impl NodePortAddresses {
     }
 }
 
+/// How pod traffic is told from other traffic (upstream's `detectLocalMode`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LocalDetector {
+    /// From `ProxyConfig::cluster_cidrs` (none given: no detector).
+    #[default]
+    ClusterCidr,
+    /// From the Node's `spec.podCIDRs`.
+    NodeCidr,
+    /// Arriving on this bridge (`--pod-bridge-interface`).
+    BridgeInterface(String),
+    /// Arriving on an interface whose name starts so (`--pod-interface-name-prefix`).
+    InterfaceNamePrefix(String),
+}
+
+impl LocalDetector {
+    /// Parses upstream's mode name with its interface setting.
+    ///
+    /// # Errors
+    /// An unknown mode, or an interface mode without its interface.
+    pub fn parse(mode: &str, bridge: Option<&str>, prefix: Option<&str>) -> Result<Self, String> {
+        let need = |v: Option<&str>, flag: &str| {
+            v.filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| format!("detectLocalMode {mode} needs {flag}"))
+        };
+        match mode {
+            "" | "ClusterCIDR" => Ok(Self::ClusterCidr),
+            "NodeCIDR" => Ok(Self::NodeCidr),
+            "BridgeInterface" => need(bridge, "--pod-bridge-interface").map(Self::BridgeInterface),
+            "InterfaceNamePrefix" => {
+                need(prefix, "--pod-interface-name-prefix").map(Self::InterfaceNamePrefix)
+            }
+            other => Err(format!(
+                "unknown detectLocalMode {other:?} (ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix)"
+            )),
+        }
+    }
+}
+
+/// Pod traffic by the interface it arrives on (the interface-based detectors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodInterface {
+    Exact(String),
+    Prefix(String),
+}
+
 /// The knobs of KubeProxyConfiguration that change the model's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyConfig {
     /// Traffic from these is pod traffic (detectLocalMode ClusterCIDR). Empty: no detector.
     pub cluster_cidrs: Vec<IpNet>,
+    pub local_detector: LocalDetector,
     pub service_cidrs: Vec<IpNet>,
     pub masquerade_all: bool,
     /// The algorithm of Services without a `kpr.io/lb-algorithm` annotation.
@@ -75,6 +122,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             cluster_cidrs: Vec::new(),
+            local_detector: LocalDetector::ClusterCidr,
             service_cidrs: Vec::new(),
             masquerade_all: false,
             lb_algorithm: LbAlgorithm::Random,
@@ -232,6 +280,9 @@ pub struct DesiredState {
     /// The local-traffic detector that [`Masquerade::UnlessFromPods`] refers to: traffic from
     /// these CIDRs is pod traffic (`detectLocalMode: ClusterCIDR`).
     pub pod_cidrs: Vec<IpNet>,
+    /// The interface-based detectors: traffic arriving on this interface is pod traffic
+    /// (then `pod_cidrs` is empty).
+    pub pod_interface: Option<PodInterface>,
     /// When set (`ProxyConfig::cluster_ip_checks`): traffic to a ClusterIP on a port no
     /// frontend serves is rejected, and traffic to an address of these Service CIDRs that is
     /// no ClusterIP is dropped.
@@ -465,13 +516,37 @@ pub fn localhost_node_ports(config: &ProxyConfig) -> bool {
         }
 }
 
+/// The CIDRs of pod traffic by the CIDR-based detectors (empty for the interface-based ones).
+#[must_use]
+pub fn local_cidrs<'a>(node: &'a NodeInfo, config: &'a ProxyConfig) -> &'a [IpNet] {
+    match config.local_detector {
+        LocalDetector::ClusterCidr => &config.cluster_cidrs,
+        LocalDetector::NodeCidr => &node.pod_cidrs,
+        _ => &[],
+    }
+}
+
+/// Whether pod traffic can be told apart at all (else ClusterIP traffic is not masqueraded,
+/// as upstream without a detector).
+fn has_local_detector(node: &NodeInfo, config: &ProxyConfig) -> bool {
+    match &config.local_detector {
+        LocalDetector::BridgeInterface(_) | LocalDetector::InterfaceNamePrefix(_) => true,
+        _ => !local_cidrs(node, config).is_empty(),
+    }
+}
+
 /// Computes the desired state. Pure: the same inputs give the same output.
 #[must_use]
 pub fn compute(store: &Store, node: &NodeInfo, config: &ProxyConfig) -> DesiredState {
     let mut state = DesiredState {
         masquerade_ips: masquerade_ips(node),
         localhost_node_ports: localhost_node_ports(config),
-        pod_cidrs: config.cluster_cidrs.clone(),
+        pod_cidrs: local_cidrs(node, config).to_vec(),
+        pod_interface: match &config.local_detector {
+            LocalDetector::BridgeInterface(i) => Some(PodInterface::Exact(i.clone())),
+            LocalDetector::InterfaceNamePrefix(p) => Some(PodInterface::Prefix(p.clone())),
+            _ => None,
+        },
         cluster_ip_checks: config
             .cluster_ip_checks
             .then(|| config.service_cidrs.clone()),
@@ -553,7 +628,7 @@ pub fn compute_service(
             // eTP=Local only when it comes from the node itself.
             let cluster_ip_masquerade = if config.masquerade_all {
                 Masquerade::Always
-            } else if config.cluster_cidrs.is_empty() {
+            } else if !has_local_detector(node, config) {
                 Masquerade::Never
             } else {
                 Masquerade::UnlessFromPods
@@ -674,6 +749,7 @@ mod tests {
             )]
             .into(),
             lb_ineligible: false,
+            pod_cidrs: Vec::new(),
         }
     }
 

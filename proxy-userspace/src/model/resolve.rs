@@ -40,7 +40,10 @@ pub enum SourceClass {
 /// `--src-type LOCAL`): a node address inside the cluster CIDR (a bridge's gateway address,
 /// say) counts as pod traffic.
 pub fn classify_source(src: IpAddr, node: &NodeInfo, config: &ProxyConfig) -> SourceClass {
-    if config.cluster_cidrs.iter().any(|c| c.contains(&src)) {
+    if super::local_cidrs(node, config)
+        .iter()
+        .any(|c| c.contains(&src))
+    {
         SourceClass::Pod
     } else if src.is_loopback() || node.ips.contains(&src) {
         SourceClass::Node

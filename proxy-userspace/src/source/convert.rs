@@ -309,6 +309,18 @@ pub fn node(node: &Node) -> NodeInfo {
         ips,
         labels: node.metadata.labels.clone().unwrap_or_default(),
         lb_ineligible: lb_ineligible(node),
+        pod_cidrs: node
+            .spec
+            .as_ref()
+            .map(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .unwrap_or_else(|| s.pod_cidr.clone().into_iter().collect())
+            })
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
     }
 }
 

@@ -88,6 +88,7 @@ impl Datapath {
             ips: vec![Ipv4Addr::from(NODE).into(), NODE6.into()],
             labels: Default::default(),
             lb_ineligible: false,
+            pod_cidrs: Vec::new(),
         };
         let config = ProxyConfig {
             cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],

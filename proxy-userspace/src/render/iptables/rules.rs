@@ -121,15 +121,11 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
     for c in NAT_BASE {
         rs.nat.entry(c.into()).or_default();
     }
-    let pod_cidr = desired
-        .pod_cidrs
-        .iter()
-        .find(|c| Family::of(&c.addr()) == family)
-        .map(ToString::to_string);
+    let local = LocalMatch::iptables(desired, family);
     let localhost = family == Family::V4 && desired.localhost_node_ports;
     let ports = service_ports(desired);
     for port in ports.values().filter(|p| p.family == family) {
-        service_port(&mut rs, port, pod_cidr.as_deref(), localhost);
+        service_port(&mut rs, port, local.as_ref(), localhost);
     }
     for (svc, (hc_port, _)) in &desired.health_checks {
         push(
@@ -190,7 +186,12 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
 }
 
 /// The rules of one Service port.
-fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>, localhost: bool) {
+fn service_port(
+    rs: &mut Ruleset,
+    port: &ServicePort<'_>,
+    local: Option<&LocalMatch>,
+    localhost: bool,
+) {
     let name = port.name();
     let hash = port.hash();
     let proto = proto_lower(port.protocol);
@@ -248,10 +249,10 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
                 host(key.ip),
                 key.port
             );
-            let rule = match (fe.internal_masquerade, pod_cidr) {
+            let rule = match (fe.internal_masquerade, local) {
                 (Masquerade::Always, _) => Some(format!("{matcher} -j KUBE-MARK-MASQ")),
-                (Masquerade::UnlessFromPods, Some(c)) => {
-                    Some(format!("{matcher} ! -s {c} -j KUBE-MARK-MASQ"))
+                (Masquerade::UnlessFromPods, Some(l)) => {
+                    Some(format!("{matcher} {} -j KUBE-MARK-MASQ", l.not))
                 }
                 (Masquerade::FromNode, _) => Some(format!(
                     "{matcher} -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"
@@ -324,7 +325,7 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
             &name,
             &format!("{dst} {dport}"),
             &h,
-            pod_cidr,
+            local,
         );
         if fe.kind == FrontendKind::NodePort && localhost && key.ip.is_ipv4() {
             filter_verdicts(
@@ -333,7 +334,7 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
                 &name,
                 &format!("-d 127.0.0.0/8 {dport}"),
                 &h,
-                pod_cidr,
+                local,
             );
         }
         let any_backends = matches!(h.internal.targets, Targets::Backends(_))
@@ -358,7 +359,7 @@ fn service_port(rs: &mut Ruleset, port: &ServicePort<'_>, pod_cidr: Option<&str>
         // frontend of a port is handled alike).
         if !ext_written {
             ext_written = true;
-            external_chain(rs, &ext_chain, &name, &h, pod_cidr, &chain_of);
+            external_chain(rs, &ext_chain, &name, &h, local, &chain_of);
         }
         let target = if fe.source_ranges.is_empty() {
             ext_chain.clone()
@@ -434,11 +435,40 @@ const fn full_mask(ip: IpAddr) -> &'static str {
     }
 }
 
+/// The local-traffic detector as rule matches: pod traffic, and everything else.
+pub struct LocalMatch {
+    pub is: String,
+    pub not: String,
+}
+
+impl LocalMatch {
+    /// iptables' spelling for `family`: `-s CIDR`, `-i IFACE` or `-i PREFIX+`.
+    #[must_use]
+    pub fn iptables(desired: &DesiredState, family: Family) -> Option<Self> {
+        use crate::model::PodInterface;
+        let m = match &desired.pod_interface {
+            Some(PodInterface::Exact(i)) => format!("-i {i}"),
+            Some(PodInterface::Prefix(p)) => format!("-i {p}+"),
+            None => format!(
+                "-s {}",
+                desired
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| Family::of(&c.addr()) == family)?
+            ),
+        };
+        Some(Self {
+            not: format!("! {m}"),
+            is: m,
+        })
+    }
+}
+
 /// The source match of the internal class's two halves: pods and the node.
-fn internal_sources(pod_cidr: Option<&str>) -> Vec<(String, crate::model::SourceClass)> {
+fn internal_sources(local: Option<&LocalMatch>) -> Vec<(String, crate::model::SourceClass)> {
     let mut out = Vec::new();
-    if let Some(c) = pod_cidr {
-        out.push((format!("-s {c}"), crate::model::SourceClass::Pod));
+    if let Some(l) = local {
+        out.push((l.is.clone(), crate::model::SourceClass::Pod));
     }
     out.push((
         "-m addrtype --src-type LOCAL".to_string(),
@@ -453,7 +483,7 @@ fn external_chain(
     chain: &str,
     name: &str,
     h: &Handling<'_>,
-    pod_cidr: Option<&str>,
+    local: Option<&LocalMatch>,
     chain_of: &dyn Fn(&[SocketAddr]) -> String,
 ) {
     rs.nat.entry(chain.to_string()).or_default();
@@ -462,7 +492,7 @@ fn external_chain(
         Targets::Reject | Targets::Drop => None,
     };
     if h.split() {
-        for (m, class) in internal_sources(pod_cidr) {
+        for (m, class) in internal_sources(local) {
             if h.internal.masquerade.applies(class) {
                 push(
                     &mut rs.nat,
@@ -487,7 +517,7 @@ fn external_chain(
     let masq_rule = match c.masquerade {
         Masquerade::Never => None,
         Masquerade::Always => Some(String::new()),
-        Masquerade::UnlessFromPods => pod_cidr.map(|p| format!("! -s {p} ")),
+        Masquerade::UnlessFromPods => local.map(|l| format!("{} ", l.not)),
         Masquerade::FromNode => Some("-m addrtype --src-type LOCAL ".to_string()),
     };
     if let Some(m) = masq_rule {
@@ -511,7 +541,7 @@ fn filter_verdicts(
     name: &str,
     matcher: &str,
     h: &Handling<'_>,
-    pod_cidr: Option<&str>,
+    local: Option<&LocalMatch>,
 ) {
     // TCP is refused with a reset: an ICMPv6 error for a locally sent SYN reaches a
     // non-blocking connect() only with the SYN's retransmission, a second later.
@@ -539,7 +569,7 @@ fn filter_verdicts(
     // The classes differ. Translated packets never reach these rules (their destination
     // changed), so each rule only has to name the sources it is for.
     if let Some((why, target)) = vi {
-        for (m, _) in internal_sources(pod_cidr) {
+        for (m, _) in internal_sources(local) {
             push(
                 &mut rs.filter,
                 chain,
@@ -613,6 +643,7 @@ mod tests {
             ips: vec!["192.168.0.2".parse().unwrap()],
             labels: Default::default(),
             lb_ineligible: false,
+            pod_cidrs: Vec::new(),
         }
     }
 
@@ -706,6 +737,51 @@ mod tests {
             rs.filter["KUBE-SERVICES"].is_empty(),
             "endpoints: no REJECT"
         );
+    }
+
+    #[test]
+    fn every_local_traffic_detector_reaches_the_masquerade_rule() {
+        use crate::model::LocalDetector;
+        let mut n = node();
+        n.pod_cidrs = vec!["10.1.2.0/24".parse().unwrap()];
+        for (detector, want) in [
+            (
+                LocalDetector::ClusterCidr,
+                "! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+            ),
+            (
+                LocalDetector::NodeCidr,
+                "! -s 10.1.2.0/24 -j KUBE-MARK-MASQ",
+            ),
+            (
+                LocalDetector::BridgeInterface("cbr0".into()),
+                "! -i cbr0 -j KUBE-MARK-MASQ",
+            ),
+            (
+                LocalDetector::InterfaceNamePrefix("veth".into()),
+                "! -i veth+ -j KUBE-MARK-MASQ",
+            ),
+        ] {
+            let config = ProxyConfig {
+                cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                local_detector: detector.clone(),
+                ..ProxyConfig::default()
+            };
+            let d = compute(
+                &testkit::store(vec![svc1().build()], vec![slice1(&["10.180.0.1"])]),
+                &n,
+                &config,
+            );
+            let rs = build(&d, Family::V4);
+            let masq = rs
+                .nat
+                .iter()
+                .filter(|(c, _)| c.starts_with("KUBE-SVC-"))
+                .flat_map(|(_, r)| r)
+                .find(|r| r.contains("KUBE-MARK-MASQ"))
+                .unwrap_or_else(|| panic!("{detector:?}: no masquerade rule"));
+            assert!(masq.ends_with(want), "{detector:?}: {masq}");
+        }
     }
 
     #[test]

@@ -250,21 +250,43 @@ pub fn build(desired: &DesiredState, family: Family) -> Table {
     if family == Family::V4 && desired.localhost_node_ports {
         t.element("nodeport-ips", loopback.to_string(), String::new());
     }
-    let pod_cidr = desired
-        .pod_cidrs
-        .iter()
-        .find(|c| Family::of(&c.addr()) == family)
-        .map(ToString::to_string);
+    let local = local_match(desired, family, ip);
     for port in service_ports(desired)
         .values()
         .filter(|p| p.family == family)
     {
-        service_port(&mut t, port, ip, pod_cidr.as_deref());
+        service_port(&mut t, port, ip, local.as_ref());
     }
     t
 }
 
-fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Option<&str>) {
+/// The local-traffic detector as rule matches: pod traffic, and everything else.
+struct LocalMatch {
+    is: String,
+    not: String,
+}
+
+/// nftables' spelling for `family` (`ip` is `ip` or `ip6`): `ip saddr CIDR`, `iifname "IFACE"`
+/// or `iifname "PREFIX*"`.
+fn local_match(desired: &DesiredState, family: Family, ip: &str) -> Option<LocalMatch> {
+    use crate::model::PodInterface;
+    let (is, not) = match &desired.pod_interface {
+        Some(PodInterface::Exact(i)) => (format!("iifname \"{i}\""), format!("iifname != \"{i}\"")),
+        Some(PodInterface::Prefix(p)) => {
+            (format!("iifname \"{p}*\""), format!("iifname != \"{p}*\""))
+        }
+        None => {
+            let c = desired
+                .pod_cidrs
+                .iter()
+                .find(|c| Family::of(&c.addr()) == family)?;
+            (format!("{ip} saddr {c}"), format!("{ip} saddr != {c}"))
+        }
+    };
+    Some(LocalMatch { is, not })
+}
+
+fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, local: Option<&LocalMatch>) {
     let base = port_base(port);
     let proto = proto_lower(port.protocol);
     let sets = port.backend_sets();
@@ -322,11 +344,11 @@ fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Optio
         if let Targets::Backends(b) = &fe.internal {
             let chain = chain_of(b);
             let daddr = format!("{ip} daddr {}", addr(key.ip));
-            let rule = match (fe.internal_masquerade, pod_cidr) {
+            let rule = match (fe.internal_masquerade, local) {
                 (Masquerade::Always, _) => Some(format!("{daddr} jump mark-for-masquerade")),
-                (Masquerade::UnlessFromPods, Some(c)) => Some(format!(
-                    "{daddr} {ip} saddr != {c} jump mark-for-masquerade"
-                )),
+                (Masquerade::UnlessFromPods, Some(l)) => {
+                    Some(format!("{daddr} {} jump mark-for-masquerade", l.not))
+                }
                 (Masquerade::FromNode, _) => Some(format!(
                     "{daddr} fib saddr type local jump mark-for-masquerade"
                 )),
@@ -438,7 +460,7 @@ fn service_port(t: &mut Table, port: &ServicePort<'_>, ip: &str, pod_cidr: Optio
         } else {
             if !ext_written {
                 ext_written = true;
-                external_chain(t, &ext_chain, &h, ip, pod_cidr, &chain_of);
+                external_chain(t, &ext_chain, &h, local, &chain_of);
             }
             ext_chain.clone()
         };
@@ -477,8 +499,7 @@ fn external_chain(
     t: &mut Table,
     chain: &str,
     h: &Handling<'_>,
-    ip: &str,
-    pod_cidr: Option<&str>,
+    local: Option<&LocalMatch>,
     chain_of: &dyn Fn(&[SocketAddr]) -> String,
 ) {
     let goto = |targets: &Targets| match targets {
@@ -486,14 +507,15 @@ fn external_chain(
         Targets::Reject | Targets::Drop => "return".to_string(),
     };
     if h.split() {
-        if let Some(c) = pod_cidr {
+        if let Some(l) = local {
             if h.internal.masquerade.applies(SourceClass::Pod) {
-                t.rule(chain, format!("{ip} saddr {c} jump mark-for-masquerade"));
+                t.rule(chain, format!("{} jump mark-for-masquerade", l.is));
             }
             t.rule(
                 chain,
                 format!(
-                    "{ip} saddr {c} {} comment \"short-circuit pod traffic\"",
+                    "{} {} comment \"short-circuit pod traffic\"",
+                    l.is,
                     goto(h.internal.targets)
                 ),
             );
@@ -513,10 +535,10 @@ fn external_chain(
         );
     }
     let c = if h.split() { &h.external } else { &h.internal };
-    match (c.masquerade, pod_cidr) {
+    match (c.masquerade, local) {
         (Masquerade::Always, _) => t.rule(chain, "jump mark-for-masquerade"),
-        (Masquerade::UnlessFromPods, Some(p)) => {
-            t.rule(chain, format!("{ip} saddr != {p} jump mark-for-masquerade"));
+        (Masquerade::UnlessFromPods, Some(l)) => {
+            t.rule(chain, format!("{} jump mark-for-masquerade", l.not));
         }
         (Masquerade::FromNode, _) => t.rule(chain, "fib saddr type local jump mark-for-masquerade"),
         _ => {}
@@ -671,6 +693,7 @@ mod tests {
             ips: vec!["192.168.0.2".parse().unwrap()],
             labels: Default::default(),
             lb_ineligible: false,
+            pod_cidrs: Vec::new(),
         };
         let mut config = ProxyConfig {
             cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
@@ -747,6 +770,45 @@ mod tests {
                 .any(|r| r.contains("ip daddr { 172.30.0.0/16 } drop")),
             "unallocated ClusterIPs are dropped"
         );
+    }
+
+    #[test]
+    fn interface_detectors_match_the_input_interface() {
+        use crate::model::LocalDetector;
+        for (detector, want) in [
+            (
+                LocalDetector::BridgeInterface("cbr0".into()),
+                "iifname != \"cbr0\"",
+            ),
+            (
+                LocalDetector::InterfaceNamePrefix("veth".into()),
+                "iifname != \"veth*\"",
+            ),
+        ] {
+            let node = NodeInfo {
+                name: "node-a".into(),
+                ips: vec!["192.168.0.2".parse().unwrap()],
+                ..NodeInfo::default()
+            };
+            let config = ProxyConfig {
+                local_detector: detector.clone(),
+                ..ProxyConfig::default()
+            };
+            let d = compute(
+                &testkit::store(
+                    vec![svc("svc1", "172.30.0.41").build()],
+                    vec![slice("svc1", &["10.180.0.1"])],
+                ),
+                &node,
+                &config,
+            );
+            let t = build(&d, Family::V4);
+            assert_eq!(
+                t.chains["service-ULMVA6XW-ns1/svc1/tcp/p80"][0],
+                format!("ip daddr 172.30.0.41 {want} jump mark-for-masquerade"),
+                "{detector:?}"
+            );
+        }
     }
 
     #[test]
