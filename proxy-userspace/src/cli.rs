@@ -86,6 +86,8 @@ impl RunArgs {
             self.node_ip = vec![ip];
         }
         self.local_detector()?;
+        crate::config::parse_bind("--healthz-bind-address", &self.healthz_bind_address, 10256)?;
+        crate::config::parse_bind("--metrics-bind-address", &self.metrics_bind_address, 10249)?;
         notes.extend(self.not_acted_on());
         Ok(notes)
     }
@@ -647,8 +649,19 @@ impl RunArgs {
             min_sync_period: self.min_sync_period,
             sync_period: self.sync_period,
             poll_interval: Duration::from_millis(200),
-            healthz_bind: self.healthz_bind_address.parse().ok(),
-            metrics_bind: self.metrics_bind_address.parse().ok(),
+            // Checked by `resolve`.
+            healthz_bind: crate::config::parse_bind(
+                "--healthz-bind-address",
+                &self.healthz_bind_address,
+                10256,
+            )
+            .unwrap_or(None),
+            metrics_bind: crate::config::parse_bind(
+                "--metrics-bind-address",
+                &self.metrics_bind_address,
+                10249,
+            )
+            .unwrap_or(None),
         }
     }
 }

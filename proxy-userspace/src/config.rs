@@ -345,6 +345,20 @@ winkernel:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_addresses_in_every_form_kube_proxy_takes() {
+        let p = |v| parse_bind("--healthz-bind-address", v, 10256).unwrap();
+        assert_eq!(p(""), None);
+        assert_eq!(p("0.0.0.0:10256"), Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(p(":10256"), Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(p("0.0.0.0"), Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(p("::"), Some("[::]:10256".parse().unwrap()));
+        assert_eq!(p("[::1]:9"), Some("[::1]:9".parse().unwrap()));
+        assert_eq!(p("192.168.0.2"), Some("192.168.0.2:10256".parse().unwrap()));
+        let e = parse_bind("--healthz-bind-address", "node:80", 10256).unwrap_err();
+        assert!(e.to_string().contains("--healthz-bind-address"), "{e}");
+    }
     const KUBEADM: &str = KUBEADM_EXAMPLE;
 
     #[test]
@@ -727,8 +741,8 @@ pub fn apply(
 /// when the form lacks one (upstream takes all of them).
 #[must_use]
 pub fn bind_with_port(v: &str, port: u16) -> String {
-    if let Some(p) = v.strip_prefix(':') {
-        return format!("0.0.0.0:{p}");
+    if v.parse::<std::net::SocketAddr>().is_err() && v.starts_with(':') && !v.starts_with("::") {
+        return format!("0.0.0.0{v}");
     }
     if v.parse::<std::net::SocketAddr>().is_ok() {
         return v.to_string();
@@ -738,6 +752,29 @@ pub fn bind_with_port(v: &str, port: u16) -> String {
         Ok(ip) => format!("{ip}:{port}"),
         Err(_) => v.to_string(),
     }
+}
+
+/// A health or metrics bind address as kube-proxy takes it: `host:port`, `[v6]:port`,
+/// `:port` (every address), or a bare address (with `default_port`); "" disables the server.
+///
+/// # Errors
+/// Anything else, naming the flag.
+pub fn parse_bind(
+    flag: &str,
+    v: &str,
+    default_port: u16,
+) -> crate::Result<Option<std::net::SocketAddr>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    bind_with_port(v, default_port)
+        .parse()
+        .map(Some)
+        .map_err(|_| {
+            crate::Error::invalid(format!(
+                "{flag} {v:?}: want host:port, [ipv6]:port, :port or an address"
+            ))
+        })
 }
 
 /// The effective configuration as a KubeProxyConfiguration (`--write-config-to`): the

@@ -157,21 +157,78 @@ pub async fn start(
     }
 }
 
+/// Binds `addr`; an unspecified address (`0.0.0.0`, `::`) listens on both families (`[::]`
+/// without `IPV6_V6ONLY`, falling back to IPv4 where the node has no IPv6).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let bind = |a: SocketAddr, v6only: Option<bool>| -> std::io::Result<tokio::net::TcpListener> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(a),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if let Some(only) = v6only {
+            s.set_only_v6(only)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&a.into())?;
+        s.listen(1024)?;
+        tokio::net::TcpListener::from_std(s.into())
+    };
+    if addr.ip().is_unspecified() {
+        let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port());
+        match bind(any6, Some(false)) {
+            Ok(l) => return Ok(l),
+            Err(e) if addr.is_ipv6() => return Err(e),
+            Err(_) => {}
+        }
+        return bind(
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+            None,
+        );
+    }
+    bind(addr, None)
+}
+
+/// Serves `app` on `addr`. A bind failure (the port taken, the address not there yet) is
+/// logged and retried every 5 s, as upstream retries its servers, never fatal.
 async fn spawn_server(
-    what: &str,
+    what: &'static str,
     addr: SocketAddr,
     app: Router,
-) -> Option<tokio::task::JoinHandle<()>> {
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => {
-            tracing::info!(%addr, "{what} server listening");
-            Some(tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            }))
-        }
+) -> tokio::task::JoinHandle<()> {
+    spawn_server_retrying(what, addr, app, std::time::Duration::from_secs(5))
+}
+
+fn spawn_server_retrying(
+    what: &'static str,
+    addr: SocketAddr,
+    app: Router,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    async fn serve(
+        what: &'static str,
+        addr: SocketAddr,
+        listener: tokio::net::TcpListener,
+        app: Router,
+    ) {
+        let local = listener.local_addr().map_or(addr, |a| a);
+        tracing::info!(%addr, listening = %local, "{what} server listening");
+        let _ = axum::serve(listener, app).await;
+    }
+    match listen(addr) {
+        Ok(listener) => tokio::spawn(serve(what, addr, listener, app)),
         Err(e) => {
-            tracing::error!("{what} server: binding {addr}: {e}");
-            None
+            tracing::error!("{what} server: binding {addr}: {e}; retrying every {every:?}");
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match listen(addr) {
+                        Ok(listener) => return serve(what, addr, listener, app).await,
+                        Err(e) => tracing::debug!("{what} server: binding {addr}: {e}"),
+                    }
+                }
+            })
         }
     }
 }
@@ -231,9 +288,63 @@ impl HealthChecks {
                 .fallback(get(service_health))
                 .with_state(state.clone());
             let addr = SocketAddr::from(([0, 0, 0, 0], port));
-            if let Some(task) = spawn_server("health check", addr, app).await {
-                self.running.insert(port, (state, task));
+            let task = spawn_server("health check", addr, app).await;
+            self.running.insert(port, (state, task));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_app() -> Router {
+        Router::new().fallback(get(|| async { "ok" }))
+    }
+
+    async fn answers(addr: SocketAddr) -> bool {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_unspecified_address_listens_on_both_families() {
+        let l = listen("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, ok_app()).await;
+        });
+        assert!(
+            answers(SocketAddr::from(([127, 0, 0, 1], port))).await,
+            "IPv4"
+        );
+        assert!(
+            answers(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port)).await,
+            "IPv6"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_retried_until_it_is_free() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = squatter.local_addr().unwrap();
+        let _task =
+            spawn_server_retrying("test", addr, ok_app(), std::time::Duration::from_millis(50));
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        drop(squatter);
+        let start = std::time::Instant::now();
+        // Connecting to the squatter's backlog would succeed too: ask for an answer.
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body).await;
+                if body.ends_with("ok") {
+                    break;
+                }
             }
+            assert!(start.elapsed().as_secs() < 5, "the server never came up");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }
