@@ -180,6 +180,9 @@ pub struct Syncer {
     slices_listed: bool,
     /// `last-change-trigger-time`s of slices changed since the last sync.
     pending_triggers: Vec<String>,
+    /// Services the datapath refused at the last syncs (each gets one Event when it starts
+    /// failing).
+    failing_services: std::collections::BTreeSet<crate::store::ObjectRef>,
     pub latency: ProgrammingLatency,
     pub status: crate::serve::SharedStatus,
     /// Health-check ports of eTP=Local Services, from the last sync.
@@ -207,6 +210,7 @@ impl Syncer {
             services_listed: false,
             slices_listed: false,
             pending_triggers: Vec::new(),
+            failing_services: std::collections::BTreeSet::new(),
             latency: ProgrammingLatency::default(),
             status: std::sync::Arc::new(std::sync::Mutex::new(status)),
             health_checks: std::collections::BTreeMap::new(),
@@ -335,6 +339,7 @@ impl Syncer {
             .desired
             .update(&self.store, &dirty, &self.node, &self.proxy)
         {
+            // (Every Service's frontends are in a full sync's report.)
             None => {
                 let report = if periodic {
                     self.renderer.resync(&self.desired.state)
@@ -411,7 +416,47 @@ impl Syncer {
         self.sync_with(true);
     }
 
+    /// A `FailedToProgramService` Event for each Service that starts failing.
+    fn record_failed_services(&mut self, report: &SyncReport) {
+        let desired = &self.desired.state;
+        let mut failing: std::collections::BTreeMap<crate::store::ObjectRef, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for k in &report.failed_frontends {
+            if let Some(fe) = desired.frontends.get(k) {
+                failing.entry(fe.service.clone()).or_default().push(format!(
+                    "{}/{}",
+                    std::net::SocketAddr::new(k.ip, k.port),
+                    k.protocol.as_str()
+                ));
+            }
+        }
+        let why = report
+            .errors
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        for (svc, frontends) in &failing {
+            if !self.failing_services.contains(svc) {
+                crate::events::record(
+                    crate::events::Regarding::Service(svc.clone()),
+                    true,
+                    "FailedToProgramService",
+                    "Sync",
+                    format!(
+                        "kpr could not program {} (it keeps what it had): {why}",
+                        frontends.join(", ")
+                    ),
+                );
+            }
+        }
+        if report.errors.is_empty() {
+            self.failing_services.clear();
+        }
+        self.failing_services.extend(failing.into_keys());
+    }
+
     fn record(&mut self, report: &SyncReport, started: Instant) {
+        self.record_failed_services(report);
         let desired = &self.desired.state;
         for e in &report.errors {
             tracing::error!("sync: {e}");
@@ -534,6 +579,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         ),
         SourceConfig::Api(api) => {
             let client = crate::source::api::client(api).await?;
+            crate::events::start(client.clone(), &api.node_name);
+            crate::events::record(
+                crate::events::Regarding::Node(api.node_name.clone()),
+                false,
+                "Starting",
+                "StartKubeProxy",
+                format!("Starting kube-proxy (kpr, {} mode).", syncer.mode()),
+            );
             tracing::info!(selector = %api.selector.label_selector(), node = %api.node_name, "watching the API server");
             crate::source::api::spawn(&client, api, &tx);
         }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod conformance;
+pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod render;

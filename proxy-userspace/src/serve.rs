@@ -283,11 +283,22 @@ impl HealthChecks {
                 *state.lock().expect("health lock") = value;
                 continue;
             }
+            let svc = value.0.clone();
             let state: HealthState = Arc::new(Mutex::new(value));
             let app = Router::new()
                 .fallback(get(service_health))
                 .with_state(state.clone());
             let addr = SocketAddr::from(([0, 0, 0, 0], port));
+            if let Err(e) = listen(addr) {
+                // upstream's Event; the server keeps retrying.
+                crate::events::record(
+                    crate::events::Regarding::Service(svc),
+                    true,
+                    "FailedToStartServiceHealthcheck",
+                    "Listen",
+                    format!("node {port} health check port could not be listened on: {e}"),
+                );
+            }
             let task = spawn_server("health check", addr, app).await;
             self.running.insert(port, (state, task));
         }

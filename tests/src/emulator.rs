@@ -76,6 +76,9 @@ struct Inner {
     compacted: u64,
     faults: Faults,
     requests: u64,
+    /// events.k8s.io/v1 Events posted (created, then merged with their patches), by
+    /// "namespace/name".
+    recorded_events: BTreeMap<String, Value>,
 }
 
 /// Shared state of a running emulator.
@@ -139,6 +142,7 @@ impl Emulator {
                 compacted: 0,
                 faults: Faults::default(),
                 requests: 0,
+                recorded_events: BTreeMap::new(),
             })),
             events,
             drops,
@@ -160,6 +164,14 @@ impl Emulator {
                 }),
             )
             .route("/api/v1/namespaces/{ns}/services/{name}", get(get_one))
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                axum::routing::post(create_event),
+            )
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/events/{name}",
+                axum::routing::patch(patch_event),
+            )
             .with_state(emu.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -252,6 +264,17 @@ impl Emulator {
         inner.rv += 1;
         inner.compacted = inner.rv;
         inner.history.clear();
+    }
+
+    /// The Events the agent recorded (events.k8s.io/v1 objects, patches merged in).
+    pub fn recorded_events(&self) -> Vec<Value> {
+        self.inner
+            .lock()
+            .unwrap()
+            .recorded_events
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn requests(&self) -> u64 {
@@ -438,6 +461,54 @@ async fn list_or_watch_nodes(
 ) -> Response {
     e.serve(Kind::Node, q).await
 }
+async fn create_event(
+    State(e): State<Emulator>,
+    Path(ns): Path<String>,
+    axum::Json(mut ev): axum::Json<Value>,
+) -> Response {
+    let name = ev["metadata"]["name"].as_str().unwrap_or("").to_string();
+    if name.is_empty() {
+        return status_response(422, "Invalid", "metadata.name is required");
+    }
+    ev["metadata"]["namespace"] = json!(ns);
+    let mut inner = e.inner.lock().unwrap();
+    let key = format!("{ns}/{name}");
+    if inner.recorded_events.contains_key(&key) {
+        return status_response(409, "AlreadyExists", "event exists");
+    }
+    inner.recorded_events.insert(key, ev.clone());
+    (StatusCode::CREATED, axum::Json(ev)).into_response()
+}
+
+async fn patch_event(
+    State(e): State<Emulator>,
+    Path((ns, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    // A merge patch (application/merge-patch+json), not plain JSON.
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status_response(400, "BadRequest", "the patch is not JSON");
+    };
+    fn merge(into: &mut Value, patch: &Value) {
+        match (into, patch) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+            (slot, v) => *slot = v.clone(),
+        }
+    }
+    let mut inner = e.inner.lock().unwrap();
+    match inner.recorded_events.get_mut(&format!("{ns}/{name}")) {
+        Some(ev) => {
+            merge(ev, &patch);
+            axum::Json(ev.clone()).into_response()
+        }
+        None => status_response(404, "NotFound", "not found"),
+    }
+}
+
 async fn get_one(State(e): State<Emulator>, Path((ns, name)): Path<(String, String)>) -> Response {
     let obj = e
         .inner

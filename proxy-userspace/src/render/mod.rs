@@ -224,6 +224,9 @@ pub struct SyncReport {
     /// Frontends or objects that could not be programmed. Each keeps what it had before;
     /// everything else was synced.
     pub errors: Vec<Error>,
+    /// The frontends among `errors` (where the mode can tell them apart), for the
+    /// `FailedToProgramService` Events.
+    pub failed_frontends: Vec<crate::model::FrontendKey>,
 }
 
 impl SyncReport {

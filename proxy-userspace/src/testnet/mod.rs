@@ -554,6 +554,17 @@ impl Topology {
 
     /// The agent started the way kubeadm starts kube-proxy: flags at the top level, no `run`
     /// (host-safe flags added, as for [`Topology::agent_command`]).
+    /// kube-proxy's command line as kubeadm runs it (`--config`, `--hostname-override`), with
+    /// no source flag: the config's `clientConnection.kubeconfig` names the API server.
+    pub fn agent_command_kubeadm(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(kpr_bin());
+        cmd.arg(format!("--bpf-fs-path={}", self.bpffs.display()))
+            .arg(format!("--cgroup-path={}", self.cgroup.path.display()))
+            .arg("--allow-child-cgroup")
+            .args(extra);
+        host_safe(cmd)
+    }
+
     pub fn agent_command_kube_proxy_style(&self, manifests: &Path, extra: &[&str]) -> Command {
         let mut cmd = Command::new(kpr_bin());
         cmd.arg(format!("--manifests={}", manifests.display()))

@@ -230,7 +230,7 @@ struct Programmed {
 }
 
 /// Counts of what a sync wrote, for logs and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub services_written: usize,
     pub services_deleted: usize,
@@ -239,6 +239,8 @@ pub struct SyncStats {
     pub backends_written: usize,
     pub backends_deleted: usize,
     pub errors: usize,
+    /// The frontends that could not be programmed (each kept what it had).
+    pub failed: Vec<FrontendKey>,
 }
 
 impl SyncStats {
@@ -674,6 +676,14 @@ impl MapDiff {
         for (key, want) in &wanted {
             if let Err(e) = self.upsert(key, want, maps, &mut stats) {
                 stats.errors += 1;
+                let addr = sockaddr_from16(key.addr, key.port);
+                if let Some(protocol) = Protocol::from_number(key.proto) {
+                    stats.failed.push(FrontendKey {
+                        ip: addr.ip(),
+                        port: addr.port(),
+                        protocol,
+                    });
+                }
                 // The first errors say what and where; the rest is counted, so a full map
                 // does not flood the log.
                 if errors.len() < MAX_REPORTED_ERRORS {
@@ -720,6 +730,7 @@ impl MapDiff {
                 };
                 if let Err(e) = result {
                     stats.errors += 1;
+                    stats.failed.push(*fe_key);
                     errors.push(e.context(format!(
                         "frontend {} {}",
                         SocketAddr::new(fe_key.ip, fe_key.port),

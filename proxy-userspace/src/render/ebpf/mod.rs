@@ -486,6 +486,7 @@ impl EbpfRenderer {
             ("backends_deleted", stats.backends_deleted),
         ];
         report.errors.extend(errors);
+        report.failed_frontends = stats.failed;
         report
     }
 }
