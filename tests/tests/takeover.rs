@@ -180,3 +180,83 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
         hold.len() - 1
     );
 }
+
+/// A kpr whose map layout differs from the running one's (simulated: the pinned state is moved
+/// to an older layout version's directory while the agent is down) stages its programs and
+/// maps, fills the maps, and only then swaps its programs into the running links and carries
+/// the conntrack entries over: new connections never fail, and long-lived ones — a pod's to a
+/// ClusterIP (socket level) and an outside client's to a NodePort (TC, conntrack) — survive.
+#[test]
+fn an_agent_with_another_map_layout_replaces_the_running_one_without_drops() {
+    let mut t = Topology::new("relayout");
+    t.add_external(
+        "outside",
+        Ipv4Addr::new(203, 0, 113, 2),
+        Ipv4Addr::new(192, 168, 0, 2),
+    );
+    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
+    for (name, ip) in [("a", [10, 180, 0, 1]), ("b", [10, 180, 0, 2])] {
+        t.add_pod(name, Ipv4Addr::from(ip));
+        t.serve(name, &[80]);
+    }
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "all.yaml", MANIFESTS);
+    let mut old = agent(&t, &dir, "ebpf");
+    t.wait_for_services("ebpf frontends", Duration::from_secs(15), |rows| {
+        backends_of(rows, "172.30.0.10:80", "TCP").is_some()
+    });
+    let spawn = |ns: &str, args: &[&str], cgroup: bool| {
+        t.workload_in(ns, args, cgroup)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let pod_hold = spawn("client", &["hold", "172.30.0.10:80", "6", "100"], true);
+    let outside_hold = spawn("outside", &["hold", "192.168.0.2:30080", "6", "100"], false);
+    let pod = spawn("client", &["tcp", "172.30.0.10:80", "120", "40"], true);
+    let outside = spawn("outside", &["tcp", "192.168.0.2:30080", "120", "40"], false);
+    std::thread::sleep(Duration::from_millis(1000));
+
+    old.kill9();
+    let current = t
+        .bpffs
+        .join(format!("v{}", proxy_common::MAP_LAYOUT_VERSION));
+    let older = t.bpffs.join("v1");
+    std::fs::rename(&current, &older).expect("moving the pins (bpffs supports rename)");
+    let _new = agent(&t, &dir, "ebpf");
+    let start = std::time::Instant::now();
+    while older.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the older layout's pins are removed after the swap"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(current.join("maps").exists());
+
+    for (what, lines) in [
+        ("pod -> ClusterIP", collect(pod)),
+        ("outside -> NodePort", collect(outside)),
+    ] {
+        assert_eq!(lines.len(), 120, "{what}");
+        let failed: Vec<_> = lines.iter().filter(|l| !l["error"].is_null()).collect();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} failed: {failed:?}",
+            failed.len()
+        );
+    }
+    for (what, hold) in [
+        ("pod -> ClusterIP", collect(pod_hold)),
+        ("outside -> NodePort", collect(outside_hold)),
+    ] {
+        assert!(hold[0]["connected"].is_string(), "{what}: {:?}", hold[0]);
+        let failed: Vec<_> = hold[1..].iter().filter(|e| !e["error"].is_null()).collect();
+        assert!(
+            hold.len() > 30 && failed.is_empty(),
+            "{what}: the long-lived connection: {} requests, failed: {failed:?}",
+            hold.len() - 1
+        );
+    }
+}

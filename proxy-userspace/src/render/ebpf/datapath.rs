@@ -234,8 +234,10 @@ fn attach_sock_release(
         return Ok(());
     }
     let prog: &mut CgroupSock = program(ebpf, prog_name)?;
-    prog.load()
-        .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+    }
     // aya cannot swap a cgroup_sock link's program in place: attach this build's (cgroup
     // links always allow several programs), then drop an older build's link.
     let old = old_dirs.iter().map(|d| d.join(pin)).find(|p| p.exists());
@@ -301,6 +303,26 @@ impl PinLayout {
     pub fn links_dir(&self, hash: &str) -> PathBuf {
         self.versioned().join(format!("prog-{hash}"))
     }
+    /// The directories of other map layout versions (`v<N>` but this build's).
+    #[must_use]
+    pub fn other_layouts(&self) -> Vec<PathBuf> {
+        let mine = self.versioned();
+        fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p != &mine
+                    && p.is_dir()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix('v'))
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .collect()
+    }
+
     /// Link directories of other builds.
     fn other_link_dirs(&self, hash: &str) -> Vec<PathBuf> {
         let mine = format!("prog-{hash}");
@@ -452,6 +474,100 @@ pub enum LoadOutcome {
     Attached,
     /// Programs of another build were replaced in place.
     Upgraded,
+    /// A build with another map layout is running: this build's maps and programs are loaded
+    /// but not attached; [`StagedUpgrade::complete`] swaps them in once the maps are filled.
+    Staged,
+}
+
+/// This build's programs, verified, and its maps, pinned (empty until the first sync), while
+/// the links of a build with another map layout keep serving from that build's maps.
+pub struct StagedUpgrade {
+    ebpf: aya::Ebpf,
+    cgroup: PathBuf,
+}
+
+impl StagedUpgrade {
+    /// Swaps this build's programs into the running links (cgroup and TC, atomically per
+    /// link), carries the conntrack entries over (before and after the swap, so flows in
+    /// flight keep their translation), and removes the older layout's pins.
+    ///
+    /// # Errors
+    /// A program could not be attached; the older layout keeps serving what it can.
+    pub fn complete(mut self, layout: &PinLayout) -> Result<()> {
+        let older = layout.other_layouts();
+        let carried = carry_conntrack(layout, &older);
+        let cgroup_file = fs::File::open(&self.cgroup)
+            .map_err(|e| Error::io(&self.cgroup, e).context("opening the cgroup to attach to"))?;
+        let old_dirs: Vec<PathBuf> = older.iter().flat_map(|v| link_dirs_in(v)).collect();
+        attach_all(
+            &mut self.ebpf,
+            layout,
+            &self.cgroup,
+            &cgroup_file,
+            &old_dirs,
+        )?;
+        let carried_after = carry_conntrack(layout, &older);
+        for v in &older {
+            let _ = fs::remove_dir_all(v);
+        }
+        tracing::info!(
+            from = ?older.iter().map(|v| v.display().to_string()).collect::<Vec<_>>(),
+            conntrack_entries = carried + carried_after,
+            "this build's programs replaced those of another map layout; its pins are removed"
+        );
+        Ok(())
+    }
+}
+
+/// The `prog-*` link directories under a layout version directory.
+fn link_dirs_in(version_dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(version_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("prog-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Copies the conntrack entries of older layouts' maps into this layout's, when the entry
+/// format is the same size (a layout change elsewhere); entries already there are kept.
+/// Returns how many were copied.
+fn carry_conntrack(layout: &PinLayout, older: &[PathBuf]) -> usize {
+    use aya::maps::HashMap as BpfHashMap;
+    use proxy_common::{CtKey, CtValue};
+    let Ok(new) = MapData::from_pin(layout.map(map_names::CONNTRACK)) else {
+        return 0;
+    };
+    let Ok(mut new) = BpfHashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::HashMap(new))
+    else {
+        return 0;
+    };
+    let mut copied = 0;
+    for v in older {
+        let path = v.join("maps").join(map_names::CONNTRACK);
+        let Ok(old) = MapData::from_pin(&path) else {
+            continue;
+        };
+        // A map of another entry format is refused here (sizes differ): its flows are lost.
+        let old = match BpfHashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::HashMap(old)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(
+                    "the conntrack entries of {} cannot be carried over ({e}): flows through the TC path restart",
+                    path.display()
+                );
+                continue;
+            }
+        };
+        for (k, val) in old.iter().flatten() {
+            // BPF_NOEXIST: an entry this build's programs already made wins.
+            if new.insert(&k, &val, 1).is_ok() {
+                copied += 1;
+            }
+        }
+    }
+    copied
 }
 
 /// Makes sure this build's programs are attached to `cgroup` with pinned links and the maps
@@ -479,6 +595,27 @@ pub fn ensure_loaded_sized(
     conntrack_max: u32,
     may_mount_bpffs: bool,
 ) -> Result<LoadOutcome> {
+    match ensure_loaded_staged(layout, cgroup, conntrack_max, may_mount_bpffs)? {
+        (_, Some(staged)) => {
+            staged.complete(layout)?;
+            Ok(LoadOutcome::Upgraded)
+        }
+        (outcome, None) => Ok(outcome),
+    }
+}
+
+/// [`ensure_loaded_sized`], except that a build with another map layout is not replaced at
+/// once: this build's maps would be empty until the first sync. Its programs are verified
+/// and its maps pinned, and the caller completes the [`StagedUpgrade`] once it filled them.
+///
+/// # Errors
+/// As [`ensure_loaded`].
+pub fn ensure_loaded_staged(
+    layout: &PinLayout,
+    cgroup: &Path,
+    conntrack_max: u32,
+    may_mount_bpffs: bool,
+) -> Result<(LoadOutcome, Option<StagedUpgrade>)> {
     check_bpffs(&layout.root, may_mount_bpffs)?;
     let outcome = ensure_loaded_inner(layout, cgroup, conntrack_max)?;
     if let Ok(m) = MapData::from_pin(layout.map(map_names::CONNTRACK))
@@ -498,7 +635,7 @@ fn ensure_loaded_inner(
     layout: &PinLayout,
     cgroup: &Path,
     conntrack_max: u32,
-) -> Result<LoadOutcome> {
+) -> Result<(LoadOutcome, Option<StagedUpgrade>)> {
     check_object()?;
     let hash = object_hash();
     let links_dir = layout.links_dir(&hash);
@@ -509,7 +646,7 @@ fn ensure_loaded_inner(
         .chain(std::iter::once(&SOCK_RELEASE))
         .all(|(_, pin)| links_dir.join(pin).exists());
     if maps_present && links_present {
-        return Ok(LoadOutcome::Adopted);
+        return Ok((LoadOutcome::Adopted, None));
     }
     for dir in [layout.maps_dir(), links_dir.clone()] {
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -522,16 +659,65 @@ fn ensure_loaded_inner(
         .map_max_entries(map_names::CONNTRACK, conntrack_max)
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Object(Box::new(e)))?;
+    let older = layout.other_layouts();
+    if older.iter().any(|v| !link_dirs_in(v).is_empty()) {
+        // Verify every program now: a refusal leaves the running build alone.
+        for (name, _) in SOCK_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load()
+                .map_err(|e| Error::program(name, "loading (verifier)", e))?;
+        }
+        let p: &mut CgroupSock = program(&mut ebpf, SOCK_RELEASE.0)?;
+        p.load()
+            .map_err(|e| Error::program(SOCK_RELEASE.0, "loading (verifier)", e))?;
+        for (name, _) in TC_PROGRAMS {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
+            p.load()
+                .map_err(|e| Error::program(name, "loading (verifier)", e))?;
+        }
+        return Ok((
+            LoadOutcome::Staged,
+            Some(StagedUpgrade {
+                ebpf,
+                cgroup: cgroup.to_path_buf(),
+            }),
+        ));
+    }
     let old_dirs = layout.other_link_dirs(&hash);
+    let upgraded = attach_all(&mut ebpf, layout, cgroup, &cgroup_file, &old_dirs)?;
+    Ok((
+        if upgraded {
+            LoadOutcome::Upgraded
+        } else {
+            LoadOutcome::Attached
+        },
+        None,
+    ))
+}
+
+/// Attaches this build's programs (loading those not loaded yet) with pinned links: swapped
+/// into the links of `old_dirs` (other builds) where there are some, else attached to the
+/// cgroup; TC links of other builds get this build's programs. Removes `old_dirs`. Returns
+/// whether another build's links were taken over.
+fn attach_all(
+    ebpf: &mut aya::Ebpf,
+    layout: &PinLayout,
+    cgroup: &Path,
+    cgroup_file: &fs::File,
+    old_dirs: &[PathBuf],
+) -> Result<bool> {
+    let links_dir = layout.links_dir(&object_hash());
     let mut upgraded = false;
     for (prog_name, pin) in SOCK_PROGRAMS {
         let target = links_dir.join(pin);
         if target.exists() {
             continue;
         }
-        let prog: &mut CgroupSockAddr = program(&mut ebpf, prog_name)?;
-        prog.load()
-            .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+        let prog: &mut CgroupSockAddr = program(ebpf, prog_name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+        }
         let old = old_dirs.iter().map(|d| d.join(pin)).find(|p| p.exists());
         let link_id = if let Some(old) = &old {
             let what = old.display().to_string();
@@ -562,22 +748,24 @@ fn ensure_loaded_inner(
             let _ = fs::remove_file(old);
         }
     }
-    attach_sock_release(&mut ebpf, &links_dir, &old_dirs, &cgroup_file, cgroup)?;
+    attach_sock_release(ebpf, &links_dir, old_dirs, cgroup_file, cgroup)?;
     for (prog_name, pin) in TC_PROGRAMS {
         let target = links_dir.join(pin);
         if target.exists() {
             continue;
         }
-        let prog: &mut SchedClassifier = program(&mut ebpf, prog_name)?;
-        prog.load()
-            .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+        let prog: &mut SchedClassifier = program(ebpf, prog_name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|e| Error::program(prog_name, "loading (verifier)", e))?;
+        }
         prog.pin(&target).map_err(|source| Error::Pin {
             path: target.clone(),
             source,
         })?;
     }
     // TC links of an older build: swap this build's programs in, keep them attached.
-    for old in &old_dirs {
+    for old in old_dirs {
         for entry in fs::read_dir(old).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(attach) = tc_link_direction(&name) else {
@@ -622,11 +810,7 @@ fn ensure_loaded_inner(
     for d in old_dirs {
         let _ = fs::remove_dir_all(d);
     }
-    Ok(if upgraded {
-        LoadOutcome::Upgraded
-    } else {
-        LoadOutcome::Attached
-    })
+    Ok(upgraded)
 }
 
 /// Removes every link, map and directory kpr pinned under `root`. Unpinning a link detaches

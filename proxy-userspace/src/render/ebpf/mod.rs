@@ -108,6 +108,9 @@ pub struct EbpfRenderer {
     kernel_flows_recorded: bool,
     /// The `takeover` table holds the kernel's conntrack for them.
     conntrack_held: bool,
+    /// Loaded but not attached yet: another map layout's build serves until the first
+    /// successful full sync filled this build's maps.
+    staged: Option<datapath::StagedUpgrade>,
 }
 
 impl EbpfRenderer {
@@ -121,18 +124,24 @@ impl EbpfRenderer {
         if !cfg.allow_child_cgroup {
             datapath::check_root_cgroup(&cfg.cgroup_path)?;
         }
-        let outcome = datapath::ensure_loaded_sized(
+        let (outcome, staged) = datapath::ensure_loaded_staged(
             &layout,
             &cfg.cgroup_path,
             cfg.datapath.conntrack_max,
             cfg.allow_private_bpffs,
         )?;
+        if staged.is_some() {
+            tracing::info!(
+                "a kpr with another map layout is running: it keeps serving until this one's maps are filled"
+            );
+        }
         let renderer = Self {
             tc_interfaces: cfg.tc_interfaces.clone(),
             datapath: cfg.datapath,
             // A previous agent's hold (restarted during a takeover): released by the
             // collector like its own.
             conntrack_held: takeover::held(),
+            staged,
             ..Self::with_maps(layout)?
         };
         renderer.attach_tc()?;
@@ -160,6 +169,7 @@ impl EbpfRenderer {
             pod_cidrs: None,
             kernel_flows_recorded: false,
             conntrack_held: false,
+            staged: None,
         })
     }
 
@@ -228,6 +238,10 @@ impl EbpfRenderer {
     }
 
     fn attach_tc(&self) -> Result<()> {
+        if self.staged.is_some() {
+            // The running build's TC links are taken over when the upgrade completes.
+            return Ok(());
+        }
         let attached = datapath::sync_tc_links(&self.layout, &self.tc_interfaces)?;
         if !attached.is_empty() {
             tracing::info!(interfaces = ?attached, "TC programs attached");
@@ -525,7 +539,23 @@ impl Renderer for EbpfRenderer {
             self.record_kernel_nat_flows(desired);
             self.kernel_flows_recorded = true;
         }
-        self.finish(stats, errors, report)
+        let report = self.finish(stats, errors, report);
+        if report.errors.is_empty()
+            && let Some(staged) = self.staged.take()
+        {
+            // The maps hold every Service: swap this build in.
+            match staged.complete(&self.layout) {
+                Ok(()) => {
+                    if let Err(e) = self.attach_tc() {
+                        tracing::warn!("attaching the TC programs: {e}");
+                    }
+                }
+                Err(e) => tracing::error!(
+                    "replacing the build with another map layout: {e}; it keeps serving"
+                ),
+            }
+        }
+        report
     }
 
     fn sync_frontends(
