@@ -328,6 +328,16 @@ impl Syncer {
         self.sync_with(false);
     }
 
+    /// Where healthCheckNodePorts listen: every address, or (upstream) the node addresses
+    /// `nodePortAddresses` selects.
+    #[must_use]
+    pub fn health_check_addresses(&self) -> Option<Vec<std::net::IpAddr>> {
+        match self.proxy.node_port_addresses {
+            crate::model::NodePortAddresses::All => None,
+            _ => Some(crate::model::node_port_ips(&self.node, &self.proxy)),
+        }
+    }
+
     fn sync_with(&mut self, periodic: bool) {
         let started = Instant::now();
         if let Some(m) = crate::metrics::get() {
@@ -621,10 +631,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     syncer.sync();
                     dirty = false;
                     last_sync = Instant::now();
+                    health.set_addresses(syncer.health_check_addresses()).await;
                     health.sync(&syncer.health_checks).await;
                 } else {
                     syncer.resync();
                     last_full = Instant::now();
+                    health.set_addresses(syncer.health_check_addresses()).await;
                     health.sync(&syncer.health_checks).await;
                 }
                 if cleanup_pending && syncer.synced_ok() {

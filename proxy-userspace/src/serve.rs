@@ -259,25 +259,46 @@ async fn service_health(State(state): State<HealthState>) -> impl IntoResponse {
 /// The per-Service health-check servers (healthCheckNodePort).
 #[derive(Default)]
 pub struct HealthChecks {
-    running: BTreeMap<u16, (HealthState, tokio::task::JoinHandle<()>)>,
+    running: BTreeMap<u16, (HealthState, Vec<tokio::task::JoinHandle<()>>)>,
+    /// Where the servers listen: `None` on every address (both families), else on these
+    /// (upstream: the node addresses `nodePortAddresses` selects).
+    listen_on: Option<Vec<std::net::IpAddr>>,
     /// The proxy's own health, which every check reports as `serviceProxyHealthy`.
     pub status: Option<SharedStatus>,
 }
 
 impl HealthChecks {
+    /// Sets where the servers listen; running servers move when it changed.
+    pub async fn set_addresses(&mut self, addresses: Option<Vec<std::net::IpAddr>>) {
+        if self.listen_on != addresses {
+            for (_, tasks) in std::mem::take(&mut self.running).into_values() {
+                for t in tasks {
+                    t.abort();
+                    // Wait until its listener is closed, so the port can be bound again.
+                    let _ = t.await;
+                }
+            }
+            self.listen_on = addresses;
+        }
+    }
+
     /// Makes the running servers match `wanted` (port -> (service, local endpoints)).
     pub async fn sync(&mut self, wanted: &BTreeMap<ObjectRef, (u16, usize)>) {
         let by_port: BTreeMap<u16, (ObjectRef, usize, Option<SharedStatus>)> = wanted
             .iter()
             .map(|(svc, (port, n))| (*port, (svc.clone(), *n, self.status.clone())))
             .collect();
-        self.running.retain(|port, (_, task)| {
+        self.running.retain(|port, (_, tasks)| {
             let keep = by_port.contains_key(port);
             if !keep {
-                task.abort();
+                tasks.iter().for_each(tokio::task::JoinHandle::abort);
             }
             keep
         });
+        let ips: Vec<std::net::IpAddr> = self
+            .listen_on
+            .clone()
+            .unwrap_or_else(|| vec![std::net::Ipv4Addr::UNSPECIFIED.into()]);
         for (port, value) in by_port {
             if let Some((state, _)) = self.running.get(&port) {
                 *state.lock().expect("health lock") = value;
@@ -285,22 +306,25 @@ impl HealthChecks {
             }
             let svc = value.0.clone();
             let state: HealthState = Arc::new(Mutex::new(value));
-            let app = Router::new()
-                .fallback(get(service_health))
-                .with_state(state.clone());
-            let addr = SocketAddr::from(([0, 0, 0, 0], port));
-            if let Err(e) = listen(addr) {
-                // upstream's Event; the server keeps retrying.
-                crate::events::record(
-                    crate::events::Regarding::Service(svc),
-                    true,
-                    "FailedToStartServiceHealthcheck",
-                    "Listen",
-                    format!("node {port} health check port could not be listened on: {e}"),
-                );
+            let mut tasks = Vec::new();
+            for ip in &ips {
+                let app = Router::new()
+                    .fallback(get(service_health))
+                    .with_state(state.clone());
+                let addr = SocketAddr::new(*ip, port);
+                if let Err(e) = listen(addr) {
+                    // upstream's Event; the server keeps retrying.
+                    crate::events::record(
+                        crate::events::Regarding::Service(svc.clone()),
+                        true,
+                        "FailedToStartServiceHealthcheck",
+                        "Listen",
+                        format!("node {addr} health check port could not be listened on: {e}"),
+                    );
+                }
+                tasks.push(spawn_server("health check", addr, app).await);
             }
-            let task = spawn_server("health check", addr, app).await;
-            self.running.insert(port, (state, task));
+            self.running.insert(port, (state, tasks));
         }
     }
 }
@@ -357,5 +381,30 @@ mod tests {
             assert!(start.elapsed().as_secs() < 5, "the server never came up");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn health_check_servers_listen_where_node_port_addresses_say() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut hc = HealthChecks::default();
+        hc.set_addresses(Some(vec![std::net::Ipv4Addr::LOCALHOST.into()]))
+            .await;
+        let wanted = BTreeMap::from([(ObjectRef::new("ns", "lb"), (port, 1))]);
+        hc.sync(&wanted).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(answers(SocketAddr::from(([127, 0, 0, 1], port))).await);
+        assert!(
+            !answers(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port)).await,
+            "not on the addresses nodePortAddresses leaves out"
+        );
+        // Every address again (nodePortAddresses unset): the server moves.
+        hc.set_addresses(None).await;
+        hc.sync(&wanted).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(answers(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port)).await);
     }
 }
