@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's 6.1 kernel under qemu (no network device) and run kpr's tests on it.
+    VmTest {
+        /// A bash script to run in the VM instead (from the repository root).
+        #[arg(long)]
+        script: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +53,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::ensure()?;
             test::run(&args)
+        }
+        Cmd::VmTest { script } => {
+            setup::ensure()?;
+            vm::run(script.as_deref())
         }
     }
 }

@@ -1,0 +1,326 @@
+//! `cargo xtask vm-test`: kpr on an older kernel. Boots Debian's 6.1 kernel
+//! (`linux-image-amd64`) under qemu (KVM when `/dev/kvm` works, else TCG) and runs tests
+//! inside it.
+//!
+//! The VM has **no network device** (`-nic none`). It sees this machine's root file system
+//! read-only over virtio-9p (so the test binaries, `ip`, `nft`, `iptables` and the 6.1
+//! modules under `/lib/modules` are the host's own files) with tmpfs on `/tmp` and `/run`,
+//! and one writable 9p share for the script it runs and the results it writes. A small
+//! initramfs (busybox-static and the modules the 9p root needs, resolved from
+//! `modules.dep`) mounts all that and `chroot`s into the host's tree.
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The kernel series the VM tests are about (Debian 12's).
+const SERIES: &str = "6.1.";
+
+/// Modules the initramfs loads (with their dependencies) to mount the 9p root.
+const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
+
+/// A kernel image and its modules.
+pub struct Kernel {
+    pub version: String,
+    pub image: PathBuf,
+    pub modules: PathBuf,
+}
+
+/// The newest installed 6.1 kernel.
+pub fn find_kernel() -> Option<Kernel> {
+    let mut found: Vec<String> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("vmlinuz-")
+                .map(str::to_string)
+        })
+        .filter(|v| v.starts_with(SERIES) && Path::new("/lib/modules").join(v).exists())
+        .collect();
+    found.sort();
+    let version = found.pop()?;
+    Some(Kernel {
+        image: PathBuf::from(format!("/boot/vmlinuz-{version}")),
+        modules: Path::new("/lib/modules").join(&version),
+        version,
+    })
+}
+
+/// `modules.dep` paths of `wanted` and their dependencies, dependencies first.
+fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<String>> {
+    let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
+        .context("reading modules.dep")?;
+    let deps: std::collections::HashMap<String, Vec<String>> = dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| {
+            (
+                m.to_string(),
+                d.split_whitespace().map(str::to_string).collect(),
+            )
+        })
+        .collect();
+    let name_of = |path: &str| {
+        Path::new(path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').next())
+            .unwrap_or("")
+            .replace('-', "_")
+    };
+    let mut order: Vec<String> = Vec::new();
+    fn visit(
+        m: &str,
+        deps: &std::collections::HashMap<String, Vec<String>>,
+        order: &mut Vec<String>,
+    ) {
+        if order.iter().any(|o| o == m) {
+            return;
+        }
+        // modules.dep lists every (transitive) dependency, nearest first: load in reverse.
+        for d in deps.get(m).into_iter().flatten().rev() {
+            visit(d, deps, order);
+        }
+        order.push(m.to_string());
+    }
+    for w in wanted {
+        let Some(path) = deps.keys().find(|k| name_of(k) == *w) else {
+            // Built in.
+            continue;
+        };
+        visit(path, &deps, &mut order);
+    }
+    Ok(order)
+}
+
+/// A `newc` cpio archive of (path, mode, contents).
+fn cpio(entries: &[(String, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut put = |name: &str, mode: u32, data: &[u8], ino: usize| {
+        let header = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    };
+    for (i, (name, mode, data)) in entries.iter().enumerate() {
+        put(name, *mode, data, i + 1);
+    }
+    put("TRAILER!!!", 0, &[], 0);
+    out
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mkdir -p /proc /sys /dev /newroot
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in $($B cat /mods/order); do $B insmod /mods/$m || echo "kpr-vm: insmod $m failed"; done
+$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /newroot || { echo "kpr-vm: no host root"; $B poweroff -f; }
+$B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot/mnt || { echo "kpr-vm: no results share"; $B poweroff -f; }
+for d in proc sys dev; do $B mount --move /$d /newroot/$d; done
+$B mount -t tmpfs tmpfs /newroot/tmp
+$B mount -t tmpfs tmpfs /newroot/run
+# switch_root (not chroot): the kernel's own helpers (modprobe for module autoloading) must
+# see the host's tree too.
+exec $B switch_root /newroot /bin/bash /mnt/vm-init.sh
+"#;
+
+/// Runs inside the VM as PID 1 (in the host's tree): the mounts a node has, the script, and
+/// a power-off.
+const VM_INIT: &str = r#"set -u
+mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 none /sys/fs/cgroup
+mount -t tmpfs tmpfs /var/tmp 2>/dev/null || true
+mkdir -p /run/netns /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+ip link set lo up
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp
+echo "kpr-vm: kernel $(uname -r), $(nproc) CPUs"
+cd "$KPR_REPO"
+bash /mnt/run.sh > /mnt/out.log 2>&1
+echo $? > /mnt/rc
+sync
+echo 1 > /proc/sys/kernel/sysrq
+echo o > /proc/sysrq-trigger
+sleep 30
+"#;
+
+/// Whether KVM can run a stock kernel here. `/dev/kvm` must open, and it must not be PVM
+/// (`kvm_pvm`, a nested hypervisor that runs only guests built for it: a stock kernel hangs
+/// there after decompression), as on the development machines; TCG serves then.
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// What a VM run printed and returned.
+pub struct VmRun {
+    pub output: String,
+    pub rc: i32,
+    pub console: String,
+    pub took: Duration,
+}
+
+/// Boots `kernel` and runs `script` (bash, from the repository root, as root) in it.
+///
+/// # Errors
+/// qemu or the kernel is missing, the VM did not finish within `timeout`, or it wrote no
+/// result.
+pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::Result<VmRun> {
+    let work = std::env::temp_dir().join(format!("kpr-vm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let share = work.join("share");
+    std::fs::create_dir_all(&share)?;
+    let repo = crate::setup::root();
+    std::fs::write(
+        share.join("vm-init.sh"),
+        format!("export KPR_REPO={}\n{VM_INIT}", repo.display()),
+    )?;
+    std::fs::write(share.join("run.sh"), script)?;
+
+    // The initramfs.
+    let order = module_load_order(&kernel.modules, &BOOT_MODULES)?;
+    let mut entries: Vec<(String, u32, Vec<u8>)> = vec![
+        ("bin".into(), 0o040_755, Vec::new()),
+        ("mods".into(), 0o040_755, Vec::new()),
+        (
+            "bin/busybox".into(),
+            0o100_755,
+            std::fs::read("/bin/busybox").context("busybox-static is not installed")?,
+        ),
+        ("init".into(), 0o100_755, INIT.as_bytes().to_vec()),
+    ];
+    let mut order_file = String::new();
+    for m in &order {
+        let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();
+        entries.push((
+            format!("mods/{name}"),
+            0o100_644,
+            std::fs::read(kernel.modules.join(m)).with_context(|| format!("module {m}"))?,
+        ));
+        let _ = writeln!(order_file, "{name}");
+    }
+    entries.push(("mods/order".into(), 0o100_644, order_file.into_bytes()));
+    let initrd = work.join("initrd.cpio");
+    std::fs::write(&initrd, cpio(&entries))?;
+
+    let mut cmd = Command::new("qemu-system-x86_64");
+    if kvm_usable() {
+        cmd.args(["-enable-kvm", "-cpu", "host,-arch-capabilities"]);
+    } else {
+        cmd.args(["-cpu", "max", "-accel", "tcg,thread=multi"]);
+    }
+    cmd.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-monitor", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel.image)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
+        .arg("-virtfs")
+        .arg("local,path=/,mount_tag=host,security_model=none,readonly=on")
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=results,security_model=none",
+            share.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let console = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        let mut e = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut e);
+        s + &e
+    });
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the VM did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = console.join().unwrap_or_default();
+    let took = started.elapsed();
+    let output = std::fs::read_to_string(share.join("out.log")).unwrap_or_default();
+    let rc = std::fs::read_to_string(share.join("rc"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let _ = std::fs::remove_dir_all(&work);
+    let Some(rc) = rc else {
+        bail!("the VM wrote no result; its console:\n{console}");
+    };
+    Ok(VmRun {
+        output,
+        rc,
+        console,
+        took,
+    })
+}
+
+/// `cargo xtask vm-test [SCRIPT]`: runs the VM suite (or a script) and prints its output.
+pub fn run(script: Option<&str>) -> anyhow::Result<()> {
+    let kernel = find_kernel().context(
+        "no 6.1 kernel: apt-get install linux-image-amd64 (cargo xtask setup does it)",
+    )?;
+    let script = script.map_or_else(default_script, str::to_string);
+    let r = run_script(&kernel, &script, Duration::from_secs(1500))?;
+    print!("{}", r.output);
+    std::io::stdout().flush()?;
+    eprintln!(
+        "kpr-vm: kernel {} ({}) ran for {:.0} s, exit {}",
+        kernel.version,
+        if kvm_usable() { "KVM" } else { "TCG" },
+        r.took.as_secs_f64(),
+        r.rc
+    );
+    if r.rc != 0 {
+        eprintln!("kpr-vm console:\n{}", r.console);
+        bail!("the VM suite failed");
+    }
+    Ok(())
+}
+
+fn default_script() -> String {
+    "set -x\nuname -r\n./target/debug/kpr status\n".to_string()
+}
