@@ -143,7 +143,7 @@ $B mount -t devtmpfs dev /dev
 for m in $($B cat /mods/order); do $B insmod /mods/$m || echo "kpr-vm: insmod $m failed"; done
 $B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /newroot || { echo "kpr-vm: no host root"; $B poweroff -f; }
 $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot/mnt || { echo "kpr-vm: no results share"; $B poweroff -f; }
-for d in proc sys dev; do $B mount --move /$d /newroot/$d; done
+$B umount /proc /sys /dev
 $B mount -t tmpfs tmpfs /newroot/tmp
 $B mount -t tmpfs tmpfs /newroot/run
 # switch_root (not chroot): the kernel's own helpers (modprobe for module autoloading) must
@@ -154,6 +154,9 @@ exec $B switch_root /newroot /bin/bash /mnt/vm-init.sh
 /// Runs inside the VM as PID 1 (in the host's tree): the mounts a node has, the script, and
 /// a power-off.
 const VM_INIT: &str = r#"set -u
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev
 mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t tmpfs tmpfs /var/tmp 2>/dev/null || true
@@ -249,7 +252,7 @@ pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::R
         .arg(&initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
         .arg("-virtfs")
-        .arg("local,path=/,mount_tag=host,security_model=none,readonly=on")
+        .arg("local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap")
         .arg("-virtfs")
         .arg(format!(
             "local,path={},mount_tag=results,security_model=none",
@@ -314,8 +317,10 @@ pub fn run(script: Option<&str>) -> anyhow::Result<()> {
         r.took.as_secs_f64(),
         r.rc
     );
-    if r.rc != 0 {
+    if r.rc != 0 || std::env::var_os("KPR_VM_CONSOLE").is_some() {
         eprintln!("kpr-vm console:\n{}", r.console);
+    }
+    if r.rc != 0 {
         bail!("the VM suite failed");
     }
     Ok(())

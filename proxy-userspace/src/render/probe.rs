@@ -101,12 +101,28 @@ pub fn ebpf_checks(cgroup_path: &Path) -> Vec<Check> {
             "4.1",
             is_program_supported(ProgramType::SchedClassifier).map_err(|e| e.to_string()),
         ),
-        check(
-            "tcx attachment (kpr attaches TC programs with tcx)",
-            "6.6",
-            kernel_at_least(6, 6),
-        ),
+        {
+            // tcx (6.6, commit e420bed02507) where the kernel has it, else a clsact qdisc
+            // with direct-action cls_bpf filters over netlink (clsact: 4.5, commit
+            // 1f211a1b929c).
+            let tcx = tcx_supported();
+            let mut c = check(
+                "TC attachment: tcx (6.6), else clsact + netlink (4.5)",
+                "4.5",
+                kernel_at_least(4, 5),
+            );
+            if c.ok {
+                c.detail = if tcx { "tcx" } else { "clsact (no tcx)" }.into();
+            }
+            c
+        },
     ]
+}
+
+/// Whether TC programs attach with tcx links (Linux 6.6); else kpr uses clsact filters.
+#[must_use]
+pub fn tcx_supported() -> bool {
+    kernel_at_least(6, 6).unwrap_or(false)
 }
 
 fn works(program: &str, args: &[&str]) -> bool {

@@ -136,6 +136,125 @@ pub enum TcInterfaces {
     None,
 }
 
+/// The priority and handle of kpr's cls_bpf filters on kernels without tcx: fixed, so that a
+/// restarted or upgraded agent replaces its filters in place (atomically) instead of adding
+/// new ones, and `kpr cleanup` finds them.
+pub const TC_FILTER_PRIORITY: u16 = 0x2a;
+pub const TC_FILTER_HANDLE: u32 = 0x6b70;
+
+/// Interfaces whose clsact filters this process already attached (or replaced).
+static TC_FILTERED: std::sync::Mutex<Vec<(u32, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn tc_parent(attach_type: TcAttachType) -> aya::programs::tc::TcHandle {
+    aya::programs::tc::TcHandle::from(attach_type)
+}
+
+/// Kernels without tcx (before 6.6): a `clsact` qdisc on each selected interface, and this
+/// build's programs as direct-action cls_bpf filters at kpr's priority and handle. A filter
+/// already there (an earlier agent's, or an older build's) is replaced in place; filters are
+/// not bpf links, so nothing is pinned: they live as long as the interface (or until
+/// `kpr cleanup`). Returns the interfaces newly attached.
+fn sync_tc_filters(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<String>> {
+    use aya::programs::tc::{NlOptions, SchedClassifierLink, TcHandle, qdisc_add_clsact};
+    let dir = layout.links_dir(&object_hash());
+    let ifaces = interfaces();
+    let mut done = TC_FILTERED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    done.retain(|d| ifaces.contains(d));
+    let mut programs = Vec::new();
+    for (_, pin) in TC_PROGRAMS {
+        let path = dir.join(pin);
+        programs.push(
+            SchedClassifier::from_pin(&path)
+                .map_err(|e| Error::program(path.display().to_string(), "opening", e))?,
+        );
+    }
+    let mut attached = Vec::new();
+    for (idx, name) in ifaces {
+        let wanted = match select {
+            TcInterfaces::All => name != "lo",
+            TcInterfaces::Named(names) => names.contains(&name),
+            TcInterfaces::None => false,
+        };
+        if !wanted || done.contains(&(idx, name.clone())) {
+            continue;
+        }
+        // EEXIST: the qdisc is there already.
+        let _ = qdisc_add_clsact(idx);
+        let l3 = is_l3_device(&name);
+        let mut ok = true;
+        for (direction, attach_type) in [
+            ("ingress", TcAttachType::Ingress),
+            ("egress", TcAttachType::Egress),
+        ] {
+            let prog = &mut programs[tc_program_index(direction, l3)];
+            let handle = TcHandle::from(TC_FILTER_HANDLE);
+            // Replace kpr's filter if there is one, else create it.
+            let replaced = SchedClassifierLink::attached(
+                idx,
+                tc_parent(attach_type),
+                TC_FILTER_PRIORITY,
+                handle,
+                None,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            let id = match replaced {
+                Ok(id) => Ok(id),
+                Err(_) => prog.attach(
+                    idx,
+                    TcAttach::Netlink {
+                        parent: tc_parent(attach_type),
+                        options: NlOptions {
+                            priority: TC_FILTER_PRIORITY,
+                            handle,
+                            classid: None,
+                        },
+                    },
+                ),
+            };
+            match id.and_then(|id| prog.take_link(id)) {
+                // The filter stays when this process lets go of it.
+                Ok(link) => std::mem::forget(link),
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!("TC {direction} on {name}: attaching a clsact filter: {e}");
+                }
+            }
+        }
+        if ok {
+            attached.push(format!("{name} (clsact)"));
+            done.push((idx, name));
+        }
+    }
+    Ok(attached)
+}
+
+/// Removes kpr's clsact filters from every interface of this namespace (kernels without tcx).
+pub fn remove_tc_filters() -> Vec<String> {
+    use aya::programs::links::Link as _;
+    use aya::programs::tc::{SchedClassifierLink, TcHandle};
+    let mut removed = Vec::new();
+    for (idx, name) in interfaces() {
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if let Ok(link) = SchedClassifierLink::attached(
+                idx,
+                tc_parent(attach_type),
+                TC_FILTER_PRIORITY,
+                TcHandle::from(TC_FILTER_HANDLE),
+                None,
+            ) && link.detach().is_ok()
+            {
+                removed.push(format!("clsact filter on {name}"));
+            }
+        }
+    }
+    TC_FILTERED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    removed
+}
+
 /// Attaches this build's pinned TC programs (ingress and egress, tcx) to every selected
 /// interface that lacks them, pins the links, and forgets links of interfaces that are gone.
 /// Returns the interfaces newly attached.
@@ -145,6 +264,9 @@ pub enum TcInterfaces {
 pub fn sync_tc_links(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<String>> {
     if *select == TcInterfaces::None {
         return Ok(Vec::new());
+    }
+    if !crate::render::probe::tcx_supported() {
+        return sync_tc_filters(layout, select);
     }
     let dir = layout.links_dir(&object_hash());
     let ifaces = interfaces();
@@ -820,6 +942,10 @@ fn attach_all(
 /// A pin could not be removed.
 pub fn cleanup(root: &Path) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
+    if !crate::render::probe::tcx_supported() {
+        // Filters are not pinned: they go by priority and handle.
+        report.removed.extend(remove_tc_filters());
+    }
     if !root.exists() {
         return Ok(report);
     }
