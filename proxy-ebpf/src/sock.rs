@@ -280,9 +280,16 @@ fn source_allowed(ctx: &SockAddrContext, svc: &ServiceValue, v6: bool) -> bool {
 }
 
 /// Looks the frontend up and picks one of its backends (affinity, Maglev or random), or the
-/// one an unconnected socket already uses (`sendmsg`).
-#[inline(always)]
-fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8, sendmsg: bool, v6: bool) -> Pick {
+/// one an unconnected socket already uses (`sendmsg`). Out of line, like the writes of
+/// `remember_translation`: their locals then never sit in the program's own frame, which
+/// older verifiers (6.1) add to every call chain's (512 bytes in all).
+/// `how` packs the protocol (low byte), [`PICK_SENDMSG`] and [`PICK_V6`]: a BPF call passes
+/// five registers, and the returned `Pick` takes one.
+#[inline(never)]
+fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, how: u32) -> Pick {
+    let proto = (how & 0xff) as u8;
+    let sendmsg = how & PICK_SENDMSG != 0;
+    let v6 = how & PICK_V6 != 0;
     let key = ServiceKey {
         addr: dst.addr,
         port: dst.port,
@@ -337,6 +344,51 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr, proto: u8, sendmsg: bool,
     Pick::Backend(unsafe { *backend }, backend_id, svc.id, svc.flags)
 }
 
+const PICK_SENDMSG: u32 = 1 << 8;
+const PICK_V6: u32 = 1 << 9;
+
+/// Records a socket's translation: the reverse entry (backend -> frontend, for recvmsg and
+/// getpeername) and, for an unconnected socket, the backend its later datagrams to this
+/// frontend go to.
+#[inline(never)]
+fn remember_translation(
+    ctx: &SockAddrContext,
+    backend: &Backend,
+    dst: &SockAddr,
+    // (backend id << 32) | service id: five registers per call.
+    ids: u64,
+    connect: bool,
+) {
+    let (backend_id, service_id) = ((ids >> 32) as u32, ids as u32);
+    // SAFETY: plain helper call on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 6],
+    };
+    let value = SockRevNatValue {
+        addr: dst.addr,
+        port: dst.port,
+        _pad: 0,
+        service_id,
+    };
+    // Best effort: if the LRU insert fails the reply is still delivered, only the address
+    // reported to the application is the backend's.
+    let _ = KPR_SOCK_REVNAT.insert(&key, &value, 0);
+    if !connect {
+        // Later datagrams of this socket to this frontend go to the same backend.
+        let remember = SockRevNatValue {
+            addr: backend.addr,
+            port: backend.port,
+            _pad: 0,
+            service_id: backend_id,
+        };
+        let _ = KPR_SOCK_REVNAT.insert(&forward_key(cookie, dst), &remember, 0);
+    }
+}
+
 /// The forward translation shared by connect and sendmsg, for either family.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
@@ -346,7 +398,10 @@ fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
         return ALLOW;
     }
     let dst = if v6 { read_v6(sa) } else { read_v4(sa) };
-    match pick_backend(ctx, &dst, proto, !connect, v6) {
+    let how = u32::from(proto)
+        | if connect { 0 } else { PICK_SENDMSG }
+        | if v6 { PICK_V6 } else { 0 };
+    match pick_backend(ctx, &dst, how) {
         Pick::NotService => ALLOW,
         Pick::NoEndpoints => {
             // SAFETY: plain helper call (cgroup programs, kernel >= 5.18).
@@ -378,33 +433,8 @@ fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
             if !v6 && !is_v4_mapped(&backend.addr) {
                 return ALLOW;
             }
-            // SAFETY: plain helper call on our own context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let key = SockRevNatKey {
-                cookie,
-                addr: backend.addr,
-                port: backend.port,
-                _pad: [0; 6],
-            };
-            let value = SockRevNatValue {
-                addr: dst.addr,
-                port: dst.port,
-                _pad: 0,
-                service_id,
-            };
-            // Best effort: if the LRU insert fails the reply is still delivered, only the
-            // address reported to the application is the backend's.
-            let _ = KPR_SOCK_REVNAT.insert(&key, &value, 0);
-            if !connect {
-                // Later datagrams of this socket to this frontend go to the same backend.
-                let remember = SockRevNatValue {
-                    addr: backend.addr,
-                    port: backend.port,
-                    _pad: 0,
-                    service_id: backend_id,
-                };
-                let _ = KPR_SOCK_REVNAT.insert(&forward_key(cookie, &dst), &remember, 0);
-            }
+            let ids = (u64::from(backend_id) << 32) | u64::from(service_id);
+            remember_translation(ctx, &backend, &dst, ids, connect);
             if connect {
                 count_service(service_id, 0, 0, true);
                 if flags & service_flags::LEAST_CONN != 0 {
