@@ -394,13 +394,14 @@ fn remember_translation(
 fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
     let sa = ctx.sock_addr;
     let proto = sock_proto(sa);
-    if proto != proto::TCP && proto != proto::UDP {
+    // SCTP associations are balanced at connect() like TCP connections (one-to-one style
+    // sockets; the kernel runs the connect hook for SCTP too).
+    if proto != proto::TCP && proto != proto::UDP && !(connect && proto == proto::SCTP) {
         return ALLOW;
     }
     let dst = if v6 { read_v6(sa) } else { read_v4(sa) };
-    let how = u32::from(proto)
-        | if connect { 0 } else { PICK_SENDMSG }
-        | if v6 { PICK_V6 } else { 0 };
+    let how =
+        u32::from(proto) | if connect { 0 } else { PICK_SENDMSG } | if v6 { PICK_V6 } else { 0 };
     match pick_backend(ctx, &dst, how) {
         Pick::NotService => ALLOW,
         Pick::NoEndpoints => {

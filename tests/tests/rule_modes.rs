@@ -76,7 +76,7 @@ fn wait_reaches(t: &Topology, vip: &str, backends: &[&str]) {
             return;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(20)),
             "{vip} should reach {want:?}, got {lines:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -155,7 +155,7 @@ fn iptables_mode_serves_syncs_partially_and_cleans_up() {
     let start = Instant::now();
     while iptables_save(&t).contains(":KUBE-") {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(10)),
             "the nftables mode removes the iptables mode's chains: {}",
             iptables_save(&t)
         );
@@ -188,7 +188,10 @@ fn nftables_mode_serves_syncs_incrementally_and_cleans_up() {
         if lines.iter().all(|l| l["error"] == "ECONNREFUSED") {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "{lines:?}");
+        assert!(
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(20)),
+            "{lines:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     a.kill9();

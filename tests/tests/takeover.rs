@@ -89,7 +89,10 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
     let mut old = agent(&t, &dir, "iptables");
     let start = std::time::Instant::now();
     while !chains(&t).contains("KUBE-SVC-") {
-        assert!(start.elapsed() < Duration::from_secs(15), "iptables rules");
+        assert!(
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(15)),
+            "iptables rules"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     for l in t.client("client", &["tcp", "172.30.0.10:80", "3"]) {
@@ -124,7 +127,7 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
     let start = std::time::Instant::now();
     while chains(&t).contains("KUBE-SVC-") {
         assert!(
-            start.elapsed() < Duration::from_secs(15),
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(15)),
             "kube-proxy's chains are removed"
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -141,7 +144,8 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
             .collect::<Vec<_>>()
     };
     let start = std::time::Instant::now();
-    while !leftovers().is_empty() && start.elapsed() < Duration::from_secs(15) {
+    while !leftovers().is_empty() && start.elapsed() < kpr_testnet::scaled(Duration::from_secs(15))
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     let left = leftovers();
@@ -228,7 +232,7 @@ fn an_agent_with_another_map_layout_replaces_the_running_one_without_drops() {
     let start = std::time::Instant::now();
     while older.exists() {
         assert!(
-            start.elapsed() < Duration::from_secs(15),
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(15)),
             "the older layout's pins are removed after the swap"
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -148,7 +148,7 @@ fn health_check_node_ports_healthz_and_metrics() {
         loop {
             let l = t.outside_client("outside", &["http", addr, path]).remove(0);
             if l["status"].as_u64().is_some_and(|s| s != 0)
-                || start.elapsed() > Duration::from_secs(10)
+                || start.elapsed() > kpr_testnet::scaled(Duration::from_secs(10))
             {
                 return l;
             }

@@ -112,9 +112,9 @@ fn observe(
     ns: &NetNs,
     ifname: &str,
     pins: &std::path::Path,
-) -> (aya::Ebpf, aya::programs::links::FdLink) {
+) -> (aya::Ebpf, aya::programs::tc::SchedClassifierLink) {
     use aya::programs::SchedClassifier;
-    use aya::programs::links::{FdLink, LinkOrder};
+    use aya::programs::links::LinkOrder;
     use aya::programs::tc::TcAttach;
     let mut ebpf = load_object(&PinLayout::new(pins)).expect("load the object");
     let prog: &mut SchedClassifier = ebpf
@@ -147,16 +147,24 @@ fn observe(
                 unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&nsf), libc::CLONE_NEWNET) },
                 0
             );
-            let id = prog
-                .attach(
-                    ifindex,
-                    TcAttach::Tcx {
-                        attach_type: aya::programs::TcAttachType::Ingress,
-                        order: LinkOrder::last(),
+            // After kpr's program: last in the tcx chain, or (kernels without tcx) a clsact
+            // filter at a lower priority than kpr's.
+            let attach = if kpr::render::probe::tcx_supported() {
+                TcAttach::Tcx {
+                    attach_type: aya::programs::TcAttachType::Ingress,
+                    order: LinkOrder::last(),
+                }
+            } else {
+                TcAttach::Netlink {
+                    parent: aya::programs::tc::TcHandle::from(aya::programs::TcAttachType::Ingress),
+                    options: aya::programs::tc::NlOptions {
+                        priority: kpr::render::ebpf::datapath::TC_FILTER_PRIORITY + 1,
+                        ..Default::default()
                     },
-                )
-                .expect("attach after kpr");
-            FdLink::try_from(prog.take_link(id).unwrap()).unwrap()
+                }
+            };
+            let id = prog.attach(ifindex, attach).expect("attach after kpr");
+            prog.take_link(id).unwrap()
         })
         .join()
         .unwrap()
@@ -171,7 +179,7 @@ fn observed(ebpf: &aya::Ebpf) -> u64 {
 }
 
 #[test]
-fn a_program_after_kpr_in_the_tcx_chain_still_sees_traffic() {
+fn a_program_after_kpr_in_the_tc_chain_still_sees_traffic() {
     let (t, _agent) = cluster("tcxnext", &np(&[("10.180.0.1", true, false)]));
     let (ebpf, _link) = observe(&t.node, "x0", &t.bpffs.join("observer"));
     let before = observed(&ebpf);

@@ -53,8 +53,8 @@ pub fn find_kernel() -> Option<Kernel> {
 
 /// `modules.dep` paths of `wanted` and their dependencies, dependencies first.
 fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<String>> {
-    let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
-        .context("reading modules.dep")?;
+    let dep =
+        std::fs::read_to_string(modules_dir.join("modules.dep")).context("reading modules.dep")?;
     let deps: std::collections::HashMap<String, Vec<String>> = dep
         .lines()
         .filter_map(|l| l.split_once(':'))
@@ -161,6 +161,8 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t tmpfs tmpfs /var/tmp 2>/dev/null || true
 mkdir -p /run/netns /dev/pts /dev/shm
+# Character devices appear with their module (no udev here).
+modprobe tun
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 ip link set lo up
@@ -226,7 +228,11 @@ pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::R
     ];
     let mut order_file = String::new();
     for m in &order {
-        let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();
+        let name = Path::new(m)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         entries.push((
             format!("mods/{name}"),
             0o100_644,
@@ -244,23 +250,32 @@ pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::R
     } else {
         cmd.args(["-cpu", "max", "-accel", "tcg,thread=multi"]);
     }
-    cmd.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nic", "none"])
-        .args(["-monitor", "none", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(&kernel.image)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
-        .arg("-virtfs")
-        .arg("local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap")
-        .arg("-virtfs")
-        .arg(format!(
-            "local,path={},mount_tag=results,security_model=none",
-            share.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-m",
+        "2048",
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+    ])
+    .args(["-monitor", "none", "-serial", "stdio"])
+    .arg("-kernel")
+    .arg(&kernel.image)
+    .arg("-initrd")
+    .arg(&initrd)
+    .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
+    .arg("-virtfs")
+    .arg("local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap")
+    .arg("-virtfs")
+    .arg(format!(
+        "local,path={},mount_tag=results,security_model=none",
+        share.display()
+    ))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
     let mut stdout = child.stdout.take().expect("piped");
@@ -301,11 +316,102 @@ pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::R
     })
 }
 
-/// `cargo xtask vm-test [SCRIPT]`: runs the VM suite (or a script) and prints its output.
+/// The test binaries the VM runs: the end-to-end and packet tests of the ebpf mode and of the
+/// rule modes, on a kernel without tcx.
+pub const VM_TESTS: [&str; 9] = [
+    "tc_lifecycle",
+    "tc_packets",
+    "socket_lb",
+    "socket_semantics",
+    "tc_nodeport",
+    "tc_production",
+    "rule_modes",
+    "conformance_datapath",
+    "takeover",
+];
+
+/// Builds the test binaries and returns (name, executable) of those in [`VM_TESTS`].
+pub fn build_test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let out = Command::new("cargo")
+        .args(["test", "--workspace", "--no-run", "--message-format=json"])
+        .current_dir(crate::setup::root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the test binaries failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = m["target"]["name"].as_str().unwrap_or("");
+        if m["reason"] == "compiler-artifact"
+            && m["target"]["kind"] == serde_json::json!(["test"])
+            && VM_TESTS.contains(&name)
+            && let Some(exe) = m["executable"].as_str()
+        {
+            found.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    Ok(found)
+}
+
+/// The script that runs the VM suite: what the kernel offers (`kpr status`), then each test
+/// binary (two threads: the VM has two CPUs).
+fn suite_script(binaries: &[(String, PathBuf)]) -> String {
+    let repo = crate::setup::root();
+    // Waits are stretched under an emulated CPU.
+    let scale = if kvm_usable() { 2 } else { 6 };
+    let mut s = format!(
+        "export KPR_BIN_DIR={}/target/debug RUST_BACKTRACE=0 KPR_TEST_TIME_SCALE={scale}\n\
+         echo '== kpr status on' $(uname -r)\n./target/debug/kpr status\nrc=0\n",
+        repo.display()
+    );
+    for (name, exe) in binaries {
+        let _ = write!(
+            s,
+            "echo '== {name}'\n{} --test-threads=2 || rc=1\n",
+            exe.display()
+        );
+    }
+    s.push_str("exit $rc\n");
+    s
+}
+
+/// Runs the VM suite; returns its output (cargo's `test result:` lines included) and
+/// whether it passed.
+pub fn run_suite() -> anyhow::Result<(String, bool)> {
+    let kernel = find_kernel()
+        .context("no 6.1 kernel: apt-get install linux-image-amd64 (cargo xtask setup does it)")?;
+    let binaries = build_test_binaries()?;
+    let r = run_script(&kernel, &suite_script(&binaries), Duration::from_secs(2400))?;
+    let summary = format!(
+        "kpr-vm: kernel {} ({}), {} test binaries, {:.0} s",
+        kernel.version,
+        if kvm_usable() { "KVM" } else { "TCG" },
+        binaries.len(),
+        r.took.as_secs_f64()
+    );
+    if r.rc != 0 && !r.output.contains("test result:") {
+        eprintln!("kpr-vm console:\n{}", r.console);
+    }
+    Ok((format!("{}{summary}\n", r.output), r.rc == 0))
+}
+
+/// `cargo xtask vm-test [--script S]`: runs the VM suite (or a script) and prints its output.
 pub fn run(script: Option<&str>) -> anyhow::Result<()> {
-    let kernel = find_kernel().context(
-        "no 6.1 kernel: apt-get install linux-image-amd64 (cargo xtask setup does it)",
-    )?;
+    if script.is_none() {
+        let (out, ok) = run_suite()?;
+        print!("{out}");
+        if !ok {
+            bail!("the VM suite failed");
+        }
+        return Ok(());
+    }
+    let kernel = find_kernel()
+        .context("no 6.1 kernel: apt-get install linux-image-amd64 (cargo xtask setup does it)")?;
     let script = script.map_or_else(default_script, str::to_string);
     let r = run_script(&kernel, &script, Duration::from_secs(1500))?;
     print!("{}", r.output);

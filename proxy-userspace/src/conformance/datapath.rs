@@ -240,7 +240,7 @@ fn programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Option<Prog
 fn wait_programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Result<()> {
     let start = Instant::now();
     let mut last = None;
-    while start.elapsed() < Duration::from_secs(20) {
+    while start.elapsed() < Duration::from_secs(20) * crate::testnet::time_scale() {
         last = programmed(plan, layout, want);
         if last.as_ref() == Some(want) {
             return Ok(());
@@ -361,7 +361,11 @@ fn run_flow(plan: &Plan, flow: &FixtureFlow, expect: &Expect) -> Option<String> 
         ));
     };
     let proto = flow.proto.as_deref().unwrap_or("TCP");
-    let mode = if proto == "UDP" { "udp" } else { "tcp" };
+    let mode = match proto {
+        "UDP" => "udp",
+        "SCTP" => "sctp",
+        _ => "tcp",
+    };
     let dst = SocketAddr::new(flow.dst, flow.dport).to_string();
     let n = attempts(expect).to_string();
     let t = &plan.topology;
@@ -629,7 +633,7 @@ fn node_listeners(fx: &Fixture, mode: ProxyMode, plan: &Plan) -> Result<Option<C
 /// Waits until the agent has pinned a TC link for every node interface.
 fn wait_for_tc(t: &Topology) {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
+    while start.elapsed() < Duration::from_secs(10) * crate::testnet::time_scale() {
         let links = std::fs::read_dir(
             t.bpffs
                 .join(format!("v{}", proxy_common::MAP_LAYOUT_VERSION)),

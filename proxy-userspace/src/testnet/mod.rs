@@ -248,6 +248,23 @@ fn host_safe(mut cmd: Command) -> Command {
     cmd
 }
 
+/// How much longer than on this machine the tests' waits may take: `KPR_TEST_TIME_SCALE`
+/// (default 1), set by `cargo xtask vm-test` for an emulated (TCG) CPU.
+#[must_use]
+pub fn time_scale() -> u32 {
+    std::env::var("KPR_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// `d` times [`time_scale`].
+#[must_use]
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 /// Where `cargo build` put the binaries (next to the test executable's `deps/`).
 pub fn target_bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("KPR_BIN_DIR") {
@@ -665,13 +682,15 @@ impl Topology {
         serde_json::from_slice(&out.stdout).ok()
     }
 
-    /// Waits until `cond` holds for the datapath's frontends, or panics after `timeout`.
+    /// Waits until `cond` holds for the datapath's frontends, or panics after `timeout`
+    /// (times [`time_scale`]).
     pub fn wait_for_services(
         &self,
         what: &str,
         timeout: Duration,
         cond: impl Fn(&[serde_json::Value]) -> bool,
     ) {
+        let timeout = timeout * time_scale();
         let start = Instant::now();
         loop {
             if let Some(rows) = self.services_json()

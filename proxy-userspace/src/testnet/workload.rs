@@ -64,6 +64,24 @@ fn serve(addrs: &[SocketAddr]) {
                 });
             }
         }));
+        // SCTP too, where the kernel has it (one-to-one style: a stream socket).
+        if let Ok(sctp) = sctp_socket(addr).and_then(|s| {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(64)?;
+            Ok(s)
+        }) {
+            handles.push(std::thread::spawn(move || {
+                let me = addr.to_string();
+                while let Ok((mut conn, peer)) = sctp.accept() {
+                    let peer = peer
+                        .as_socket()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    let _ = writeln!(conn, "{me} {peer}");
+                }
+            }));
+        }
         let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
         handles.push(std::thread::spawn(move || {
             let me = udp.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -79,6 +97,44 @@ fn serve(addrs: &[SocketAddr]) {
     let _ = std::io::stdout().flush();
     for h in handles {
         let _ = h.join();
+    }
+}
+
+/// An SCTP stream socket of `to`'s family (fails where the kernel has no SCTP).
+fn sctp_socket(to: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let domain = if to.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    socket2::Socket::new(
+        domain,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::from(libc::IPPROTO_SCTP)),
+    )
+}
+
+/// One SCTP association: the server's first line names the backend and the source it saw.
+fn sctp_once(to: SocketAddr, bind: Option<IpAddr>) -> String {
+    let connected = sctp_socket(to).and_then(|s| {
+        if let Some(ip) = bind {
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+        s.connect_timeout(&to.into(), Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    });
+    match connected {
+        Ok(mut s) => {
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let mut words = text.trim().split(' ');
+            let backend = words.next().unwrap_or("");
+            let seen = words.next().unwrap_or("");
+            format!("{{\"backend\":\"{backend}\",\"seen_src\":\"{seen}\",\"peer\":\"{to}\"}}")
+        }
+        Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
     }
 }
 
@@ -323,15 +379,15 @@ pub fn run(args: &[String]) {
                 let _ = std::io::stdout().flush();
             }
         }
-        Some(mode @ ("tcp" | "udp")) => {
+        Some(mode @ ("tcp" | "udp" | "sctp")) => {
             let to = addr(1);
             let delay = Duration::from_millis(num(3, 0));
             let bind: Option<IpAddr> = args.get(4).and_then(|a| a.parse().ok());
             for _ in 0..num(2, 1) {
-                let line = if mode == "tcp" {
-                    tcp_once(to, bind)
-                } else {
-                    udp_once(to, bind)
+                let line = match mode {
+                    "tcp" => tcp_once(to, bind),
+                    "sctp" => sctp_once(to, bind),
+                    _ => udp_once(to, bind),
                 };
                 println!("{line}");
                 let _ = std::io::stdout().flush();

@@ -158,7 +158,9 @@ fn sync_tc_filters(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<Stri
     use aya::programs::tc::{NlOptions, SchedClassifierLink, TcHandle, qdisc_add_clsact};
     let dir = layout.links_dir(&object_hash());
     let ifaces = interfaces();
-    let mut done = TC_FILTERED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut done = TC_FILTERED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     done.retain(|d| ifaces.contains(d));
     let mut programs = Vec::new();
     for (_, pin) in TC_PROGRAMS {
