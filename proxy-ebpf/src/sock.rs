@@ -394,9 +394,7 @@ fn remember_translation(
 fn forward(ctx: &SockAddrContext, v6: bool, connect: bool) -> i32 {
     let sa = ctx.sock_addr;
     let proto = sock_proto(sa);
-    // SCTP associations are balanced at connect() like TCP connections (one-to-one style
-    // sockets; the kernel runs the connect hook for SCTP too).
-    if proto != proto::TCP && proto != proto::UDP && !(connect && proto == proto::SCTP) {
+    if proto != proto::TCP && proto != proto::UDP {
         return ALLOW;
     }
     let dst = if v6 { read_v6(sa) } else { read_v4(sa) };

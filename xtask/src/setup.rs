@@ -3,7 +3,9 @@
 //! - the eBPF toolchain `EBPF_TOOLCHAIN` with rust-src (aya-build compiles core for bpfel),
 //! - bpf-linker `BPF_LINKER_VERSION` built against that nightly's own libLLVM, into `.tools/`,
 //! - Debian packages: iproute2 (netns, veth), bpftool (map dumps in tests), util-linux,
-//!   iptables and nftables (the fallback modes and their tests).
+//!   iptables and nftables (the fallback modes and their tests); for the VM tests
+//!   (`cargo xtask vm-test`), qemu-system-x86, busybox-static and Debian 12's kernel
+//!   (linux-image-amd64, 6.1).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,12 +16,14 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The userspace toolchain (also in rust-toolchain.toml); bpf-linker is built with it.
 pub const USER_TOOLCHAIN: &str = "1.99.0";
-const APT_PACKAGES: [(&str, &str); 5] = [
+const APT_PACKAGES: [(&str, &str); 7] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("iptables-nft-restore", "iptables"),
     ("nft", "nftables"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
 ];
 
 pub fn root() -> PathBuf {
@@ -68,11 +72,15 @@ fn linker_ready() -> bool {
 }
 
 fn missing_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+    let mut missing: Vec<&'static str> = APT_PACKAGES
         .iter()
         .filter(|(cmd, _)| !has_command(cmd))
         .map(|(_, pkg)| *pkg)
-        .collect()
+        .collect();
+    if crate::vm::find_kernel().is_none() {
+        missing.push("linux-image-amd64");
+    }
+    missing
 }
 
 /// Runs setup only when something is missing.

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: builds the binaries the end-to-end tests spawn, runs every test of the
-//! workspace, and closes with one summary line over all test binaries.
+//! workspace, then the VM suite (the ebpf and rule modes' end-to-end tests on Debian 12's 6.1
+//! kernel, see `vm.rs`), and closes with one summary line over all of them.
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 
@@ -62,12 +63,32 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         tally.add_line(&line);
     }
     let status = child.wait()?;
+    // The same kpr on Debian 12's kernel (6.1: no tcx), in a VM: unless a filter was given
+    // or KPR_NO_VM is set.
+    let mut vm_ok = true;
+    if extra.is_empty() && std::env::var_os("KPR_NO_VM").is_none() {
+        println!("\n== the VM suite (cargo xtask vm-test)");
+        match crate::vm::run_suite() {
+            Ok((out, ok)) => {
+                for line in out.lines() {
+                    println!("vm: {line}");
+                    tally.add_line(line);
+                }
+                vm_ok = ok;
+            }
+            Err(e) => {
+                println!("vm: {e:#}");
+                vm_ok = false;
+                tally.failed += 1;
+            }
+        }
+    }
     println!();
     println!(
         "{} passed, {} failed, {} skipped",
         tally.passed, tally.failed, tally.ignored
     );
-    if !status.success() || tally.failed > 0 {
+    if !status.success() || tally.failed > 0 || !vm_ok {
         bail!("tests failed");
     }
     if tally.passed == 0 {

@@ -73,12 +73,10 @@ fn serve(addrs: &[SocketAddr]) {
         }) {
             handles.push(std::thread::spawn(move || {
                 let me = addr.to_string();
-                while let Ok((mut conn, peer)) = sctp.accept() {
-                    let peer = peer
-                        .as_socket()
-                        .map(|a| a.ip().to_string())
-                        .unwrap_or_default();
-                    let _ = writeln!(conn, "{me} {peer}");
+                while let Ok((mut conn, _)) = sctp.accept() {
+                    let peer = peer_ip(&conn);
+                    // One write: each is a message of its own on SCTP.
+                    let _ = conn.write_all(format!("{me} {peer}\n").as_bytes());
                 }
             }));
         }
@@ -97,6 +95,38 @@ fn serve(addrs: &[SocketAddr]) {
     let _ = std::io::stdout().flush();
     for h in handles {
         let _ = h.join();
+    }
+}
+
+/// The peer address of a connected socket, from getpeername(2).
+fn peer_ip(sock: &socket2::Socket) -> String {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getpeername into a buffer of `len` bytes we own.
+    let rc = unsafe {
+        libc::getpeername(
+            sock.as_raw_fd(),
+            (&raw mut ss).cast::<libc::sockaddr>(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return String::new();
+    }
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in.
+            let sin = unsafe { &*(&raw const ss).cast::<libc::sockaddr_in>() };
+            std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string()
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const ss).cast::<libc::sockaddr_in6>() };
+            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).to_string()
+        }
+        _ => String::new(),
     }
 }
 
