@@ -68,9 +68,9 @@ fn collect(mut child: std::process::Child) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
-    let mut t = Topology::new("takeover");
+/// The address plan's topology, with the Service's manifests written.
+fn cluster(name: &str) -> (Topology, std::path::PathBuf) {
+    let mut t = Topology::new(name);
     t.add_external(
         "outside",
         Ipv4Addr::new(203, 0, 113, 2),
@@ -84,6 +84,12 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
     let dir = t.workdir.join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     write_manifest(&dir, "all.yaml", MANIFESTS);
+    (t, dir)
+}
+
+#[test]
+fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
+    let (t, dir) = cluster("takeover");
 
     // kube-proxy's rules, written by kpr's iptables mode.
     let mut old = agent(&t, &dir, "iptables");
@@ -202,20 +208,7 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
 /// ClusterIP (socket level) and an outside client's to a NodePort (TC, conntrack) — survive.
 #[test]
 fn an_agent_with_another_map_layout_replaces_the_running_one_without_drops() {
-    let mut t = Topology::new("relayout");
-    t.add_external(
-        "outside",
-        Ipv4Addr::new(203, 0, 113, 2),
-        Ipv4Addr::new(192, 168, 0, 2),
-    );
-    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
-    for (name, ip) in [("a", [10, 180, 0, 1]), ("b", [10, 180, 0, 2])] {
-        t.add_pod(name, Ipv4Addr::from(ip));
-        t.serve(name, &[80]);
-    }
-    let dir = t.workdir.join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_manifest(&dir, "all.yaml", MANIFESTS);
+    let (t, dir) = cluster("relayout");
     let mut old = agent(&t, &dir, "ebpf");
     t.wait_for_services("ebpf frontends", Duration::from_secs(15), |rows| {
         backends_of(rows, "172.30.0.10:80", "TCP").is_some()

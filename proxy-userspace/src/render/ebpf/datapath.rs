@@ -136,6 +136,30 @@ pub enum TcInterfaces {
     None,
 }
 
+/// This build's TC programs, from their pins under `dir`, in [`TC_PROGRAMS`] order.
+fn pinned_tc_programs(dir: &Path) -> Result<Vec<SchedClassifier>> {
+    TC_PROGRAMS
+        .iter()
+        .map(|(_, pin)| {
+            let path = dir.join(pin);
+            SchedClassifier::from_pin(&path)
+                .map_err(|e| Error::program(path.display().to_string(), "opening", e))
+        })
+        .collect()
+}
+
+impl TcInterfaces {
+    /// Whether interface `name` gets the TC programs.
+    #[must_use]
+    pub fn selects(&self, name: &str) -> bool {
+        match self {
+            Self::All => name != "lo",
+            Self::Named(names) => names.iter().any(|n| n == name),
+            Self::None => false,
+        }
+    }
+}
+
 /// The priority and handle of kpr's cls_bpf filters on kernels without tcx: fixed, so that a
 /// restarted or upgraded agent replaces its filters in place (atomically) instead of adding
 /// new ones, and `kpr cleanup` finds them.
@@ -162,21 +186,10 @@ fn sync_tc_filters(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<Stri
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     done.retain(|d| ifaces.contains(d));
-    let mut programs = Vec::new();
-    for (_, pin) in TC_PROGRAMS {
-        let path = dir.join(pin);
-        programs.push(
-            SchedClassifier::from_pin(&path)
-                .map_err(|e| Error::program(path.display().to_string(), "opening", e))?,
-        );
-    }
+    let mut programs = pinned_tc_programs(&dir)?;
     let mut attached = Vec::new();
     for (idx, name) in ifaces {
-        let wanted = match select {
-            TcInterfaces::All => name != "lo",
-            TcInterfaces::Named(names) => names.contains(&name),
-            TcInterfaces::None => false,
-        };
+        let wanted = select.selects(&name);
         if !wanted || done.contains(&(idx, name.clone())) {
             continue;
         }
@@ -288,21 +301,10 @@ pub fn sync_tc_links(layout: &PinLayout, select: &TcInterfaces) -> Result<Vec<St
             let _ = fs::remove_file(entry.path());
         }
     }
-    let mut programs = Vec::new();
-    for (_, pin) in TC_PROGRAMS {
-        let path = dir.join(pin);
-        programs.push(
-            SchedClassifier::from_pin(&path)
-                .map_err(|e| Error::program(path.display().to_string(), "opening", e))?,
-        );
-    }
+    let mut programs = pinned_tc_programs(&dir)?;
     let mut attached = Vec::new();
     for (idx, name) in ifaces {
-        let wanted = match select {
-            TcInterfaces::All => name != "lo",
-            TcInterfaces::Named(names) => names.contains(&name),
-            TcInterfaces::None => false,
-        };
+        let wanted = select.selects(&name);
         if !wanted {
             continue;
         }
