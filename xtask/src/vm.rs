@@ -144,8 +144,12 @@ for m in $($B cat /mods/order); do $B insmod /mods/$m || echo "kpr-vm: insmod $m
 $B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /newroot || { echo "kpr-vm: no host root"; $B poweroff -f; }
 $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot/mnt || { echo "kpr-vm: no results share"; $B poweroff -f; }
 $B umount /proc /sys /dev
+# A repository under /tmp or /run (a CI clone) stays visible through the tmpfs mounts.
+REPO=@REPO@
+case "$REPO" in /tmp/*|/run/*) $B mkdir -p /repo && $B mount -o bind /newroot$REPO /repo ;; esac
 $B mount -t tmpfs tmpfs /newroot/tmp
 $B mount -t tmpfs tmpfs /newroot/run
+case "$REPO" in /tmp/*|/run/*) $B mkdir -p /newroot$REPO && $B mount -o move /repo /newroot$REPO ;; esac
 # switch_root (not chroot): the kernel's own helpers (modprobe for module autoloading) must
 # see the host's tree too.
 exec $B switch_root /newroot /bin/bash /mnt/vm-init.sh
@@ -224,7 +228,12 @@ pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::R
             0o100_755,
             std::fs::read("/bin/busybox").context("busybox-static is not installed")?,
         ),
-        ("init".into(), 0o100_755, INIT.as_bytes().to_vec()),
+        (
+            "init".into(),
+            0o100_755,
+            INIT.replace("@REPO@", &repo.display().to_string())
+                .into_bytes(),
+        ),
     ];
     let mut order_file = String::new();
     for m in &order {
