@@ -68,6 +68,28 @@ fn collect(mut child: std::process::Child) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every one of `n` connection attempts (a workload's JSON lines) reached a backend.
+fn assert_all_answered(what: &str, lines: &[serde_json::Value], n: usize) {
+    assert_eq!(lines.len(), n, "{what}");
+    let failed: Vec<_> = lines.iter().filter(|l| !l["error"].is_null()).collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} failed: {failed:?}",
+        failed.len()
+    );
+}
+
+/// A `hold` workload's connection was made and answered every request of its run.
+fn assert_held(what: &str, hold: &[serde_json::Value]) {
+    assert!(hold[0]["connected"].is_string(), "{what}: {:?}", hold[0]);
+    let failed: Vec<_> = hold[1..].iter().filter(|e| !e["error"].is_null()).collect();
+    assert!(
+        hold.len() > 30 && failed.is_empty(),
+        "{what}: {} requests, failed: {failed:?}",
+        hold.len() - 1
+    );
+}
+
 /// The address plan's topology, with the Service's manifests written.
 fn cluster(name: &str) -> (Topology, std::path::PathBuf) {
     let mut t = Topology::new(name);
@@ -182,23 +204,11 @@ fn ebpf_takes_over_from_iptables_rules_without_dropping_connections() {
         ("pod -> ClusterIP", &pod),
         ("outside -> NodePort", &outside),
     ] {
-        assert_eq!(lines.len(), 120, "{what}");
-        let failed: Vec<_> = lines.iter().filter(|l| !l["error"].is_null()).collect();
-        assert!(
-            failed.is_empty(),
-            "{what}: {} failed: {failed:?}",
-            failed.len()
-        );
+        assert_all_answered(what, &lines, 120);
     }
     // The long-lived connection was established through the old rules' DNAT: the kernel's
     // conntrack keeps translating it, and the new datapath leaves it to the kernel.
-    assert!(hold[0]["connected"].is_string(), "{:?}", hold[0]);
-    let failed: Vec<_> = hold[1..].iter().filter(|e| !e["error"].is_null()).collect();
-    assert!(
-        hold.len() > 30 && failed.is_empty(),
-        "the long-lived connection through the takeover: {} requests, failed: {failed:?}",
-        hold.len() - 1
-    );
+    assert_held("the long-lived connection through the takeover", &hold);
 }
 
 /// A kpr whose map layout differs from the running one's (simulated: the pinned state is moved
@@ -246,24 +256,12 @@ fn an_agent_with_another_map_layout_replaces_the_running_one_without_drops() {
         ("pod -> ClusterIP", collect(pod)),
         ("outside -> NodePort", collect(outside)),
     ] {
-        assert_eq!(lines.len(), 120, "{what}");
-        let failed: Vec<_> = lines.iter().filter(|l| !l["error"].is_null()).collect();
-        assert!(
-            failed.is_empty(),
-            "{what}: {} failed: {failed:?}",
-            failed.len()
-        );
+        assert_all_answered(what, &lines, 120);
     }
     for (what, hold) in [
         ("pod -> ClusterIP", collect(pod_hold)),
         ("outside -> NodePort", collect(outside_hold)),
     ] {
-        assert!(hold[0]["connected"].is_string(), "{what}: {:?}", hold[0]);
-        let failed: Vec<_> = hold[1..].iter().filter(|e| !e["error"].is_null()).collect();
-        assert!(
-            hold.len() > 30 && failed.is_empty(),
-            "{what}: the long-lived connection: {} requests, failed: {failed:?}",
-            hold.len() - 1
-        );
+        assert_held(what, &hold);
     }
 }
