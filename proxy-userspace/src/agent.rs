@@ -39,6 +39,7 @@ pub struct AgentConfig {
     /// Remove other modes' leftovers at start (`--cleanup-other-modes`).
     pub cleanup_other_modes: bool,
     pub ebpf: EbpfConfig,
+    pub ipvs: crate::render::ipvs::IpvsConfig,
     pub node: NodeInfo,
     pub proxy: ProxyConfig,
     pub min_sync_period: Duration,
@@ -72,6 +73,13 @@ pub fn cleanup_all(
             ));
         }
     }
+    if wants(ProxyMode::Ipvs) {
+        // Before the iptables cleanup: its jumps go first, then every KUBE-* chain, then
+        // the ipsets those chains used.
+        report
+            .removed
+            .extend(crate::render::ipvs::cleanup(&[])?.removed);
+    }
     if wants(ProxyMode::Iptables) {
         report
             .removed
@@ -100,11 +108,31 @@ fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
             }
         }
     }
-    if mode != ProxyMode::Iptables {
-        match crate::render::iptables::cleanup() {
+    if mode != ProxyMode::Ipvs {
+        // Virtual servers, kube-ipvs0 and the ipvs layout's jumps (and, where the iptables
+        // mode runs, the chains only that layout has).
+        removed.extend(crate::render::ipvs::cleanup_leftovers(
+            &cfg.ipvs.exclude_cidrs,
+            mode == ProxyMode::Iptables,
+        ));
+    }
+    match mode {
+        ProxyMode::Iptables => {}
+        // The iptables mode's chains, not the ones the ipvs layout shares with it.
+        ProxyMode::Ipvs => match crate::render::iptables::cleanup_keeping(
+            &crate::render::ipvs::rules::ALL_CHAINS,
+        ) {
             Ok(r) => removed.extend(r.removed),
             Err(e) => errors.push(e),
-        }
+        },
+        _ => match crate::render::iptables::cleanup() {
+            Ok(r) => removed.extend(r.removed),
+            Err(e) => errors.push(e),
+        },
+    }
+    if mode != ProxyMode::Ipvs {
+        // Once no rule uses them.
+        removed.extend(crate::render::ipvs::rules::destroy_sets());
     }
     if mode != ProxyMode::Nftables {
         match crate::render::nftables::cleanup() {
@@ -137,9 +165,9 @@ pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Rend
         }
         ProxyMode::Iptables => Ok(Box::new(crate::render::iptables::IptablesRenderer::start()?)),
         ProxyMode::Nftables => Ok(Box::new(crate::render::nftables::NftablesRenderer::start()?)),
-        other => Err(Error::Unsupported(format!(
-            "--proxy-mode {other} is not available in this build (modes: ebpf, iptables, nftables)"
-        ))),
+        ProxyMode::Ipvs => Ok(Box::new(crate::render::ipvs::IpvsRenderer::start(
+            cfg.ipvs.clone(),
+        )?)),
     }
 }
 

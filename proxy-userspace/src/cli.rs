@@ -111,16 +111,11 @@ impl RunArgs {
         if u.logging_format != "text" {
             say("--logging-format", "kpr logs text");
         }
-        if u.ipvs_scheduler.is_some()
-            || u.ipvs_strict_arp
-            || !u.ipvs_exclude_cidrs.is_empty()
-            || u.ipvs_sync_period.is_some()
-            || u.ipvs_min_sync_period.is_some()
-            || u.ipvs_tcp_timeout.is_some()
-            || u.ipvs_tcpfin_timeout.is_some()
-            || u.ipvs_udp_timeout.is_some()
-        {
-            say("IPVS settings", "this build has no IPVS mode");
+        if u.ipvs_sync_period.is_some() || u.ipvs_min_sync_period.is_some() {
+            say(
+                "--ipvs-sync-period/--ipvs-min-sync-period",
+                "use --sync-period/--min-sync-period, which every mode honours",
+            );
         }
         if u.iptables_masquerade_bit != 14 {
             say(
@@ -436,9 +431,9 @@ pub struct UpstreamArgs {
     pub iptables_min_sync_period: Option<Duration>,
     #[arg(long, value_parser = parse_duration)]
     pub iptables_sync_period: Option<Duration>,
-    /// IPVS mode (not available in this build): accepted and reported.
+    /// IPVS mode: virtual servers in these CIDRs are never removed.
     #[arg(long, value_delimiter = ',')]
-    pub ipvs_exclude_cidrs: Vec<String>,
+    pub ipvs_exclude_cidrs: Vec<ipnet::IpNet>,
     #[arg(long, value_parser = parse_duration)]
     pub ipvs_min_sync_period: Option<Duration>,
     #[arg(long)]
@@ -598,6 +593,21 @@ impl RunArgs {
             mode: self.proxy_mode.0,
             node_port_addresses_given: !self.nodeport_addresses.is_empty(),
             cleanup_other_modes: self.cleanup_other_modes,
+            ipvs: crate::render::ipvs::IpvsConfig {
+                scheduler: self
+                    .upstream
+                    .ipvs_scheduler
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "rr".into()),
+                strict_arp: self.upstream.ipvs_strict_arp,
+                exclude_cidrs: self.upstream.ipvs_exclude_cidrs.clone(),
+                timeouts: crate::render::ipvs::netlink::Timeouts {
+                    tcp: self.upstream.ipvs_tcp_timeout.map_or(0, |d| secs(d)),
+                    tcp_fin: self.upstream.ipvs_tcpfin_timeout.map_or(0, |d| secs(d)),
+                    udp: self.upstream.ipvs_udp_timeout.map_or(0, |d| secs(d)),
+                },
+            },
             ebpf: EbpfConfig {
                 bpf_fs_path: self.bpf_fs_path.clone(),
                 cgroup_path: self.cgroup_path.clone(),

@@ -482,7 +482,7 @@ pub fn apply(
     if let Some(m) = nonempty(&cfg.mode)
         && set("proxy_mode")
     {
-        if m == "ipvs" || m == "kernelspace" {
+        if m == "kernelspace" {
             notes.push(format!(
                 "mode {m:?} is not available in this kpr build: the mode is chosen by probing (auto)"
             ));
@@ -525,11 +525,51 @@ pub fn apply(
         a.min_sync_period = d;
     }
     if let Some(ipvs) = &cfg.ipvs {
-        if let Some(s) = nonempty(&ipvs.scheduler) {
+        if let Some(s) = nonempty(&ipvs.scheduler)
+            && set("ipvs_scheduler")
+        {
             a.upstream.ipvs_scheduler = Some(s);
         }
-        if ipvs.strict_arp == Some(true) {
+        if ipvs.strict_arp == Some(true) && set("ipvs_strict_arp") {
             a.upstream.ipvs_strict_arp = true;
+        }
+        if let Some(cidrs) = &ipvs.exclude_cidrs
+            && set("ipvs_exclude_cidrs")
+        {
+            a.upstream.ipvs_exclude_cidrs = cidrs
+                .iter()
+                .filter(|c| !c.is_empty())
+                .map(|c| c.parse().map_err(|e| bad("ipvs.excludeCIDRs", format!("{c:?}: {e}"))))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(d) = nonzero(ipvs.tcp_timeout)
+            && set("ipvs_tcp_timeout")
+        {
+            a.upstream.ipvs_tcp_timeout = Some(d);
+        }
+        if let Some(d) = nonzero(ipvs.tcp_fin_timeout)
+            && set("ipvs_tcpfin_timeout")
+        {
+            a.upstream.ipvs_tcpfin_timeout = Some(d);
+        }
+        if let Some(d) = nonzero(ipvs.udp_timeout)
+            && set("ipvs_udp_timeout")
+        {
+            a.upstream.ipvs_udp_timeout = Some(d);
+        }
+        if a.proxy_mode.0 == Some(crate::render::ProxyMode::Ipvs) {
+            if let Some(d) = nonzero(ipvs.sync_period)
+                && set("sync_period")
+                && nonzero(cfg.sync_period).is_none()
+            {
+                a.sync_period = d;
+            }
+            if let Some(d) = nonzero(ipvs.min_sync_period)
+                && set("min_sync_period")
+                && nonzero(cfg.min_sync_period).is_none()
+            {
+                a.min_sync_period = d;
+            }
         }
     }
     if let Some(v) = nonempty(&cfg.detect_local_mode)

@@ -16,7 +16,7 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-01";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The userspace toolchain (also in rust-toolchain.toml); bpf-linker is built with it.
 pub const USER_TOOLCHAIN: &str = "1.99.0";
-const APT_PACKAGES: [(&str, &str); 7] = [
+const APT_PACKAGES: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
@@ -24,6 +24,9 @@ const APT_PACKAGES: [(&str, &str); 7] = [
     ("nft", "nftables"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
+    // The ipvs mode's ipsets; ipvsadm lets its tests (and operators) read IPVS independently.
+    ("ipset", "ipset"),
+    ("ipvsadm", "ipvsadm"),
 ];
 
 pub fn root() -> PathBuf {

@@ -120,6 +120,55 @@ enum Programmed {
     Chains(BTreeMap<(String, String), usize>),
     /// kpr's nftables table: chain -> rules, set -> elements.
     Nft(BTreeMap<String, usize>),
+    /// IPVS: virtual server (`proto addr:port`) -> real servers taking new connections.
+    Ipvs(BTreeMap<String, BTreeSet<SocketAddr>>),
+}
+
+/// The virtual servers of `ipvsadm -Sn` output, with their real servers of non-zero weight
+/// (read with the independent tool, not kpr's own netlink code).
+fn parse_ipvsadm(text: &str) -> BTreeMap<String, BTreeSet<SocketAddr>> {
+    let mut out: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let (Some(kind), Some(flag), Some(addr)) = (w.first(), w.get(1), w.get(2)) else {
+            continue;
+        };
+        let proto = match *flag {
+            "-t" => "TCP",
+            "-u" => "UDP",
+            "--sctp-service" => "SCTP",
+            _ => continue,
+        };
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        let key = format!("{proto} {addr}");
+        match *kind {
+            "-A" => {
+                out.entry(key).or_default();
+            }
+            "-a" => {
+                let real = w
+                    .iter()
+                    .position(|t| *t == "-r")
+                    .and_then(|i| w.get(i + 1))
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                let weight = w
+                    .iter()
+                    .position(|t| *t == "-w")
+                    .and_then(|i| w.get(i + 1))
+                    .and_then(|x| x.parse::<u32>().ok())
+                    .unwrap_or(1);
+                if let Some(r) = real
+                    && weight > 0
+                {
+                    out.entry(key).or_default().insert(r);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn chain_counts(filter: &ChainsOf, nat: &ChainsOf) -> BTreeMap<(String, String), usize> {
@@ -169,7 +218,23 @@ fn expected(
             }
             Ok(Programmed::Nft(counts))
         }
-        _ => {
+        ProxyMode::Ipvs => {
+            let cfg = crate::render::ipvs::IpvsConfig::default();
+            Ok(Programmed::Ipvs(
+                crate::render::ipvs::virtual_servers(&desired, &cfg)
+                    .into_iter()
+                    .map(|(k, w)| {
+                        let proto = match k.protocol {
+                            6 => "TCP",
+                            17 => "UDP",
+                            _ => "SCTP",
+                        };
+                        (format!("{proto} {}", k.addr), w.backends)
+                    })
+                    .collect(),
+            ))
+        }
+        ProxyMode::Ebpf => {
             let mut snapshot = MapsSnapshot::default();
             let (_, errors) = MapDiff::default().sync(&desired, &mut snapshot, &[]);
             if let Some(e) = errors.into_iter().next() {
@@ -233,6 +298,16 @@ fn programmed(plan: &Plan, layout: &PinLayout, want: &Programmed) -> Option<Prog
                 }
             }
             Some(Programmed::Nft(counts))
+        }
+        Programmed::Ipvs(_) => {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", plan.topology.node.path().display()))
+                .args(["ipvsadm", "-Sn"])
+                .output()
+                .ok()?;
+            Some(Programmed::Ipvs(parse_ipvsadm(&String::from_utf8_lossy(
+                &out.stdout,
+            ))))
         }
     }
 }
@@ -479,11 +554,6 @@ fn judge(
 /// # Errors
 /// The mode is not implemented at this level, or the topology could not be built.
 pub fn run_fixture(fx: &Fixture, mode: ProxyMode, index: usize) -> Result<Vec<FlowResult>> {
-    if mode == ProxyMode::Ipvs {
-        return Err(Error::invalid(
-            "--level datapath is implemented for the ebpf, iptables and nftables modes (not ipvs)",
-        ));
-    }
     let sctp = kernel_has_sctp();
     let plan = build(fx, mode, index)?;
     let dir = plan.topology.workdir.join("manifests");

@@ -13,6 +13,7 @@ use crate::model::{DesiredState, FrontendKey};
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
+pub mod ipvs;
 pub mod nftables;
 pub mod plan;
 pub mod probe;

@@ -79,7 +79,7 @@ use super::run_tool as run;
 
 /// The `KUBE-*` chains the kernel holds (filter and nat), with their rules, and the whole
 /// `iptables-save` text (whose built-in chains show the jumps).
-fn read_kernel(backend: Backend, family: Family) -> Result<(Ruleset, String)> {
+pub(crate) fn read_kernel(backend: Backend, family: Family) -> Result<(Ruleset, String)> {
     let mut rs = Ruleset::default();
     let mut all = String::new();
     for table in ["filter", "nat"] {
@@ -159,30 +159,8 @@ impl IptablesRenderer {
         })
     }
 
-    /// Inserts the jumps from the built-in chains that `current` (iptables-save text of
-    /// before the sync: jumps are not touched by a restore) lacks.
     fn ensure_jumps(&self, family: Family, current: &str) -> Result<()> {
-        let iptables = self.backend.command(family, "iptables");
-        // Inserted at the top in reverse, so they end up in `JUMPS` order.
-        for (table, chain, spec) in JUMPS.iter().rev() {
-            let args = shell_words(spec);
-            let present = current.contains(&format!("-A {chain} {spec}"))
-                || Command::new(&iptables)
-                    .args(["-w", "-t", table, "-C", chain])
-                    .args(&args)
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-            if !present {
-                run(
-                    Command::new(&iptables)
-                        .args(["-w", "-t", table, "-I", chain, "1"])
-                        .args(&args),
-                    None,
-                )
-                .map_err(|e| Error::io(&iptables, e).context(format!("jump {table}/{chain}")))?;
-            }
-        }
-        Ok(())
+        ensure_jumps(self.backend, family, &JUMPS, current)
     }
 
     fn restore(&mut self, family: Family, input: &str) -> Result<()> {
@@ -209,7 +187,15 @@ impl IptablesRenderer {
             let new = rules::build(desired, family);
             let (old, saved) = if full {
                 match read_kernel(self.backend, family) {
-                    Ok((k, text)) => (k, Some(text)),
+                    Ok((mut k, text)) => {
+                        // An ipvs mode's chains are hooked into the built-in chains by its
+                        // own jumps: they go with its cleanup, not with this sync.
+                        for c in crate::render::ipvs::rules::IPVS_ONLY_CHAINS {
+                            k.filter.remove(c);
+                            k.nat.remove(c);
+                        }
+                        (k, Some(text))
+                    }
                     Err(e) => {
                         report.errors.push(e);
                         continue;
@@ -272,8 +258,42 @@ impl IptablesRenderer {
     }
 }
 
+/// Inserts the `jumps` from the built-in chains that `current` (iptables-save text of before
+/// the sync: jumps are not touched by a restore) lacks. They are inserted at the top in
+/// reverse, so they end up in `jumps` order.
+///
+/// # Errors
+/// `iptables -I` failed.
+pub(crate) fn ensure_jumps(
+    backend: Backend,
+    family: Family,
+    jumps: &[(&str, &str, &str)],
+    current: &str,
+) -> Result<()> {
+    let iptables = backend.command(family, "iptables");
+    for (table, chain, spec) in jumps.iter().rev() {
+        let args = shell_words(spec);
+        let present = current.contains(&format!("-A {chain} {spec}"))
+            || Command::new(&iptables)
+                .args(["-w", "-t", table, "-C", chain])
+                .args(&args)
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if !present {
+            run(
+                Command::new(&iptables)
+                    .args(["-w", "-t", table, "-I", chain, "1"])
+                    .args(&args),
+                None,
+            )
+            .map_err(|e| Error::io(&iptables, e).context(format!("jump {table}/{chain}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Splits a rule spec into arguments, keeping double-quoted strings whole.
-fn shell_words(spec: &str) -> Vec<String> {
+pub(crate) fn shell_words(spec: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;
@@ -301,17 +321,34 @@ fn shell_words(spec: &str) -> Vec<String> {
 /// # Errors
 /// A table could not be rewritten.
 pub fn cleanup() -> Result<CleanupReport> {
+    cleanup_keeping(&[])
+}
+
+/// [`cleanup`] but for the chains named in `keep` and the jumps to them (the ipvs mode keeps
+/// its own layout while the iptables mode's chains go).
+///
+/// # Errors
+/// A table could not be rewritten.
+pub fn cleanup_keeping(keep: &[&str]) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
     for backend in [Backend::Nft, Backend::Legacy] {
         for family in [Family::V4, Family::V6] {
-            let Ok((kernel, _)) = read_kernel(backend, family) else {
+            let Ok((mut kernel, _)) = read_kernel(backend, family) else {
                 continue;
             };
+            for c in keep {
+                kernel.filter.remove(*c);
+                kernel.nat.remove(*c);
+            }
             if kernel.filter.is_empty() && kernel.nat.is_empty() {
                 continue;
             }
             let iptables = backend.command(family, "iptables");
-            for (table, chain, spec) in JUMPS {
+            // Both layouts' jumps (iptables and ipvs mode): a chain still jumped to cannot go.
+            for (table, chain, spec) in JUMPS.iter().chain(&crate::render::ipvs::rules::JUMPS) {
+                if keep.iter().any(|k| spec.ends_with(&format!("-j {k}"))) {
+                    continue;
+                }
                 let _ = Command::new(&iptables)
                     .args(["-w", "-t", table, "-D", chain])
                     .args(shell_words(spec))

@@ -1,0 +1,630 @@
+//! IPVS over generic netlink (`include/uapi/linux/ip_vs.h`, the family `IPVS`): virtual
+//! servers, their real servers and the connection timeouts, read and written with the
+//! kernel's own messages on one socket. No crate speaks IPVS's netlink family with the
+//! attributes kpr needs (persistence, flags, per-destination connection counts), and the
+//! messages are few, so they are written here on top of the netlink framing kpr already uses
+//! for ctnetlink.
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd as _, OwnedFd};
+
+const NETLINK_GENERIC: i32 = 16;
+const GENL_ID_CTRL: u16 = 0x10;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const IPVS_GENL_VERSION: u8 = 1;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+// enum ipvs_cmd
+const CMD_NEW_SERVICE: u8 = 1;
+const CMD_SET_SERVICE: u8 = 2;
+const CMD_DEL_SERVICE: u8 = 3;
+const CMD_GET_SERVICE: u8 = 4;
+const CMD_NEW_DEST: u8 = 5;
+const CMD_SET_DEST: u8 = 6;
+const CMD_DEL_DEST: u8 = 7;
+const CMD_GET_DEST: u8 = 8;
+const CMD_SET_CONFIG: u8 = 12;
+const CMD_GET_CONFIG: u8 = 13;
+
+// IPVS_CMD_ATTR_*
+const ATTR_SERVICE: u16 = 1;
+const ATTR_DEST: u16 = 2;
+const ATTR_TIMEOUT_TCP: u16 = 4;
+const ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const ATTR_TIMEOUT_UDP: u16 = 6;
+
+// IPVS_SVC_ATTR_*
+const SVC_AF: u16 = 1;
+const SVC_PROTOCOL: u16 = 2;
+const SVC_ADDR: u16 = 3;
+const SVC_PORT: u16 = 4;
+const SVC_FWMARK: u16 = 5;
+const SVC_SCHED_NAME: u16 = 6;
+const SVC_FLAGS: u16 = 7;
+const SVC_TIMEOUT: u16 = 8;
+const SVC_NETMASK: u16 = 9;
+
+// IPVS_DEST_ATTR_*
+const DEST_ADDR: u16 = 1;
+const DEST_PORT: u16 = 2;
+const DEST_FWD_METHOD: u16 = 3;
+const DEST_WEIGHT: u16 = 4;
+const DEST_U_THRESH: u16 = 5;
+const DEST_L_THRESH: u16 = 6;
+const DEST_ACTIVE_CONNS: u16 = 7;
+const DEST_INACT_CONNS: u16 = 8;
+const DEST_ADDR_FAMILY: u16 = 11;
+
+/// `IP_VS_CONN_F_MASQ`: real servers are reached by NAT (the only method kube-proxy uses).
+const FWD_MASQ: u32 = 0;
+const FWD_MASK: u32 = 0x7;
+/// `IP_VS_SVC_F_PERSISTENT`: sessionAffinity ClientIP.
+pub const SVC_F_PERSISTENT: u32 = 0x1;
+/// The flags kpr sets and compares (`IP_VS_SVC_F_HASHED` and the like are the kernel's).
+const SVC_F_KPR_MASK: u32 = SVC_F_PERSISTENT | 0x8 | 0x10 | 0x20;
+
+/// A virtual server's identity: protocol (IPPROTO_*), address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub protocol: u8,
+    pub addr: SocketAddr,
+}
+
+/// One virtual server as kpr programs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtualServer {
+    pub key: ServiceKey,
+    /// `rr`, `lc`, `wrr`, `sh`, `mh`, ...
+    pub scheduler: String,
+    /// `IP_VS_SVC_F_*` (persistence, the scheduler flags).
+    pub flags: u32,
+    /// Persistence timeout in seconds (with [`SVC_F_PERSISTENT`]).
+    pub timeout: u32,
+}
+
+/// One real server of a virtual server, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealServer {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub active: u32,
+    pub inactive: u32,
+}
+
+/// The connection timeouts (seconds; 0 leaves one unchanged).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
+}
+
+/// An IPVS netlink socket.
+pub struct Ipvs {
+    fd: OwnedFd,
+    family: u16,
+    seq: u32,
+}
+
+struct Attrs(Vec<u8>);
+
+impl Attrs {
+    fn new() -> Self {
+        Self(Vec::new())
+    }
+    fn put(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
+        let len = 4 + payload.len();
+        self.0
+            .extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+        self.0.extend_from_slice(&ty.to_ne_bytes());
+        self.0.extend_from_slice(payload);
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+        self
+    }
+    fn u16(&mut self, ty: u16, v: u16) -> &mut Self {
+        self.put(ty, &v.to_ne_bytes())
+    }
+    fn u32(&mut self, ty: u16, v: u32) -> &mut Self {
+        self.put(ty, &v.to_ne_bytes())
+    }
+    fn nested(&mut self, ty: u16, inner: &Self) -> &mut Self {
+        self.put(ty | NLA_F_NESTED, &inner.0)
+    }
+}
+
+/// The attributes of a netlink attribute stream: (type, payload).
+fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[4..len]));
+        buf = buf.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    out
+}
+
+fn get_u32(p: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(p.get(..4)?.try_into().ok()?))
+}
+
+fn get_u16(p: &[u8]) -> Option<u16> {
+    Some(u16::from_ne_bytes(p.get(..2)?.try_into().ok()?))
+}
+
+fn af(ip: IpAddr) -> u16 {
+    #[expect(clippy::cast_possible_truncation, reason = "AF_INET(6) are 2 and 10")]
+    if ip.is_ipv4() {
+        libc::AF_INET as u16
+    } else {
+        libc::AF_INET6 as u16
+    }
+}
+
+/// `union nf_inet_addr`: 16 bytes, IPv4 in the first 4.
+fn inet_addr(ip: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => b[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => b = v6.octets(),
+    }
+    b
+}
+
+fn parse_addr(family: u16, p: &[u8]) -> Option<IpAddr> {
+    if i32::from(family) == libc::AF_INET6 {
+        Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(p.get(..16)?).ok()?)))
+    } else {
+        Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(p.get(..4)?).ok()?)))
+    }
+}
+
+fn key_attrs(key: &ServiceKey) -> Attrs {
+    let mut a = Attrs::new();
+    a.u16(SVC_AF, af(key.addr.ip()))
+        .u16(SVC_PROTOCOL, u16::from(key.protocol))
+        .put(SVC_ADDR, &inet_addr(key.addr.ip()))
+        .put(SVC_PORT, &key.addr.port().to_be_bytes());
+    a
+}
+
+fn service_attrs(vs: &VirtualServer) -> Attrs {
+    let mut a = key_attrs(&vs.key);
+    let mut sched = vs.scheduler.as_bytes().to_vec();
+    sched.push(0);
+    let mut flags = [0u8; 8];
+    flags[..4].copy_from_slice(&vs.flags.to_ne_bytes());
+    flags[4..].copy_from_slice(&u32::MAX.to_ne_bytes());
+    let netmask: u32 = if vs.key.addr.is_ipv4() {
+        u32::MAX
+    } else {
+        128
+    };
+    a.put(SVC_SCHED_NAME, &sched)
+        .put(SVC_FLAGS, &flags)
+        .u32(SVC_TIMEOUT, vs.timeout)
+        .put(
+            SVC_NETMASK,
+            &if vs.key.addr.is_ipv4() {
+                netmask.to_be_bytes()
+            } else {
+                netmask.to_ne_bytes()
+            },
+        );
+    a
+}
+
+fn dest_attrs(addr: SocketAddr, weight: u32) -> Attrs {
+    let mut a = Attrs::new();
+    a.put(DEST_ADDR, &inet_addr(addr.ip()))
+        .put(DEST_PORT, &addr.port().to_be_bytes())
+        .u32(DEST_FWD_METHOD, FWD_MASQ)
+        .u32(DEST_WEIGHT, weight)
+        .u32(DEST_U_THRESH, 0)
+        .u32(DEST_L_THRESH, 0)
+        .u16(DEST_ADDR_FAMILY, af(addr.ip()));
+    a
+}
+
+fn parse_service(p: &[u8]) -> Option<VirtualServer> {
+    let mut family = 0;
+    let (mut proto, mut addr, mut port) = (None, None, None);
+    let (mut sched, mut flags, mut timeout, mut fwmark) = (String::new(), 0, 0, 0);
+    let a = attrs(p);
+    for (ty, v) in &a {
+        if *ty == SVC_AF {
+            family = get_u16(v)?;
+        }
+    }
+    for (ty, v) in a {
+        match ty {
+            SVC_PROTOCOL => proto = get_u16(v),
+            SVC_ADDR => addr = parse_addr(family, v),
+            SVC_PORT => port = Some(u16::from_be_bytes(v.get(..2)?.try_into().ok()?)),
+            SVC_FWMARK => fwmark = get_u32(v)?,
+            SVC_SCHED_NAME => {
+                sched = String::from_utf8_lossy(v)
+                    .trim_end_matches('\0')
+                    .to_string();
+            }
+            SVC_FLAGS => flags = get_u32(v)? & SVC_F_KPR_MASK,
+            SVC_TIMEOUT => timeout = get_u32(v)?,
+            _ => {}
+        }
+    }
+    if fwmark != 0 {
+        // Firewall-mark services are not kpr's (it never creates them).
+        return None;
+    }
+    Some(VirtualServer {
+        key: ServiceKey {
+            protocol: u8::try_from(proto?).ok()?,
+            addr: SocketAddr::new(addr?, port?),
+        },
+        scheduler: sched,
+        flags,
+        timeout,
+    })
+}
+
+fn parse_dest(p: &[u8], default_family: u16) -> Option<RealServer> {
+    let a = attrs(p);
+    let family = a
+        .iter()
+        .find(|(ty, _)| *ty == DEST_ADDR_FAMILY)
+        .and_then(|(_, v)| get_u16(v))
+        .unwrap_or(default_family);
+    let (mut addr, mut port, mut weight, mut active, mut inactive, mut fwd) =
+        (None, None, 0, 0, 0, 0);
+    for (ty, v) in a {
+        match ty {
+            DEST_ADDR => addr = parse_addr(family, v),
+            DEST_PORT => port = Some(u16::from_be_bytes(v.get(..2)?.try_into().ok()?)),
+            DEST_WEIGHT => weight = get_u32(v)?,
+            DEST_ACTIVE_CONNS => active = get_u32(v)?,
+            DEST_INACT_CONNS => inactive = get_u32(v)?,
+            DEST_FWD_METHOD => fwd = get_u32(v)? & FWD_MASK,
+            _ => {}
+        }
+    }
+    let _ = fwd;
+    Some(RealServer {
+        addr: SocketAddr::new(addr?, port?),
+        weight,
+        active,
+        inactive,
+    })
+}
+
+fn os_error(code: i32, what: &str) -> io::Error {
+    let e = io::Error::from_raw_os_error(-code);
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+impl Ipvs {
+    /// Opens a generic netlink socket and resolves the `IPVS` family.
+    ///
+    /// # Errors
+    /// No generic netlink, or no IPVS in this kernel (`ip_vs` not loaded and not loadable).
+    pub fn open() -> io::Result<Self> {
+        let fd = super::super::netlink_socket(NETLINK_GENERIC)?;
+        let mut s = Self {
+            fd,
+            family: GENL_ID_CTRL,
+            seq: 1,
+        };
+        let mut name = Attrs::new();
+        name.put(CTRL_ATTR_FAMILY_NAME, b"IPVS\0");
+        let seq = s.send(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, NLM_F_REQUEST, &name.0)?;
+        let mut id = None;
+        let code = s.recv(seq, |body| {
+            for (ty, v) in attrs(body) {
+                if ty == CTRL_ATTR_FAMILY_ID {
+                    id = get_u16(v);
+                }
+            }
+        })?;
+        match id {
+            Some(id) if code == 0 => {
+                s.family = id;
+                Ok(s)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the kernel has no IPVS generic netlink family (modprobe ip_vs)",
+            )),
+        }
+    }
+
+    fn send(&mut self, ty: u16, cmd: u8, flags: u16, body: &[u8]) -> io::Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = 16 + 4 + body.len();
+        let mut m = Vec::with_capacity(len);
+        m.extend_from_slice(&u32::try_from(len).unwrap_or(0).to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&self.seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[cmd, IPVS_GENL_VERSION, 0, 0]);
+        m.extend_from_slice(body);
+        // SAFETY: sending a buffer we own to the kernel.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(self.seq)
+    }
+
+    /// Receives until the answer to `seq` is complete; `each` sees every data message's
+    /// attributes (after the generic netlink header). Returns the NLMSG_ERROR code (0: ACK
+    /// or end of dump).
+    fn recv(&mut self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: receiving into a buffer we own.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut msgs = &buf[..usize::try_from(n).unwrap_or(0)];
+            let mut single = false;
+            while msgs.len() >= 16 {
+                let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
+                let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
+                let flags = u16::from_ne_bytes([msgs[6], msgs[7]]);
+                let mseq = u32::from_ne_bytes([msgs[8], msgs[9], msgs[10], msgs[11]]);
+                if len < 16 || len > msgs.len() {
+                    break;
+                }
+                if mseq == seq {
+                    match ty {
+                        NLMSG_DONE => return Ok(0),
+                        NLMSG_ERROR => {
+                            let code = msgs
+                                .get(16..20)
+                                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                            return Ok(code);
+                        }
+                        _ => {
+                            each(msgs.get(20..len).unwrap_or(&[]));
+                            // NLM_F_MULTI (0x2) absent: a single answer, no DONE follows.
+                            if flags & 0x2 == 0 {
+                                single = true;
+                            }
+                        }
+                    }
+                }
+                msgs = msgs.get((len + 3) & !3..).unwrap_or(&[]);
+            }
+            if single {
+                return Ok(0);
+            }
+        }
+    }
+
+    fn request(&mut self, cmd: u8, body: &Attrs, what: &str) -> io::Result<()> {
+        let seq = self.send(self.family, cmd, NLM_F_REQUEST | NLM_F_ACK, &body.0)?;
+        match self.recv(seq, |_| {})? {
+            0 => Ok(()),
+            c => Err(os_error(c, what)),
+        }
+    }
+
+    /// Every address/port virtual server in this network namespace.
+    ///
+    /// # Errors
+    /// The dump failed.
+    pub fn services(&mut self) -> io::Result<Vec<VirtualServer>> {
+        let seq = self.send(self.family, CMD_GET_SERVICE, NLM_F_REQUEST | NLM_F_DUMP, &[])?;
+        let mut out = Vec::new();
+        let code = self.recv(seq, |body| {
+            for (ty, v) in attrs(body) {
+                if ty == ATTR_SERVICE
+                    && let Some(vs) = parse_service(v)
+                {
+                    out.push(vs);
+                }
+            }
+        })?;
+        if code != 0 {
+            return Err(os_error(code, "listing IPVS services"));
+        }
+        Ok(out)
+    }
+
+    /// The real servers of `key`.
+    ///
+    /// # Errors
+    /// The dump failed (e.g. no such virtual server).
+    pub fn destinations(&mut self, key: &ServiceKey) -> io::Result<Vec<RealServer>> {
+        let mut body = Attrs::new();
+        body.nested(ATTR_SERVICE, &key_attrs(key));
+        let seq = self.send(
+            self.family,
+            CMD_GET_DEST,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &body.0,
+        )?;
+        let family = af(key.addr.ip());
+        let mut out = Vec::new();
+        let code = self.recv(seq, |body| {
+            for (ty, v) in attrs(body) {
+                if ty == ATTR_DEST
+                    && let Some(rs) = parse_dest(v, family)
+                {
+                    out.push(rs);
+                }
+            }
+        })?;
+        if code != 0 {
+            return Err(os_error(code, "listing IPVS destinations"));
+        }
+        Ok(out)
+    }
+
+    /// Adds a virtual server.
+    ///
+    /// # Errors
+    /// The kernel refused (e.g. an unknown scheduler: `ENOENT`).
+    pub fn add_service(&mut self, vs: &VirtualServer) -> io::Result<()> {
+        let mut body = Attrs::new();
+        body.nested(ATTR_SERVICE, &service_attrs(vs));
+        self.request(CMD_NEW_SERVICE, &body, "adding an IPVS service")
+    }
+
+    /// Changes a virtual server's scheduler, flags or timeout.
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn update_service(&mut self, vs: &VirtualServer) -> io::Result<()> {
+        let mut body = Attrs::new();
+        body.nested(ATTR_SERVICE, &service_attrs(vs));
+        self.request(CMD_SET_SERVICE, &body, "updating an IPVS service")
+    }
+
+    /// Deletes a virtual server and its real servers.
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn delete_service(&mut self, key: &ServiceKey) -> io::Result<()> {
+        let mut body = Attrs::new();
+        body.nested(ATTR_SERVICE, &key_attrs(key));
+        self.request(CMD_DEL_SERVICE, &body, "deleting an IPVS service")
+    }
+
+    fn dest_request(
+        &mut self,
+        cmd: u8,
+        key: &ServiceKey,
+        addr: SocketAddr,
+        weight: u32,
+        what: &str,
+    ) -> io::Result<()> {
+        let mut body = Attrs::new();
+        body.nested(ATTR_SERVICE, &key_attrs(key))
+            .nested(ATTR_DEST, &dest_attrs(addr, weight));
+        self.request(cmd, &body, what)
+    }
+
+    /// Adds a real server (NAT forwarding).
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn add_destination(
+        &mut self,
+        key: &ServiceKey,
+        addr: SocketAddr,
+        weight: u32,
+    ) -> io::Result<()> {
+        self.dest_request(CMD_NEW_DEST, key, addr, weight, "adding an IPVS destination")
+    }
+
+    /// Changes a real server's weight (0: no new connections, the graceful part of removal).
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn set_weight(&mut self, key: &ServiceKey, addr: SocketAddr, weight: u32) -> io::Result<()> {
+        self.dest_request(
+            CMD_SET_DEST,
+            key,
+            addr,
+            weight,
+            "updating an IPVS destination",
+        )
+    }
+
+    /// Removes a real server.
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn delete_destination(&mut self, key: &ServiceKey, addr: SocketAddr) -> io::Result<()> {
+        self.dest_request(CMD_DEL_DEST, key, addr, 0, "deleting an IPVS destination")
+    }
+
+    /// Sets the connection timeouts (0 leaves one as it is).
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn set_timeouts(&mut self, t: Timeouts) -> io::Result<()> {
+        let mut body = Attrs::new();
+        body.u32(ATTR_TIMEOUT_TCP, t.tcp)
+            .u32(ATTR_TIMEOUT_TCP_FIN, t.tcp_fin)
+            .u32(ATTR_TIMEOUT_UDP, t.udp);
+        self.request(CMD_SET_CONFIG, &body, "setting the IPVS timeouts")
+    }
+
+    /// The connection timeouts.
+    ///
+    /// # Errors
+    /// The kernel refused.
+    pub fn timeouts(&mut self) -> io::Result<Timeouts> {
+        let seq = self.send(self.family, CMD_GET_CONFIG, NLM_F_REQUEST, &[])?;
+        let mut t = Timeouts::default();
+        let code = self.recv(seq, |body| {
+            for (ty, v) in attrs(body) {
+                let Some(x) = get_u32(v) else { continue };
+                match ty {
+                    ATTR_TIMEOUT_TCP => t.tcp = x,
+                    ATTR_TIMEOUT_TCP_FIN => t.tcp_fin = x,
+                    ATTR_TIMEOUT_UDP => t.udp = x,
+                    _ => {}
+                }
+            }
+        })?;
+        if code != 0 {
+            return Err(os_error(code, "reading the IPVS timeouts"));
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_round_trips_through_its_attributes() {
+        let vs = VirtualServer {
+            key: ServiceKey {
+                protocol: 6,
+                addr: "172.30.0.41:80".parse().unwrap(),
+            },
+            scheduler: "rr".into(),
+            flags: SVC_F_PERSISTENT,
+            timeout: 10800,
+        };
+        assert_eq!(parse_service(&service_attrs(&vs).0), Some(vs));
+        let v6 = VirtualServer {
+            key: ServiceKey {
+                protocol: 17,
+                addr: "[fd00::1]:53".parse().unwrap(),
+            },
+            scheduler: "lc".into(),
+            flags: 0,
+            timeout: 0,
+        };
+        assert_eq!(parse_service(&service_attrs(&v6).0), Some(v6));
+    }
+
+    #[test]
+    fn a_destination_round_trips_through_its_attributes() {
+        let a: SocketAddr = "10.180.0.1:8080".parse().unwrap();
+        let rs = parse_dest(&dest_attrs(a, 1).0, af(a.ip())).unwrap();
+        assert_eq!((rs.addr, rs.weight), (a, 1));
+    }
+}
