@@ -326,8 +326,9 @@ pub fn run_script(kernel: &Kernel, script: &str, timeout: Duration) -> anyhow::R
 }
 
 /// The test binaries the VM runs: the end-to-end and packet tests of the ebpf mode and of the
-/// rule modes, on a kernel without tcx.
-pub const VM_TESTS: [&str; 9] = [
+/// rule modes on a kernel without tcx, and the ipvs mode's (whose tests are `#[ignore]`d on
+/// hosts without IPVS and run here with `--include-ignored`).
+pub const VM_TESTS: [&str; 10] = [
     "tc_lifecycle",
     "tc_packets",
     "socket_lb",
@@ -337,6 +338,7 @@ pub const VM_TESTS: [&str; 9] = [
     "rule_modes",
     "conformance_datapath",
     "takeover",
+    "ipvs_mode",
 ];
 
 /// Builds the test binaries and returns (name, executable) of those in [`VM_TESTS`].
@@ -381,7 +383,7 @@ fn suite_script(binaries: &[(String, PathBuf)]) -> String {
     for (name, exe) in binaries {
         let _ = write!(
             s,
-            "echo '== {name}'\n{} --test-threads=2 || rc=1\n",
+            "echo '== {name}'\n{} --test-threads=2 --include-ignored || rc=1\n",
             exe.display()
         );
     }

@@ -1,0 +1,271 @@
+//! The ipvs mode end to end in a node namespace, read back with the independent tools
+//! (`ipvsadm`, `ipset`, `iptables-save`): a ClusterIP served through IPVS with the configured
+//! scheduler, sessionAffinity as persistence, graceful termination (a removed backend with a
+//! live connection drains at weight 0 while the connection keeps working), and `kpr cleanup`
+//! leaving no virtual server, no `kube-ipvs0`, no ipset and no `KUBE-*` chain.
+//!
+//! IPVS needs a kernel with `ip_vs`: this machine's 6.18 has none, so the tests that need it
+//! are `#[ignore]`d here (reported as ignored, never as passed) and run in the 6.1 VM
+//! (`cargo xtask vm-test`, which passes `--include-ignored`). The one test that runs
+//! everywhere checks the refusal: without IPVS the mode fails at start with a clear error.
+//!
+//! Address plan (all inside the test's namespaces): client pod 10.0.0.2; backends 10.180.0.1
+//! and 10.180.0.2; Services web 172.30.0.10:80, sticky 172.30.0.12:80 (ClientIP affinity),
+//! dns 172.30.0.13:53/UDP; node 192.168.0.2.
+use std::io::{BufRead as _, BufReader};
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kpr_testnet::{Topology, kpr_bin, write_manifest};
+
+fn manifests(web: &[&str]) -> String {
+    let eps = |ips: &[&str]| -> String {
+        ips.iter()
+            .map(|ip| format!("{{addresses: [{ip}], nodeName: test-node}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: web}}\nspec: {{clusterIP: 172.30.0.10, ports: [{{name: p, port: 80, targetPort: 80}}]}}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: p, port: 80}}]\n---\n\
+apiVersion: v1\nkind: Service\nmetadata: {{namespace: ns, name: sticky}}\nspec: {{clusterIP: 172.30.0.12, sessionAffinity: ClientIP, ports: [{{name: p, port: 80, targetPort: 80}}]}}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns, name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}\naddressType: IPv4\nendpoints: [{}]\nports: [{{name: p, port: 80}}]\n",
+        eps(web),
+        eps(&["10.180.0.1", "10.180.0.2"]),
+    )
+}
+
+fn in_node(t: &Topology, program: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.node.path().display()))
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cluster(tag: &str) -> (Topology, std::path::PathBuf) {
+    let mut t = Topology::new(tag);
+    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
+    t.add_pod("a", Ipv4Addr::new(10, 180, 0, 1));
+    t.add_pod("b", Ipv4Addr::new(10, 180, 0, 2));
+    t.serve("a", &[80]);
+    t.serve("b", &[80]);
+    let dir = t.workdir.join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.1"]));
+    (t, dir)
+}
+
+/// Waits until every connection to `vip` reaches one of `backends` (and each was reached).
+fn wait_reaches(t: &Topology, vip: &str, backends: &[&str]) {
+    let want: std::collections::BTreeSet<String> =
+        backends.iter().map(|b| (*b).to_string()).collect();
+    let start = Instant::now();
+    loop {
+        let lines = t.client("client", &["tcp", vip, "12"]);
+        let got: std::collections::BTreeSet<String> = lines
+            .iter()
+            .filter_map(|l| l["backend"].as_str().map(str::to_string))
+            .collect();
+        if got == want && lines.iter().all(|l| l["error"].is_null()) {
+            return;
+        }
+        assert!(
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(30)),
+            "{vip} should reach {want:?}, got {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `ipvsadm -Sn` in the node satisfies `cond`.
+fn wait_ipvs(t: &Topology, what: &str, cond: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let s = in_node(t, "ipvsadm", &["-Sn"]);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(30)),
+            "{what}: ipvsadm -Sn shows\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn kernel_has_ipvs() -> bool {
+    let _ = Command::new("modprobe").arg("ip_vs").output();
+    std::path::Path::new("/proc/net/ip_vs").exists()
+}
+
+#[test]
+fn ipvs_mode_refuses_a_bad_start_with_a_clear_error() {
+    kpr_testnet::require_root();
+    let (t, dir) = cluster("ipvsno");
+    // Without IPVS the mode cannot start; with it, an unknown scheduler is refused.
+    let (extra, want) = if kernel_has_ipvs() {
+        (vec!["--ipvs-scheduler", "fastest"], "not an IPVS scheduler")
+    } else {
+        (vec![], "IPVS")
+    };
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--proxy-mode",
+        "ipvs",
+        "--hostname-override",
+        "test-node",
+        "--node-ip",
+        "192.168.0.2",
+        "--healthz-bind-address",
+        "",
+        "--metrics-bind-address",
+        "",
+        "--bpf-fs-path",
+    ];
+    let bpffs = t.bpffs.to_string_lossy().into_owned();
+    args.push(&bpffs);
+    args.extend(extra);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.node.path().display()))
+        .arg(kpr_bin())
+        .args(&args)
+        .output()
+        .expect("kpr run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent must not start: {err}");
+    assert!(err.contains(want), "a clear error naming {want:?}: {err}");
+    assert!(
+        !in_node(&t, "ip", &["link"]).contains("kube-ipvs0"),
+        "a refused start leaves nothing behind"
+    );
+}
+
+#[test]
+#[ignore = "needs a kernel with IPVS: runs in the 6.1 VM (cargo xtask vm-test)"]
+fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
+    kpr_testnet::require_root();
+    assert!(kernel_has_ipvs(), "this kernel has no IPVS");
+    let (mut t, dir) = cluster("ipvs");
+    let mut agent = t.start_agent_in_node(
+        &dir,
+        &[
+            "--proxy-mode",
+            "ipvs",
+            "--ipvs-scheduler",
+            "lc",
+            "--node-ip",
+            "192.168.0.2",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
+    );
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    let s = in_node(&t, "ipvsadm", &["-Sn"]);
+    assert!(s.contains("-A -t 172.30.0.10:80 -s lc"), "scheduler lc: {s}");
+    assert!(
+        s.contains("-a -t 172.30.0.10:80 -r 10.180.0.1:80 -m -w 1"),
+        "NAT real server, weight 1: {s}"
+    );
+    assert!(
+        s.contains("-A -t 172.30.0.12:80 -s lc -p 10800"),
+        "ClientIP affinity is persistence with the Service's timeout: {s}"
+    );
+    assert!(
+        in_node(&t, "ip", &["-o", "addr", "show", "dev", "kube-ipvs0"]).contains("172.30.0.10/32"),
+        "the ClusterIP is bound to kube-ipvs0"
+    );
+    let set = in_node(&t, "ipset", &["list", "KUBE-CLUSTER-IP"]);
+    assert!(set.contains("172.30.0.10,tcp:80"), "{set}");
+    // Affinity: one client, one backend, every time.
+    let lines = t.client("client", &["tcp", "172.30.0.12:80", "12"]);
+    let sticky: std::collections::BTreeSet<&str> =
+        lines.iter().filter_map(|l| l["backend"].as_str()).collect();
+    assert_eq!(sticky.len(), 1, "{lines:?}");
+
+    // A long-lived connection to web's only backend, then web moves to b.
+    let mut hold = t.spawn_client("client", &["hold", "172.30.0.10:80", "8", "100"]);
+    let mut out = BufReader::new(hold.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains("10.180.0.1:80"), "held through a: {first}");
+    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.2"]));
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
+    let s = wait_ipvs(&t, "a drains at weight 0 while its connection lives", |s| {
+        s.contains("-a -t 172.30.0.10:80 -r 10.180.0.1:80 -m -w 0")
+    });
+    assert!(
+        s.contains("-a -t 172.30.0.10:80 -r 10.180.0.2:80 -m -w 1"),
+        "{s}"
+    );
+    let rest: Vec<serde_json::Value> = out
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let _ = hold.wait();
+    let failed: Vec<_> = rest.iter().filter(|e| !e["error"].is_null()).collect();
+    assert!(
+        rest.len() > 20 && failed.is_empty(),
+        "the draining backend's connection kept working: {} echoes, failed {failed:?}",
+        rest.len()
+    );
+
+    // Restart: the new agent adopts what IPVS holds (no duplicate, nothing lost).
+    agent.kill9();
+    let _agent = t.start_agent_in_node(
+        &dir,
+        &[
+            "--proxy-mode",
+            "ipvs",
+            "--ipvs-scheduler",
+            "rr",
+            "--node-ip",
+            "192.168.0.2",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
+    );
+    wait_ipvs(&t, "the restarted agent switches the scheduler in place", |s| {
+        s.contains("-A -t 172.30.0.10:80 -s rr")
+    });
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
+    drop(_agent);
+
+    // Cleanup removes everything the mode made.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", t.node.path().display()))
+        .arg(kpr_bin())
+        .args(["cleanup", "--bpf-fs-path"])
+        .arg(&t.bpffs)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("kpr cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !in_node(&t, "ipvsadm", &["-Sn"]).contains("-A"),
+        "no virtual server left"
+    );
+    assert!(!in_node(&t, "ip", &["link"]).contains("kube-ipvs0"));
+    let sets = in_node(&t, "ipset", &["list", "-n"]);
+    assert!(!sets.contains("KUBE-"), "no ipset left: {sets}");
+    let save = in_node(&t, "iptables-save", &[]);
+    assert!(!save.contains("KUBE-"), "no KUBE-* chain or jump left: {save}");
+}
