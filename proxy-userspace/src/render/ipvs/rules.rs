@@ -547,6 +547,16 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
             s("KUBE-HEALTH-CHECK-NODE-PORT")
         ),
     );
+    // A TCP reset for TCP, as the other rule modes: a client hears an ICMPv6 error about its
+    // SYN only with the SYN's retransmission, a second later.
+    push(
+        filter,
+        "KUBE-IPVS-FILTER",
+        format!(
+            "-p tcp -m comment --comment \"kpr: frontends without endpoints\" -m set --match-set {} dst,dst -j REJECT --reject-with tcp-reset",
+            s("KPR-REJECT")
+        ),
+    );
     push(
         filter,
         "KUBE-IPVS-FILTER",
