@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub node_port_addresses_given: bool,
     /// Remove other modes' leftovers at start (`--cleanup-other-modes`).
     pub cleanup_other_modes: bool,
+    /// ebpf mode: serve what eBPF cannot with the nftables renderer (`render::fallback`).
+    pub fallback_renderer: bool,
     pub ebpf: EbpfConfig,
     pub ipvs: crate::render::ipvs::IpvsConfig,
     pub node: NodeInfo,
@@ -135,7 +137,14 @@ fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
         removed.extend(crate::render::ipvs::rules::destroy_sets());
     }
     if mode != ProxyMode::Nftables {
-        match crate::render::nftables::cleanup() {
+        // The ebpf mode's fallback keeps kpr's own table (its first full sync already cut
+        // it down to the frontends it serves).
+        let tables: &[&str] = if mode == ProxyMode::Ebpf && cfg.fallback_renderer {
+            &["kube-proxy"]
+        } else {
+            &[crate::render::nftables::rules::TABLE, "kube-proxy"]
+        };
+        match crate::render::nftables::cleanup_tables(tables) {
             Ok(r) => removed.extend(r.removed),
             Err(e) => errors.push(e),
         }
@@ -161,6 +170,18 @@ pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Rend
         ProxyMode::Ebpf => {
             let (renderer, outcome) = EbpfRenderer::start(&cfg.ebpf)?;
             tracing::info!(?outcome, cgroup = %cfg.ebpf.cgroup_path.display(), "eBPF datapath ready");
+            if cfg.fallback_renderer {
+                match crate::render::nftables::NftablesRenderer::start() {
+                    Ok(nft) => {
+                        tracing::info!("SCTP frontends are served by the nftables renderer");
+                        return Ok(Box::new(crate::render::fallback::WithFallback::new(
+                            Box::new(renderer),
+                            nft,
+                        )));
+                    }
+                    Err(e) => tracing::warn!("no fallback for SCTP frontends: {e}"),
+                }
+            }
             Ok(Box::new(renderer))
         }
         ProxyMode::Iptables => Ok(Box::new(crate::render::iptables::IptablesRenderer::start()?)),
@@ -583,8 +604,14 @@ pub fn init_only(cfg: &AgentConfig) -> Result<()> {
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
-    let choice = crate::render::probe::choose(cfg.mode, &cfg.ebpf.cgroup_path);
+    let mut choice = crate::render::probe::choose(cfg.mode, &cfg.ebpf.cgroup_path);
+    if choice.mode == ProxyMode::Ebpf && !cfg.fallback_renderer {
+        choice.capabilities = crate::render::fallback::capabilities(false);
+    }
     tracing::info!(mode = %choice.mode, requested = %choice.requested, reason = %choice.reason, "proxy mode");
+    for c in &choice.capabilities {
+        tracing::info!(capability = c.capability, served_by = c.served_by, why = %c.why, "capability");
+    }
     for c in choice.checks.iter().filter(|c| !c.ok) {
         tracing::info!(feature = c.feature, since = c.since, detail = %c.detail, "kernel feature missing");
     }

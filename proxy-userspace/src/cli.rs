@@ -292,6 +292,11 @@ pub struct RunArgs {
     /// turn it off so they never touch the host's tables.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub cleanup_other_modes: bool,
+    /// ebpf mode: the renderer that serves what eBPF cannot (SCTP frontends): `nftables`
+    /// (default) or `none`. kpr's own flag; tests that run the agent in the host's namespace
+    /// pass `none` so they never write the host's tables.
+    #[arg(long, default_value = "nftables", value_parser = ["nftables", "none"])]
+    pub fallback_renderer: String,
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub masquerade_all: bool,
@@ -593,6 +598,7 @@ impl RunArgs {
             mode: self.proxy_mode.0,
             node_port_addresses_given: !self.nodeport_addresses.is_empty(),
             cleanup_other_modes: self.cleanup_other_modes,
+            fallback_renderer: self.fallback_renderer == "nftables",
             ipvs: crate::render::ipvs::IpvsConfig {
                 scheduler: self
                     .upstream
@@ -603,9 +609,9 @@ impl RunArgs {
                 strict_arp: self.upstream.ipvs_strict_arp,
                 exclude_cidrs: self.upstream.ipvs_exclude_cidrs.clone(),
                 timeouts: crate::render::ipvs::netlink::Timeouts {
-                    tcp: self.upstream.ipvs_tcp_timeout.map_or(0, |d| secs(d)),
-                    tcp_fin: self.upstream.ipvs_tcpfin_timeout.map_or(0, |d| secs(d)),
-                    udp: self.upstream.ipvs_udp_timeout.map_or(0, |d| secs(d)),
+                    tcp: self.upstream.ipvs_tcp_timeout.map_or(0, secs),
+                    tcp_fin: self.upstream.ipvs_tcpfin_timeout.map_or(0, secs),
+                    udp: self.upstream.ipvs_udp_timeout.map_or(0, secs),
                 },
             },
             ebpf: EbpfConfig {

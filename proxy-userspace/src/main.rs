@@ -78,6 +78,9 @@ fn main() -> anyhow::Result<()> {
                         );
                     }
                     println!("auto picks: {} ({})", choice.mode, choice.reason);
+                    for c in &choice.capabilities {
+                        println!("  {:<22} served by {:<8} ({})", c.capability, c.served_by, c.why);
+                    }
                 }
             }
         }

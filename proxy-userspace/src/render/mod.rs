@@ -12,6 +12,7 @@ use crate::model::{DesiredState, FrontendKey};
 
 pub mod conntrack;
 pub mod ebpf;
+pub mod fallback;
 pub mod iptables;
 pub mod ipvs;
 pub mod nftables;

@@ -31,6 +31,10 @@ pub struct ModeChoice {
     pub mode: ProxyMode,
     pub reason: String,
     pub checks: Vec<Check>,
+    /// In the ebpf mode: each capability and the renderer that serves it (per-feature
+    /// fallback, `render::fallback`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<super::fallback::Capability>,
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -158,6 +162,11 @@ pub fn choose(requested: Option<ProxyMode>, cgroup_path: &Path) -> ModeChoice {
             mode,
             reason: "asked for (--proxy-mode)".into(),
             checks: Vec::new(),
+            capabilities: if mode == ProxyMode::Ebpf {
+                super::fallback::capabilities(works("nft", &["list", "tables"]))
+            } else {
+                Vec::new()
+            },
         };
     }
     let mut checks = ebpf_checks(cgroup_path);
@@ -185,11 +194,17 @@ pub fn choose(requested: Option<ProxyMode>, cgroup_path: &Path) -> ModeChoice {
             ),
         )
     };
+    let capabilities = if mode == ProxyMode::Ebpf {
+        super::fallback::capabilities(rules[0].ok)
+    } else {
+        Vec::new()
+    };
     checks.extend(rules);
     ModeChoice {
         requested: "auto".into(),
         mode,
         reason,
         checks,
+        capabilities,
     }
 }

@@ -238,7 +238,14 @@ pub fn kpr_bin() -> PathBuf {
 /// health/metrics servers on ephemeral loopback ports (agents of parallel tests share the
 /// host namespace).
 fn host_safe(mut cmd: Command) -> Command {
-    cmd.args(["--tc-interfaces", "none", "--cleanup-other-modes", "false"])
+    cmd.args([
+        "--tc-interfaces",
+        "none",
+        "--cleanup-other-modes",
+        "false",
+        "--fallback-renderer",
+        "none",
+    ])
         .args([
             "--healthz-bind-address",
             "127.0.0.1:0",

@@ -221,9 +221,17 @@ impl NftablesRenderer {
 /// # Errors
 /// A table exists but could not be deleted.
 pub fn cleanup() -> Result<CleanupReport> {
+    cleanup_tables(&[TABLE, "kube-proxy"])
+}
+
+/// Deletes the nftables `tables` of both families where they exist.
+///
+/// # Errors
+/// A table could not be deleted.
+pub fn cleanup_tables(tables: &[&str]) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
     for fam in ["ip", "ip6"] {
-        for table in [TABLE, "kube-proxy"] {
+        for table in tables {
             if nft(&["list", "table", fam, table], None).is_err() {
                 continue;
             }
