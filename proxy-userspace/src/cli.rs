@@ -884,7 +884,14 @@ mod mode_tests {
             vec!["192.168.0.2".parse::<IpAddr>().unwrap()],
             "from --bind-address"
         );
-        assert!(notes.iter().any(|n| n.contains("IPVS")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("--ipvs-sync-period")),
+            "{notes:?}"
+        );
+        assert!(
+            !notes.iter().any(|n| n.contains("--ipvs-scheduler")),
+            "the ipvs mode acts on its scheduler: {notes:?}"
+        );
         assert!(
             notes.iter().any(|n| n.contains("--feature-gates")),
             "{notes:?}"

@@ -823,6 +823,7 @@ mod tests {
         );
         assert_eq!(ipset_input(Some(&new), &new), None);
         let full = ipset_input(None, &new).unwrap();
-        assert!(full.contains("swap KPR-SWAP-41 KUBE-CLUSTER-IP"), "{full}");
+        assert!(full.contains("swap KPR-SWAP-43 KUBE-CLUSTER-IP"), "{full}");
+        assert!(full.contains("add KPR-SWAP-43 172.30.0.43,udp:53\n"), "{full}");
     }
 }
