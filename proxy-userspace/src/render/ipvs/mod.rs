@@ -108,10 +108,14 @@ pub fn served_targets(fe: &crate::model::Frontend) -> &crate::model::Targets {
 
 fn wanted(k: &FrontendKey, fe: &crate::model::Frontend, cfg: &IpvsConfig) -> WantedServer {
     let targets = served_targets(fe);
-    let (flags, timeout) = match fe.affinity_timeout_secs {
+    let (mut flags, timeout) = match fe.affinity_timeout_secs {
         Some(t) => (netlink::SVC_F_PERSISTENT, t),
         None => (0, 0),
     };
+    if cfg.scheduler == "mh" {
+        // upstream: Maglev hashing over source address and port (`mh-port`).
+        flags |= netlink::SVC_F_SCHED_MH_PORT;
+    }
     WantedServer {
         server: VirtualServer {
             key: service_key(k),
@@ -670,5 +674,124 @@ impl Renderer for IpvsRenderer {
                 labels: Vec::new(),
             },
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Address plan: node 192.168.0.2 ("node-a"), pod CIDR 10.0.0.0/8; ns1/svc1 ClusterIP
+    //! 172.30.0.41:80, NodePort 3001, external IP 192.168.99.11, LB IP 1.2.3.4; endpoints
+    //! 10.180.0.1 (node-a) and 10.180.2.1 (node-b).
+    use super::*;
+    use crate::model::{NodeInfo, ProxyConfig, compute};
+    use crate::store::{Protocol, ServiceInfo, SliceInfo};
+    use crate::testkit::{self, endpoint, service};
+
+    fn desired(svcs: Vec<ServiceInfo>, slices: Vec<SliceInfo>) -> DesiredState {
+        let node = NodeInfo {
+            name: "node-a".into(),
+            ips: vec!["192.168.0.2".parse().unwrap()],
+            ..NodeInfo::default()
+        };
+        let config = ProxyConfig {
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ProxyConfig::default()
+        };
+        compute(&testkit::store(svcs, slices), &node, &config)
+    }
+
+    fn svc1() -> crate::testkit::ServiceBuilder {
+        service("ns1", "svc1")
+            .cluster_ip("172.30.0.41")
+            .port("p80", 80, Protocol::Tcp, 80)
+            .node_port(3001)
+            .external_ips(&["192.168.99.11"])
+            .load_balancer(&["1.2.3.4"])
+    }
+
+    fn slice1(eps: &[(&str, &str)]) -> SliceInfo {
+        let eps: Vec<_> = eps.iter().map(|(ip, node)| endpoint(ip, node)).collect();
+        testkit::slice("ns1", "svc1-1", "svc1")
+            .port("p80", 80, Protocol::Tcp)
+            .endpoints(&eps)
+            .build()
+    }
+
+    fn key(proto: u8, addr: &str) -> ServiceKey {
+        ServiceKey {
+            protocol: proto,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn backends(v: &[&str]) -> BTreeSet<SocketAddr> {
+        v.iter().map(|b| b.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn one_virtual_server_per_frontend_with_its_class_backends() {
+        let both = [("10.180.0.1", "node-a"), ("10.180.2.1", "node-b")];
+        let cfg = IpvsConfig::default();
+        // (case, eTP=Local, virtual server, real servers)
+        let cases: [(&str, bool, &str, &[&str]); 6] = [
+            ("ClusterIP: every endpoint", false, "172.30.0.41:80", &["10.180.0.1:80", "10.180.2.1:80"]),
+            ("NodePort on the node IP", false, "192.168.0.2:3001", &["10.180.0.1:80", "10.180.2.1:80"]),
+            ("external IP", false, "192.168.99.11:80", &["10.180.0.1:80", "10.180.2.1:80"]),
+            ("eTP=Local ClusterIP: still every endpoint", true, "172.30.0.41:80", &["10.180.0.1:80", "10.180.2.1:80"]),
+            ("eTP=Local LB IP: the local endpoint", true, "1.2.3.4:80", &["10.180.0.1:80"]),
+            ("eTP=Local NodePort: the local endpoint", true, "192.168.0.2:3001", &["10.180.0.1:80"]),
+        ];
+        for (case, local, vs, want) in cases {
+            let s = if local { svc1().etp_local(30000) } else { svc1() };
+            let d = desired(vec![s.build()], vec![slice1(&both)]);
+            let servers = virtual_servers(&d, &cfg);
+            let got = &servers[&key(6, vs)];
+            assert_eq!(got.backends, backends(want), "{case}");
+            assert_eq!(got.server.scheduler, "rr", "{case}");
+            assert_eq!(got.server.flags, 0, "{case}: no affinity, no persistence");
+        }
+    }
+
+    #[test]
+    fn affinity_is_persistence_and_addresses_exclude_nodeports() {
+        let d = desired(
+            vec![svc1().affinity(600).build()],
+            vec![slice1(&[("10.180.0.1", "node-a")])],
+        );
+        let cfg = IpvsConfig {
+            scheduler: "lc".into(),
+            ..IpvsConfig::default()
+        };
+        let vs = &virtual_servers(&d, &cfg)[&key(6, "172.30.0.41:80")].server;
+        assert_eq!((vs.flags, vs.timeout), (netlink::SVC_F_PERSISTENT, 600));
+        assert_eq!(vs.scheduler, "lc");
+        let bound: Vec<String> = bound_addresses(&d).iter().map(ToString::to_string).collect();
+        assert_eq!(bound, ["1.2.3.4", "172.30.0.41", "192.168.99.11"], "no node IP");
+    }
+
+    #[test]
+    fn ipset_members_follow_upstream() {
+        let d = desired(
+            vec![svc1().etp_local(30000).build()],
+            vec![slice1(&[("10.180.2.1", "node-b")])],
+        );
+        let m = rules::members(&d, &bound_addresses(&d));
+        let has = |set: &str, entry: &str| m[set].contains(entry);
+        assert!(has("KUBE-CLUSTER-IP", "172.30.0.41,tcp:80"));
+        assert!(has("KUBE-EXTERNAL-IP-LOCAL", "192.168.99.11,tcp:80"));
+        assert!(!has("KUBE-EXTERNAL-IP", "192.168.99.11,tcp:80"));
+        assert!(has("KUBE-LOAD-BALANCER", "1.2.3.4,tcp:80"));
+        assert!(has("KUBE-LOAD-BALANCER-LOCAL", "1.2.3.4,tcp:80"));
+        assert!(has("KUBE-NODE-PORT-TCP", "3001") && has("KUBE-NODE-PORT-LOCAL-TCP", "3001"));
+        assert!(has("KUBE-HEALTH-CHECK-NODE-PORT", "30000"));
+        assert!(has("KUBE-LOOP-BACK", "10.180.2.1,tcp:80,10.180.2.1"));
+        assert!(has("KUBE-IPVS-IPS", "172.30.0.41"));
+        // No local endpoint: outside clients of the eTP=Local frontends are dropped; the
+        // ClusterIP still has its remote endpoint.
+        assert!(has("KPR-DROP", "1.2.3.4,tcp:80"), "{:?}", m["KPR-DROP"]);
+        assert!(!has("KPR-DROP", "172.30.0.41,tcp:80"));
+        let none = desired(vec![svc1().build()], vec![]);
+        let m = rules::members(&none, &bound_addresses(&none));
+        assert!(m["KPR-REJECT"].contains("172.30.0.41,tcp:80"), "no endpoints: refused");
     }
 }

@@ -69,6 +69,9 @@ const FWD_MASQ: u32 = 0;
 const FWD_MASK: u32 = 0x7;
 /// `IP_VS_SVC_F_PERSISTENT`: sessionAffinity ClientIP.
 pub const SVC_F_PERSISTENT: u32 = 0x1;
+/// `IP_VS_SVC_F_SCHED_MH_PORT` (`IP_VS_SVC_F_SCHED2`): the `mh` scheduler hashes the source
+/// port too, as upstream asks for it.
+pub const SVC_F_SCHED_MH_PORT: u32 = 0x10;
 /// The flags kpr sets and compares (`IP_VS_SVC_F_HASHED` and the like are the kernel's).
 const SVC_F_KPR_MASK: u32 = SVC_F_PERSISTENT | 0x8 | 0x10 | 0x20;
 
