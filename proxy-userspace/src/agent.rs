@@ -122,7 +122,9 @@ fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
         ProxyMode::Iptables => {}
         // The iptables mode's chains, not the ones the ipvs layout shares with it.
         ProxyMode::Ipvs => match crate::render::iptables::cleanup_keeping(
-            &crate::render::ipvs::rules::ALL_CHAINS,
+            &crate::render::ipvs::rules::FILTER_CHAINS,
+            &crate::render::ipvs::rules::NAT_CHAINS,
+            &crate::render::ipvs::rules::JUMPS,
         ) {
             Ok(r) => removed.extend(r.removed),
             Err(e) => errors.push(e),
@@ -162,8 +164,12 @@ fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
 /// # Errors
 /// The mode is not built yet, or its datapath could not be set up.
 pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
-    if matches!(mode, ProxyMode::Iptables | ProxyMode::Nftables) {
-        // Their datapath is the kernel's conntrack: sized and timed as upstream does.
+    if matches!(
+        mode,
+        ProxyMode::Iptables | ProxyMode::Nftables | ProxyMode::Ipvs
+    ) {
+        // Their datapath is the kernel's conntrack (IPVS's too, with vs/conntrack=1): sized
+        // and timed as upstream does.
         cfg.conntrack_sysctls.apply_to_node();
     }
     match mode {

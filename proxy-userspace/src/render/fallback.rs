@@ -66,20 +66,68 @@ pub fn fallback_state(desired: &DesiredState) -> DesiredState {
             .collect(),
         health_checks: std::collections::BTreeMap::new(),
         cluster_ip_checks: None,
+        // Node-wide route_localnet is not the fallback's call.
+        localhost_node_ports: false,
         ..desired.clone()
     }
 }
 
-/// The ebpf renderer with the nftables renderer serving what eBPF cannot.
+/// The ebpf renderer with the nftables renderer serving what eBPF cannot. The fallback's
+/// tables exist only while some frontend needs them: without one, no netfilter hook of kpr's
+/// is in the path of the traffic eBPF serves.
 pub struct WithFallback {
     primary: Box<dyn Renderer>,
     fallback: NftablesRenderer,
+    /// The fallback's tables are programmed.
+    active: bool,
+}
+
+/// How the fallback is synced.
+enum Pass<'a> {
+    Full,
+    Resync,
+    Frontends(&'a BTreeSet<FrontendKey>),
 }
 
 impl WithFallback {
     #[must_use]
     pub fn new(primary: Box<dyn Renderer>, fallback: NftablesRenderer) -> Self {
-        Self { primary, fallback }
+        Self {
+            primary,
+            fallback,
+            // Unknown at start: a previous run's tables may exist; the first sync decides.
+            active: true,
+        }
+    }
+
+    fn sync_fallback(&mut self, desired: &DesiredState, pass: Pass<'_>) -> SyncReport {
+        let state = fallback_state(desired);
+        if state.frontends.is_empty() {
+            if !self.active {
+                return SyncReport::default();
+            }
+            // Nothing needs it (any more): its tables go, after eBPF took its traffic.
+            let _ = self.fallback.cleanup_own_tables();
+            self.active = false;
+            return SyncReport::default();
+        }
+        if !self.active {
+            self.active = true;
+            return self.fallback.sync_full(&state);
+        }
+        match pass {
+            Pass::Full => self.fallback.sync_full(&state),
+            Pass::Resync => self.fallback.resync(&state),
+            Pass::Frontends(keys) => {
+                let theirs: BTreeSet<FrontendKey> =
+                    keys.iter().filter(|k| needs_fallback(k)).copied().collect();
+                if theirs.is_empty() {
+                    SyncReport::default()
+                } else {
+                    self.fallback.sync_frontends(&state, &theirs)
+                }
+            }
+        }
     }
 }
 
@@ -102,7 +150,7 @@ impl Renderer for WithFallback {
 
     fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
         let a = self.primary.sync_full(desired);
-        let b = self.fallback.sync_full(&fallback_state(desired));
+        let b = self.sync_fallback(desired, Pass::Full);
         merge(a, b)
     }
 
@@ -112,20 +160,13 @@ impl Renderer for WithFallback {
         keys: &BTreeSet<FrontendKey>,
     ) -> SyncReport {
         let a = self.primary.sync_frontends(desired, keys);
-        let theirs: BTreeSet<FrontendKey> =
-            keys.iter().filter(|k| needs_fallback(k)).copied().collect();
-        if theirs.is_empty() {
-            return a;
-        }
-        let b = self
-            .fallback
-            .sync_frontends(&fallback_state(desired), &theirs);
+        let b = self.sync_fallback(desired, Pass::Frontends(keys));
         merge(a, b)
     }
 
     fn resync(&mut self, desired: &DesiredState) -> SyncReport {
         let a = self.primary.resync(desired);
-        let b = self.fallback.resync(&fallback_state(desired));
+        let b = self.sync_fallback(desired, Pass::Resync);
         merge(a, b)
     }
 
@@ -141,6 +182,8 @@ impl Renderer for WithFallback {
     }
 
     fn metrics(&self) -> Vec<ModeMetric> {
-        self.primary.metrics()
+        let mut m = self.primary.metrics();
+        m.extend(self.fallback.metrics());
+        m
     }
 }

@@ -187,13 +187,10 @@ impl IptablesRenderer {
             let new = rules::build(desired, family);
             let (old, saved) = if full {
                 match read_kernel(self.backend, family) {
-                    Ok((mut k, text)) => {
-                        // An ipvs mode's chains are hooked into the built-in chains by its
-                        // own jumps: they go with its cleanup, not with this sync.
-                        for c in crate::render::ipvs::rules::IPVS_ONLY_CHAINS {
-                            k.filter.remove(c);
-                            k.nat.remove(c);
-                        }
+                    Ok((k, text)) => {
+                        // Chains this sync deletes may still be jumped to from the built-in
+                        // chains (an ipvs mode's or kube-proxy's layout): unhook them first.
+                        unhook_gone(self.backend, family, &text, &k, &new);
                         (k, Some(text))
                     }
                     Err(e) => {
@@ -292,6 +289,51 @@ pub(crate) fn ensure_jumps(
     Ok(())
 }
 
+/// Deletes the rules of built-in chains (in `saved`, iptables-save text of both tables) that
+/// jump to a `KUBE-*` chain of `kernel` that `new` does not have, so the restore can delete it.
+pub(crate) fn unhook_gone(
+    backend: Backend,
+    family: Family,
+    saved: &str,
+    kernel: &rules::Ruleset,
+    new: &rules::Ruleset,
+) {
+    let iptables = backend.command(family, "iptables");
+    let mut table = "";
+    for line in saved.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = if t == "nat" { "nat" } else if t == "filter" { "filter" } else { "" };
+            continue;
+        }
+        let Some(rule) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let (old, new) = match table {
+            "filter" => (&kernel.filter, &new.filter),
+            "nat" => (&kernel.nat, &new.nat),
+            _ => continue,
+        };
+        let mut words = shell_words(rule);
+        let chain = words.remove(0);
+        if chain.starts_with("KUBE-") {
+            continue;
+        }
+        let target = words
+            .iter()
+            .position(|w| w == "-j" || w == "-g")
+            .and_then(|i| words.get(i + 1));
+        if let Some(t) = target
+            && old.contains_key(t)
+            && !new.contains_key(t)
+        {
+            let _ = Command::new(&iptables)
+                .args(["-w", "-t", table, "-D", &chain])
+                .args(&words)
+                .output();
+        }
+    }
+}
+
 /// Splits a rule spec into arguments, keeping double-quoted strings whole.
 pub(crate) fn shell_words(spec: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -321,23 +363,29 @@ pub(crate) fn shell_words(spec: &str) -> Vec<String> {
 /// # Errors
 /// A table could not be rewritten.
 pub fn cleanup() -> Result<CleanupReport> {
-    cleanup_keeping(&[])
+    cleanup_keeping(&[], &[], &[])
 }
 
-/// [`cleanup`] but for the chains named in `keep` and the jumps to them (the ipvs mode keeps
-/// its own layout while the iptables mode's chains go).
+/// [`cleanup`] but for the chains named in `keep_filter` / `keep_nat` and the jumps in
+/// `keep_jumps` (the ipvs mode keeps its own layout while the iptables mode's chains go).
 ///
 /// # Errors
 /// A table could not be rewritten.
-pub fn cleanup_keeping(keep: &[&str]) -> Result<CleanupReport> {
+pub fn cleanup_keeping(
+    keep_filter: &[&str],
+    keep_nat: &[&str],
+    keep_jumps: &[(&str, &str, &str)],
+) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
     for backend in [Backend::Nft, Backend::Legacy] {
         for family in [Family::V4, Family::V6] {
             let Ok((mut kernel, _)) = read_kernel(backend, family) else {
                 continue;
             };
-            for c in keep {
+            for c in keep_filter {
                 kernel.filter.remove(*c);
+            }
+            for c in keep_nat {
                 kernel.nat.remove(*c);
             }
             if kernel.filter.is_empty() && kernel.nat.is_empty() {
@@ -346,7 +394,7 @@ pub fn cleanup_keeping(keep: &[&str]) -> Result<CleanupReport> {
             let iptables = backend.command(family, "iptables");
             // Both layouts' jumps (iptables and ipvs mode): a chain still jumped to cannot go.
             for (table, chain, spec) in JUMPS.iter().chain(&crate::render::ipvs::rules::JUMPS) {
-                if keep.iter().any(|k| spec.ends_with(&format!("-j {k}"))) {
+                if keep_jumps.contains(&(*table, *chain, *spec)) {
                     continue;
                 }
                 let _ = Command::new(&iptables)

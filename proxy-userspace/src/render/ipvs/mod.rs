@@ -142,8 +142,9 @@ fn run(cmd: &mut Command, input: Option<&str>) -> std::io::Result<String> {
     super::run_tool(cmd, input)
 }
 
-/// The addresses `kube-ipvs0` holds (creating it, up, when missing).
-fn ensure_dummy() -> Result<BTreeSet<IpAddr>> {
+/// The addresses `kube-ipvs0` holds (creating it when missing), and those on every other
+/// interface.
+fn ensure_dummy() -> Result<(BTreeSet<IpAddr>, BTreeSet<IpAddr>)> {
     let exists = Command::new("ip")
         .args(["link", "show", DUMMY])
         .output()
@@ -156,19 +157,29 @@ fn ensure_dummy() -> Result<BTreeSet<IpAddr>> {
         .map_err(|e| Error::io("ip link add", e).context(format!("creating {DUMMY}")))?;
     }
     // Down, as upstream keeps it: the kernel still routes its addresses locally.
-    let out = run(
-        Command::new("ip").args(["-o", "addr", "show", "dev", DUMMY]),
-        None,
-    )
-    .map_err(|e| Error::io("ip addr show", e).context(format!("reading {DUMMY}")))?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            w.find(|t| *t == "inet" || *t == "inet6")?;
-            w.next()?.split('/').next()?.parse().ok()
-        })
-        .collect())
+    let out = run(Command::new("ip").args(["-o", "addr", "show"]), None)
+        .map_err(|e| Error::io("ip addr show", e).context("reading the node's addresses"))?;
+    let (mut dummy, mut others) = (BTreeSet::new(), BTreeSet::new());
+    for l in out.lines() {
+        let mut w = l.split_whitespace();
+        let dev = w.nth(1).unwrap_or("");
+        if w.find(|t| *t == "inet" || *t == "inet6").is_none() {
+            continue;
+        }
+        let Some(ip) = w
+            .next()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse::<IpAddr>().ok())
+        else {
+            continue;
+        };
+        if dev == DUMMY {
+            dummy.insert(ip);
+        } else {
+            others.insert(ip);
+        }
+    }
+    Ok((dummy, others))
 }
 
 /// Adds and removes `kube-ipvs0` addresses in one `ip -batch`.
@@ -224,6 +235,10 @@ pub struct IpvsRenderer {
     /// Addresses to unbind once their virtual servers are gone (within one sync).
     unbind: BTreeSet<IpAddr>,
     draining: BTreeSet<Draining>,
+    /// The node's own addresses (on other interfaces): never bound to `kube-ipvs0`.
+    node_addresses: BTreeSet<IpAddr>,
+    /// A sync failed: the next resync re-reads the kernel.
+    needs_full: bool,
     rules: rules::RuleState,
     state: super::RuleModeState,
     drained: u64,
@@ -266,6 +281,8 @@ impl IpvsRenderer {
             bound: BTreeSet::new(),
             unbind: BTreeSet::new(),
             draining: BTreeSet::new(),
+            node_addresses: BTreeSet::new(),
+            needs_full: false,
             rules,
             state: super::RuleModeState::default(),
             drained: 0,
@@ -330,11 +347,23 @@ impl IpvsRenderer {
             self.programmed.remove(&key);
             return Ok(());
         };
+        let mut exists = have.is_some();
         match have {
             None => {
-                self.ipvs.add_service(&want.server).map_err(|e| {
-                    Error::io("ipvs", e).context(format!("adding virtual server {key:?}"))
-                })?;
+                match self.ipvs.add_service(&want.server) {
+                    Ok(()) => {}
+                    // Made by an earlier sync that failed later on: update it in place.
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        self.ipvs.update_service(&want.server).map_err(|e| {
+                            Error::io("ipvs", e).context(format!("updating virtual server {key:?}"))
+                        })?;
+                        exists = true;
+                    }
+                    Err(e) => {
+                        return Err(Error::io("ipvs", e)
+                            .context(format!("adding virtual server {key:?}")));
+                    }
+                }
                 report.changes += 1;
             }
             Some(h) if *h != want.server => {
@@ -345,7 +374,7 @@ impl IpvsRenderer {
             }
             Some(_) => {}
         }
-        let dests: Vec<RealServer> = if have.is_some() {
+        let dests: Vec<RealServer> = if exists {
             self.ipvs
                 .destinations(&key)
                 .map_err(|e| Error::io("ipvs", e).context(format!("{key:?}")))?
@@ -355,9 +384,18 @@ impl IpvsRenderer {
         for b in &want.backends {
             match dests.iter().find(|d| d.addr == *b) {
                 None => {
-                    self.ipvs.add_destination(&key, *b, 1).map_err(|e| {
-                        Error::io("ipvs", e).context(format!("adding {b} to {key:?}"))
-                    })?;
+                    match self.ipvs.add_destination(&key, *b, 1) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                            self.ipvs.set_weight(&key, *b, 1).map_err(|e| {
+                                Error::io("ipvs", e).context(format!("re-weighting {b} of {key:?}"))
+                            })?;
+                        }
+                        Err(e) => {
+                            return Err(Error::io("ipvs", e)
+                                .context(format!("adding {b} to {key:?}")));
+                        }
+                    }
                     report.changes += 1;
                 }
                 Some(d) if d.weight != 1 => {
@@ -409,8 +447,10 @@ impl IpvsRenderer {
             let dests = match self.ipvs.destinations(&d.service) {
                 Ok(v) => v,
                 Err(_) => {
-                    // The virtual server is gone.
-                    self.draining.remove(&d);
+                    // Gone with its virtual server; else (a timeout) tried again next tick.
+                    if !self.programmed.contains_key(&d.service) {
+                        self.draining.remove(&d);
+                    }
                     continue;
                 }
             };
@@ -440,7 +480,10 @@ impl IpvsRenderer {
         // Addresses first: a virtual server is reachable once its address is local.
         let bound = if full {
             match ensure_dummy() {
-                Ok(b) => Some(b),
+                Ok((b, others)) => {
+                    self.node_addresses = others;
+                    Some(b)
+                }
                 Err(e) => {
                     report.errors.push(e);
                     None
@@ -449,7 +492,10 @@ impl IpvsRenderer {
         } else {
             Some(self.bound.clone())
         };
-        let want_bound = bound_addresses(desired);
+        // An external or LB IP that is a node address is not bound (upstream the same): the
+        // node already owns it, and the filter must not treat it as a Service-only address.
+        let mut want_bound = bound_addresses(desired);
+        want_bound.retain(|ip| !self.node_addresses.contains(ip));
         if let Some(bound) = bound {
             let add: BTreeSet<IpAddr> = want_bound.difference(&bound).copied().collect();
             let del: BTreeSet<IpAddr> = bound.difference(&want_bound).copied().collect();
@@ -538,6 +584,8 @@ impl IpvsRenderer {
         }
         if report.errors.is_empty() {
             self.state.conntrack.after_sync(desired, &mut report);
+        } else {
+            self.needs_full = true;
         }
         report
     }
@@ -550,7 +598,14 @@ impl IpvsRenderer {
 /// Something could not be removed; what could was.
 pub fn cleanup(exclude: &[IpNet]) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
-    if let Ok(mut ipvs) = Ipvs::open()
+    let dummy = Command::new("ip")
+        .args(["link", "show", DUMMY])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    // Only where an ipvs mode ran: another user's IPVS (keepalived, say) on a node that never
+    // ran one is left alone, and `ip_vs` is not loaded just to look.
+    if dummy
+        && let Ok(mut ipvs) = Ipvs::open()
         && let Ok(services) = ipvs.services()
     {
         for s in services {
@@ -615,11 +670,12 @@ impl Renderer for IpvsRenderer {
 
     fn sync_full(&mut self, desired: &DesiredState) -> SyncReport {
         self.state.full_sync_started();
+        self.needs_full = false;
         self.sync(desired, None)
     }
 
     fn resync(&mut self, desired: &DesiredState) -> SyncReport {
-        if self.state.resync_is_full() {
+        if std::mem::take(&mut self.needs_full) || self.state.resync_is_full() {
             self.sync(desired, None)
         } else {
             let keys: BTreeSet<FrontendKey> = desired.frontends.keys().copied().collect();

@@ -313,9 +313,10 @@ fn parse_dest(p: &[u8], default_family: u16) -> Option<RealServer> {
     })
 }
 
-fn os_error(code: i32, what: &str) -> io::Error {
-    let e = io::Error::from_raw_os_error(-code);
-    io::Error::new(e.kind(), format!("{what}: {e}"))
+/// The errno of a netlink error answer (callers add what failed as context; the raw errno
+/// stays readable, e.g. `EEXIST`).
+fn os_error(code: i32, _what: &str) -> io::Error {
+    io::Error::from_raw_os_error(-code)
 }
 
 impl Ipvs {

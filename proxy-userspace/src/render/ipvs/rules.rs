@@ -137,11 +137,18 @@ pub fn members(desired: &DesiredState, bound: &BTreeSet<IpAddr>) -> SetMembers {
                 if local {
                     add("KUBE-LOAD-BALANCER-LOCAL", k.ip, e.clone());
                 }
-                if !fe.source_ranges.is_empty() {
+                let ranges: Vec<&ipnet::IpNet> = fe
+                    .source_ranges
+                    .iter()
+                    .filter(|r| r.addr().is_ipv4() == k.ip.is_ipv4())
+                    .collect();
+                // Ranges only of the other family: no firewall (upstream the same).
+                if !ranges.is_empty() {
                     add("KUBE-LOAD-BALANCER-FW", k.ip, e.clone());
-                    for r in &fe.source_ranges {
-                        if r.addr().is_ipv4() == k.ip.is_ipv4() {
-                            add("KUBE-LOAD-BALANCER-SOURCE-CIDR", k.ip, format!("{e},{r}"));
+                    for r in ranges {
+                        // hash:ip,port,net takes no /0: two halves say the same.
+                        for half in halves_of_everything(*r) {
+                            add("KUBE-LOAD-BALANCER-SOURCE-CIDR", k.ip, format!("{e},{half}"));
                         }
                     }
                     // The node itself may reach a LoadBalancer IP whose ranges hold a node IP.
@@ -199,6 +206,25 @@ pub fn members(desired: &DesiredState, bound: &BTreeSet<IpAddr>) -> SetMembers {
     out
 }
 
+/// `r`, or its two /1 halves when it is a /0 (which `hash:ip,port,net` refuses).
+fn halves_of_everything(r: ipnet::IpNet) -> Vec<ipnet::IpNet> {
+    if r.prefix_len() > 0 {
+        return vec![r];
+    }
+    let (lo, hi): (IpAddr, IpAddr) = if r.addr().is_ipv4() {
+        ([0, 0, 0, 0].into(), [128, 0, 0, 0].into())
+    } else {
+        (
+            std::net::Ipv6Addr::UNSPECIFIED.into(),
+            std::net::Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0).into(),
+        )
+    };
+    [lo, hi]
+        .into_iter()
+        .filter_map(|a| ipnet::IpNet::new(a, 1).ok())
+        .collect()
+}
+
 fn create_line(name: &str, ty: SetType, family: Family) -> String {
     match ty {
         SetType::BitmapPort => format!("create {name} bitmap:port range 0-65535"),
@@ -211,9 +237,15 @@ fn create_line(name: &str, ty: SetType, family: Family) -> String {
 }
 
 /// `ipset restore` input that brings the sets from `old` to `new`: per changed set, either a
-/// scratch set filled and swapped in (`swap`), or the member differences.
+/// scratch set filled and swapped in (`swap`), or the member differences. Sets in `existing`
+/// are not created again: kube-proxy's (a takeover) may differ in `maxelem`, which `create
+/// -exist` refuses and `swap` does not mind.
 #[must_use]
-pub fn ipset_input(old: Option<&SetMembers>, new: &SetMembers) -> Option<String> {
+pub fn ipset_input(
+    old: Option<&SetMembers>,
+    new: &SetMembers,
+    existing: &BTreeSet<String>,
+) -> Option<String> {
     let mut out = String::new();
     for family in [Family::V4, Family::V6] {
         for (i, (base, ty)) in SETS.iter().enumerate() {
@@ -223,7 +255,9 @@ pub fn ipset_input(old: Option<&SetMembers>, new: &SetMembers) -> Option<String>
                 None => {
                     // Exists (or is created) and is replaced whole.
                     let tmp = format!("KPR-SWAP-{}{i}", if family == Family::V4 { 4 } else { 6 });
-                    let _ = writeln!(out, "{} -exist", create_line(&name, *ty, family));
+                    if !existing.contains(&name) {
+                        let _ = writeln!(out, "{} -exist", create_line(&name, *ty, family));
+                    }
                     let _ = writeln!(out, "{} -exist", create_line(&tmp, *ty, family));
                     let _ = writeln!(out, "flush {tmp}");
                     for m in &want {
@@ -247,8 +281,8 @@ pub fn ipset_input(old: Option<&SetMembers>, new: &SetMembers) -> Option<String>
     (!out.is_empty()).then_some(out)
 }
 
-/// The jumps from built-in chains into the ipvs mode's chains, in insertion order (each is
-/// inserted at the top, so the last ends up first, as upstream's `EnsureRule(Prepend)`).
+/// The jumps from built-in chains into the ipvs mode's chains, in the order they end up in
+/// (upstream prepends each in the reverse of this order).
 pub const JUMPS: [(&str, &str, &str); 9] = [
     (
         "nat",
@@ -267,8 +301,13 @@ pub const JUMPS: [(&str, &str, &str); 9] = [
     ),
     (
         "filter",
-        "FORWARD",
-        "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
+        "INPUT",
+        "-m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER",
+    ),
+    (
+        "filter",
+        "INPUT",
+        "-m comment --comment \"kube-proxy firewall rules\" -j KUBE-PROXY-FIREWALL",
     ),
     (
         "filter",
@@ -277,18 +316,13 @@ pub const JUMPS: [(&str, &str, &str); 9] = [
     ),
     (
         "filter",
-        "INPUT",
-        "-m comment --comment \"kube-proxy firewall rules\" -j KUBE-PROXY-FIREWALL",
-    ),
-    (
-        "filter",
         "FORWARD",
         "-m comment --comment \"kube-proxy firewall rules\" -j KUBE-PROXY-FIREWALL",
     ),
     (
         "filter",
-        "INPUT",
-        "-m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER",
+        "FORWARD",
+        "-m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
     ),
     (
         "filter",
@@ -297,20 +331,26 @@ pub const JUMPS: [(&str, &str, &str); 9] = [
     ),
 ];
 
-/// Every chain of the ipvs layout.
-pub const ALL_CHAINS: [&str; 9] = [
+/// The ipvs layout's chains in the nat table.
+pub const NAT_CHAINS: [&str; 5] = [
     "KUBE-SERVICES",
     "KUBE-POSTROUTING",
-    "KUBE-MARK-MASQ",
-    "KUBE-FORWARD",
+    "KUBE-NODE-PORT",
     "KUBE-LOAD-BALANCER",
+    "KUBE-MARK-MASQ",
+];
+
+/// The ipvs layout's chains in the filter table.
+pub const FILTER_CHAINS: [&str; 6] = [
+    "KUBE-FORWARD",
     "KUBE-NODE-PORT",
     "KUBE-PROXY-FIREWALL",
     "KUBE-SOURCE-RANGES-FIREWALL",
     "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
 ];
 
-/// Chains only the ipvs layout has (the iptables mode leaves them to the ipvs cleanup).
+/// Chains only the ipvs layout has.
 pub const IPVS_ONLY_CHAINS: [&str; 6] = [
     "KUBE-LOAD-BALANCER",
     "KUBE-NODE-PORT",
@@ -331,23 +371,10 @@ fn push(chains: &mut Chains, chain: &str, rule: impl AsRef<str>) {
 #[must_use]
 pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
     let mut rs = Ruleset::default();
-    for c in [
-        "KUBE-SERVICES",
-        "KUBE-POSTROUTING",
-        "KUBE-NODE-PORT",
-        "KUBE-LOAD-BALANCER",
-        "KUBE-MARK-MASQ",
-    ] {
+    for c in NAT_CHAINS {
         rs.nat.entry(c.into()).or_default();
     }
-    for c in [
-        "KUBE-FORWARD",
-        "KUBE-NODE-PORT",
-        "KUBE-PROXY-FIREWALL",
-        "KUBE-SOURCE-RANGES-FIREWALL",
-        "KUBE-IPVS-FILTER",
-        "KUBE-IPVS-OUT-FILTER",
-    ] {
+    for c in FILTER_CHAINS {
         rs.filter.entry(c.into()).or_default();
     }
     let s = |base: &str| set_name(base, family);
@@ -667,8 +694,15 @@ impl RuleState {
     ) -> Result<usize> {
         let new = members(desired, bound);
         let old = if full { None } else { self.sets.as_ref() };
+        let existing: BTreeSet<String> = if full {
+            run(Command::new("ipset").args(["list", "-n"]), None)
+                .map(|l| l.lines().map(|s| s.trim().to_string()).collect())
+                .unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
         let mut changes = 0;
-        if let Some(input) = ipset_input(old, &new) {
+        if let Some(input) = ipset_input(old, &new, &existing) {
             changes += input.lines().count();
             if let Err(e) = run(Command::new("ipset").args(["restore"]), Some(&input)) {
                 self.sets = None;
@@ -681,11 +715,8 @@ impl RuleState {
             let (old, saved) = if full {
                 let (mut k, text) = iptables::read_kernel(self.backend, family)?;
                 // Other layouts' chains (the iptables mode's) are the cleanup's.
-                let ours = |c: &String| {
-                    ALL_CHAINS.contains(&c.as_str()) || c.as_str() == "KUBE-IPVS-OUT-FILTER"
-                };
-                k.filter.retain(|c, _| ours(c));
-                k.nat.retain(|c, _| ours(c));
+                k.filter.retain(|c, _| FILTER_CHAINS.contains(&c.as_str()));
+                k.nat.retain(|c, _| NAT_CHAINS.contains(&c.as_str()));
                 (k, Some(text))
             } else {
                 let w = self
@@ -718,14 +749,18 @@ impl RuleState {
     }
 }
 
-/// Removes the ipvs mode's jumps from both backends and families, and its own chains when
-/// `chains` (the iptables cleanup removes every `KUBE-*` chain otherwise).
+/// Removes the ipvs mode's jumps from both backends and families (not those the iptables
+/// mode has too, byte for byte: they are its, or go with its cleanup), and its own chains
+/// when `chains` (the iptables cleanup removes every `KUBE-*` chain otherwise).
 pub fn remove_jumps_and_chains(chains: bool) -> Vec<String> {
     let mut removed = Vec::new();
     for backend in [Backend::Nft, Backend::Legacy] {
         for family in [Family::V4, Family::V6] {
             let ipt = backend.command(family, "iptables");
-            for (table, chain, spec) in JUMPS {
+            for (table, chain, spec) in JUMPS
+                .iter()
+                .filter(|j| !iptables::rules::JUMPS.contains(j))
+            {
                 let ok = Command::new(&ipt)
                     .args(["-w", "-t", table, "-D", chain])
                     .args(iptables::shell_words(spec))
@@ -804,6 +839,19 @@ mod tests {
     }
 
     #[test]
+    fn a_source_range_of_everything_becomes_two_halves() {
+        let h = |s: &str| -> Vec<String> {
+            halves_of_everything(s.parse().unwrap())
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(h("0.0.0.0/0"), ["0.0.0.0/1", "128.0.0.0/1"]);
+        assert_eq!(h("::/0"), ["::/1", "8000::/1"]);
+        assert_eq!(h("203.0.113.0/24"), ["203.0.113.0/24"]);
+    }
+
+    #[test]
     fn partial_ipset_input_is_the_member_difference() {
         let mut old = SetMembers::new();
         old.insert(
@@ -818,11 +866,17 @@ mod tests {
             .unwrap()
             .insert("172.30.0.43,udp:53".into());
         assert_eq!(
-            ipset_input(Some(&old), &new).unwrap(),
+            ipset_input(Some(&old), &new, &BTreeSet::new()).unwrap(),
             "del KUBE-CLUSTER-IP 172.30.0.42,tcp:80 -exist\nadd KUBE-CLUSTER-IP 172.30.0.43,udp:53 -exist\n"
         );
-        assert_eq!(ipset_input(Some(&new), &new), None);
-        let full = ipset_input(None, &new).unwrap();
+        assert_eq!(ipset_input(Some(&new), &new, &BTreeSet::new()), None);
+        let full = ipset_input(None, &new, &BTreeSet::new()).unwrap();
+        assert!(full.contains("create KUBE-CLUSTER-IP hash:ip,port"), "{full}");
+        let taken_over = ipset_input(None, &new, &["KUBE-CLUSTER-IP".to_string()].into()).unwrap();
+        assert!(
+            !taken_over.contains("create KUBE-CLUSTER-IP "),
+            "an existing set is swapped into, not created: {taken_over}"
+        );
         assert!(full.contains("swap KPR-SWAP-43 KUBE-CLUSTER-IP"), "{full}");
         assert!(full.contains("add KPR-SWAP-43 172.30.0.43,udp:53\n"), "{full}");
     }

@@ -243,6 +243,18 @@ pub fn cleanup_tables(tables: &[&str]) -> Result<CleanupReport> {
     Ok(report)
 }
 
+impl NftablesRenderer {
+    /// Deletes kpr's own tables (not kube-proxy's) and forgets what was written: the ebpf
+    /// mode's fallback when no frontend needs it.
+    ///
+    /// # Errors
+    /// A table could not be deleted.
+    pub fn cleanup_own_tables(&mut self) -> Result<CleanupReport> {
+        self.written.clear();
+        cleanup_tables(&[TABLE])
+    }
+}
+
 impl Renderer for NftablesRenderer {
     fn mode(&self) -> ProxyMode {
         ProxyMode::Nftables
