@@ -269,3 +269,57 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
     let save = in_node(&t, "iptables-save", &[]);
     assert!(!save.contains("KUBE-"), "no KUBE-* chain or jump left: {save}");
 }
+
+/// Waits until `cond` holds for the node's `iptables-save` plus `ipset list -n` plus links.
+fn wait_node(t: &Topology, what: &str, cond: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    loop {
+        let s = in_node(t, "iptables-save", &[])
+            + &in_node(t, "ipset", &["list", "-n"])
+            + &in_node(t, "ip", &["-o", "link"]);
+        if cond(&s) {
+            return;
+        }
+        assert!(
+            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(30)),
+            "{what}:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs a kernel with IPVS: runs in the 6.1 VM (cargo xtask vm-test)"]
+fn switching_between_the_iptables_and_ipvs_modes_keeps_serving_and_cleans_up() {
+    kpr_testnet::require_root();
+    assert!(kernel_has_ipvs(), "this kernel has no IPVS");
+    let (t, dir) = cluster("ipvsw");
+    let mut a = t.start_mode_agent_in_node(&dir, "iptables");
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    a.kill9();
+    // iptables -> ipvs: the ipvs layout is hooked in, the iptables mode's chains go.
+    let mut b = t.start_mode_agent_in_node(&dir, "ipvs");
+    wait_node(&t, "the iptables mode's chains removed, ipvs hooked in", |s| {
+        !s.contains(":KUBE-SVC-")
+            && !s.contains(":KUBE-SEP-")
+            && s.contains("-A INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER")
+            && s.contains("-A OUTPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-OUT-FILTER")
+    });
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    b.kill9();
+    // ipvs -> iptables: served through the iptables rules (its jumps intact), and every
+    // trace of the ipvs mode goes.
+    let _c = t.start_mode_agent_in_node(&dir, "iptables");
+    wait_node(&t, "the ipvs mode's leftovers removed", |s| {
+        !s.contains("kube-ipvs0")
+            && !s.contains("KUBE-IPVS-FILTER")
+            && !s.contains("KUBE-CLUSTER-IP")
+            && s.contains("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES")
+            && s.contains(":KUBE-SVC-")
+    });
+    assert!(
+        !in_node(&t, "ipvsadm", &["-Sn"]).contains("-A"),
+        "no virtual server left"
+    );
+    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+}
