@@ -235,7 +235,7 @@ pub enum Output {
     Json,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
     /// Directory of Service and EndpointSlice manifests (YAML or JSON), reloaded on change.
     /// Without it kpr watches the API server (--kubeconfig, --master, or in-cluster config).
@@ -363,7 +363,7 @@ pub struct RunArgs {
 /// kube-proxy's other flags: every upstream Linux flag parses, so kubeadm's (or anyone's)
 /// command line starts kpr as it is. Those kpr acts on are applied in `agent_config`; the
 /// others are reported once at start (`ignored_flags`).
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct UpstreamArgs {
     /// kube-proxy's configuration file (KubeProxyConfiguration v1alpha1); flags given on the
     /// command line override it.
