@@ -247,11 +247,41 @@ pub fn quoted_ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
     )
 }
 
+/// Whether `p` is long enough for the checksum checks to read it (a truncated or malformed
+/// packet is an error, never a panic).
+fn well_formed(p: &[u8]) -> Result<(), String> {
+    let short = || Err(format!("malformed: {} bytes", p.len()));
+    if p.len() < ETH + 20 {
+        return short();
+    }
+    if p[12..14] != ETH_P_IP.to_be_bytes() && !is_v6(p) {
+        return Err("not IPv4 or IPv6".into());
+    }
+    if is_v6(p) && p.len() < ETH + 40 {
+        return short();
+    }
+    if !is_v6(p) && p[ETH] & 0x0f < 5 {
+        return Err("malformed: IPv4 header length".into());
+    }
+    let (off, proto) = l4(p);
+    let need = match proto {
+        TCP => off + 20,
+        UDP => off + 8,
+        ICMP => off + 28,
+        _ => off + 4,
+    };
+    if p.len() < need {
+        return short();
+    }
+    Ok(())
+}
+
 /// Checks the IPv4 header checksum and the L4 checksum (a UDP checksum of 0 means none).
 ///
 /// # Errors
 /// Which checksum is wrong.
 pub fn verify_checksums(p: &[u8]) -> Result<(), String> {
+    well_formed(p)?;
     if !is_v6(p) && fold(sum16(&p[ETH..ETH + 20])) != 0 {
         return Err("IPv4 header checksum".into());
     }
