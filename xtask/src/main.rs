@@ -1,6 +1,7 @@
 //! `cargo xtask <setup|demo|test>`: everything a fresh machine needs, pinned.
 mod bench;
 mod demo;
+mod reliability;
 mod setup;
 mod test;
 mod vm;
@@ -31,6 +32,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run the reliability scenarios with their full budget and write RELIABILITY.md (root).
+    Reliability {
+        /// The CI-sized variant.
+        #[arg(long)]
+        quick: bool,
+        /// Seconds per API outage (the 10 minutes by default).
+        #[arg(long, default_value_t = 600)]
+        outage_secs: u64,
+    },
     /// Boot Debian's 6.1 kernel under qemu (no network device) and run kpr's tests on it.
     VmTest {
         /// A bash script to run in the VM instead (from the repository root).
@@ -53,6 +63,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::ensure()?;
             test::run(&args)
+        }
+        Cmd::Reliability { quick, outage_secs } => {
+            setup::ensure()?;
+            reliability::run(quick, outage_secs)
         }
         Cmd::VmTest { script } => {
             setup::ensure()?;
