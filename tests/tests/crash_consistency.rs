@@ -6,8 +6,8 @@
 //! `KPR_CRASH_ITERS` sets the iterations (default 4; `cargo xtask reliability` runs 40).
 //! Prints one `KPR-FIGURE` line.
 //!
-//! Address plan: Services 10.96.1.0-10.96.8.207:80 (2000, `vip(i)`); backend sets A {10.0.1.2, 10.0.1.3}
-//! and B {10.0.1.4, 10.0.1.5, 10.0.1.6} (:8080). Nothing connects: only the maps are read.
+//! Address plan: Services 10.96.1.0-10.96.8.249:80 (2000, `vip(i)`); backend sets A {10.0.1.2,
+//! 10.0.1.3} and B {10.0.2.1 .. 10.0.2.30} (:8080). Nothing connects: only the maps are read.
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,22 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns,
 
 fn vip(i: usize) -> String {
     format!("10.96.{}.{}", 1 + i / 250, i % 250)
+}
+
+/// The lines of the newest agent log that report a finished sync, with their `took_us`.
+fn syncs_logged(t: &Topology) -> Vec<u64> {
+    let newest = std::fs::read_dir(&t.workdir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    let text = newest
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains(" synced "))
+        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 fn set(ips: &[&str]) -> Vec<String> {
@@ -67,16 +83,42 @@ fn a_sigkill_mid_sync_leaves_every_service_old_or_new_and_the_restart_converges(
     let t = Topology::new("crash");
     let dir = t.workdir.join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
+    // B has 30 backends: moving 2000 Services between A and B writes some 60,000 map
+    // entries, a sync long enough to be caught under way.
     let a_ips = ["10.0.1.2", "10.0.1.3"];
-    let b_ips = ["10.0.1.4", "10.0.1.5", "10.0.1.6"];
+    let b_owned: Vec<String> = (1..=30).map(|i| format!("10.0.2.{i}")).collect();
+    let b_ips: Vec<&str> = b_owned.iter().map(String::as_str).collect();
     let (a, b) = (set(&a_ips), set(&b_ips));
     write_manifest(&dir, "all.yaml", &manifests(&a_ips));
     let mut agent = t.start_agent(&dir);
     t.wait_for_services("initial sync", Duration::from_secs(30), |r| {
         census(r, &a, &b).0 == SERVICES
     });
+    // Calibration, no kill: how long after the manifest is written the A -> B sync ends,
+    // and how long its writes take (the agent's own `took_us`).
+    let before = syncs_logged(&t).len();
+    let written = Instant::now();
+    write_manifest(&dir, "all.yaml", &manifests(&b_ips));
+    let (ends_after, took) = loop {
+        let s = syncs_logged(&t);
+        if s.len() > before {
+            break (written.elapsed(), Duration::from_micros(*s.last().unwrap()));
+        }
+        assert!(written.elapsed() < Duration::from_secs(30), "no sync logged");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    t.wait_for_services("calibration", Duration::from_secs(30), |r| {
+        census(r, &a, &b).1 == SERVICES
+    });
+    write_manifest(&dir, "all.yaml", &manifests(&a_ips));
+    t.wait_for_services("back to A", Duration::from_secs(30), |r| {
+        census(r, &a, &b).0 == SERVICES
+    });
+    let window_start = ends_after.saturating_sub(took + Duration::from_millis(200));
+    let window = took + Duration::from_millis(400);
     let mut seed: u64 = 0x6372_6173_68;
     let (mut caught_mid, mut mixed_total) = (0usize, 0usize);
+    let mut first_mixed: Option<String> = None;
     let mut converge_ms = Vec::new();
     for i in 0..iters {
         let (from, to, to_ips) = if i % 2 == 0 {
@@ -88,20 +130,20 @@ fn a_sigkill_mid_sync_leaves_every_service_old_or_new_and_the_restart_converges(
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        // The manifests are polled every 200 ms and parsing and syncing 2000 Services takes
-        // tens of ms: a kill between 0 and 400 ms lands before, during or after it.
-        std::thread::sleep(Duration::from_millis(seed % 400));
+        // Aimed at the sync: within its calibrated writes, widened by the 200 ms manifest
+        // poll's jitter on both sides, so kills land before, during and after it.
+        let ms = u64::try_from(window.as_millis()).unwrap_or(1).max(1);
+        std::thread::sleep(window_start + Duration::from_millis(seed % ms));
         agent.kill9();
         let rows = t.services_json().expect("the pinned maps are readable");
         let (n_from, n_to, mixed) = census(&rows, from, to);
-        mixed_total += mixed.len();
-        assert!(
-            mixed.is_empty(),
-            "iteration {i}: Services half old, half new after SIGKILL: {mixed:?}"
-        );
-        if n_from > 0 && n_to > 0 {
+        if n_from < SERVICES && n_to < SERVICES {
             caught_mid += 1;
         }
+        if !mixed.is_empty() {
+            first_mixed.get_or_insert_with(|| format!("iteration {i}: {:?}", &mixed[..mixed.len().min(3)]));
+        }
+        mixed_total += mixed.len();
         let restarted = Instant::now();
         agent = t.start_agent(&dir);
         t.wait_for_services("the restarted agent converges", Duration::from_secs(30), |r| {
@@ -113,8 +155,12 @@ fn a_sigkill_mid_sync_leaves_every_service_old_or_new_and_the_restart_converges(
     println!(
         "KPR-FIGURE {}",
         serde_json::json!({"scenario": "crash consistency: SIGKILL at a random point of a 2000-Service sync",
-               "iterations": iters, "killed_mid_sync": caught_mid, "services_half_written": mixed_total,
+               "sync_took_us": took.as_micros(), "iterations": iters, "killed_mid_sync": caught_mid, "services_half_written": mixed_total,
                "restart_converged_ms_p50": converge_ms[converge_ms.len() / 2],
                "restart_converged_ms_max": converge_ms.last().copied().unwrap_or(0)})
+    );
+    assert!(
+        first_mixed.is_none(),
+        "{mixed_total} Services were left half old, half new after a SIGKILL; first: {first_mixed:?}"
     );
 }
