@@ -539,7 +539,10 @@ pub fn apply(
             a.upstream.ipvs_exclude_cidrs = cidrs
                 .iter()
                 .filter(|c| !c.is_empty())
-                .map(|c| c.parse().map_err(|e| bad("ipvs.excludeCIDRs", format!("{c:?}: {e}"))))
+                .map(|c| {
+                    c.parse()
+                        .map_err(|e| bad("ipvs.excludeCIDRs", format!("{c:?}: {e}")))
+                })
                 .collect::<Result<_, _>>()?;
         }
         if let Some(d) = nonzero(ipvs.tcp_timeout)

@@ -79,7 +79,10 @@ fn main() -> anyhow::Result<()> {
                     }
                     println!("auto picks: {} ({})", choice.mode, choice.reason);
                     for c in &choice.capabilities {
-                        println!("  {:<22} served by {:<8} ({})", c.capability, c.served_by, c.why);
+                        println!(
+                            "  {:<22} served by {:<8} ({})",
+                            c.capability, c.served_by, c.why
+                        );
                     }
                 }
             }

@@ -13,8 +13,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use kpr::model::{NodeInfo, ProxyConfig, compute};
 use kpr::render::plan::Family;
-use kpr::source::convert::{ProxySelector, object};
 use kpr::source::convert::Objects;
+use kpr::source::convert::{ProxySelector, object};
 use kpr::store::{Change, Store};
 use serde_json::{Value, json};
 
@@ -88,7 +88,11 @@ fn mutate(v: &mut Value, rng: &mut Rng) {
         }
         cur = match cur {
             Value::Object(m) => {
-                let k = m.keys().nth(rng.below(m.len())).cloned().unwrap_or_default();
+                let k = m
+                    .keys()
+                    .nth(rng.below(m.len()))
+                    .cloned()
+                    .unwrap_or_default();
                 m.get_mut(&k).expect("key")
             }
             Value::Array(a) => {
@@ -100,7 +104,11 @@ fn mutate(v: &mut Value, rng: &mut Rng) {
     }
     match (rng.below(5), &mut *cur) {
         (0, Value::Object(m)) if !m.is_empty() => {
-            let k = m.keys().nth(rng.below(m.len())).cloned().unwrap_or_default();
+            let k = m
+                .keys()
+                .nth(rng.below(m.len()))
+                .cloned()
+                .unwrap_or_default();
             m.remove(&k);
         }
         (1, Value::Array(a)) if !a.is_empty() => {
@@ -166,10 +174,8 @@ fn through_every_renderer(objs: &Objects, node: &NodeInfo) {
     }
     let cfg = kpr::render::ipvs::IpvsConfig::default();
     let _ = kpr::render::ipvs::virtual_servers(&desired, &cfg);
-    let _ = kpr::render::ipvs::rules::members(
-        &desired,
-        &kpr::render::ipvs::bound_addresses(&desired),
-    );
+    let _ =
+        kpr::render::ipvs::rules::members(&desired, &kpr::render::ipvs::bound_addresses(&desired));
     let mut snapshot = kpr::render::ebpf::maps::MapsSnapshot::default();
     let _ = kpr::render::ebpf::maps::MapDiff::default().sync(&desired, &mut snapshot, &[]);
 }
@@ -196,7 +202,10 @@ fn mutated_api_objects_never_panic_and_are_rejected_with_a_reason() {
                     true
                 }
                 Err(e) => {
-                    assert!(!e.to_string().trim().is_empty(), "a rejection names its reason");
+                    assert!(
+                        !e.to_string().trim().is_empty(),
+                        "a rejection names its reason"
+                    );
                     false
                 }
             }
@@ -213,16 +222,41 @@ fn mutated_api_objects_never_panic_and_are_rejected_with_a_reason() {
                "executions": n, "corpus": corpus.len(), "accepted": accepted,
                "rejected_with_reason": rejected, "panics": 0})
     );
-    assert!(accepted > 0 && rejected > 0, "both paths exercised: {accepted} / {rejected}");
+    assert!(
+        accepted > 0 && rejected > 0,
+        "both paths exercised: {accepted} / {rejected}"
+    );
 }
 
 /// Line-level text mutations of a YAML document.
 fn mutate_text(text: &str, rng: &mut Rng) -> String {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let tokens = [
-        "", "-1", "0", "99999999999999999999", "1.5", "\"\"", "[]", "{}", "null", "true",
-        "\"10.0.0.0/33\"", "\"abc\"", "\"1h2x\"", "\"-5s\"", "[\"::/0\", \"x\"]", "ipvs",
-        "kernelspace", "\"mh\"", "\"999999h\"", ": :", "- - -", "\t", "'", "&a", "*a",
+        "",
+        "-1",
+        "0",
+        "99999999999999999999",
+        "1.5",
+        "\"\"",
+        "[]",
+        "{}",
+        "null",
+        "true",
+        "\"10.0.0.0/33\"",
+        "\"abc\"",
+        "\"1h2x\"",
+        "\"-5s\"",
+        "[\"::/0\", \"x\"]",
+        "ipvs",
+        "kernelspace",
+        "\"mh\"",
+        "\"999999h\"",
+        ": :",
+        "- - -",
+        "\t",
+        "'",
+        "&a",
+        "*a",
     ];
     for _ in 0..=rng.below(3) {
         if lines.is_empty() {
@@ -281,7 +315,10 @@ fn mutated_kube_proxy_configurations_never_panic() {
                 (true, r.is_ok())
             }
             Err(e) => {
-                assert!(!e.to_string().trim().is_empty(), "a refusal names its reason");
+                assert!(
+                    !e.to_string().trim().is_empty(),
+                    "a refusal names its reason"
+                );
                 (false, false)
             }
         }));
@@ -300,5 +337,8 @@ fn mutated_kube_proxy_configurations_never_panic() {
                "executions": n, "corpus": 1, "parsed": parsed, "applied": applied,
                "refused_with_reason": refused, "panics": 0})
     );
-    assert!(parsed > 0 && refused > 0, "both paths exercised: {parsed} / {refused}");
+    assert!(
+        parsed > 0 && refused > 0,
+        "both paths exercised: {parsed} / {refused}"
+    );
 }

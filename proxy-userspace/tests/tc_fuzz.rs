@@ -105,9 +105,21 @@ fn random_packet(rng: &mut Rng) -> Vec<u8> {
     let payload = vec![0x61u8; rng.below(64)];
     if rng.below(10) == 0 {
         // IPv6: no IPv6 Service is programmed, so these are foreign too.
-        let a = SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9)), sport);
+        let a = SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9)),
+            sport,
+        );
         let b = SocketAddr::new(IpAddr::V6(NODE6), dport);
-        return pkt::build(a, b, if matches!(l4, L4::UdpNoChecksum) { L4::Udp } else { l4 }, &payload);
+        return pkt::build(
+            a,
+            b,
+            if matches!(l4, L4::UdpNoChecksum) {
+                L4::Udp
+            } else {
+                l4
+            },
+            &payload,
+        );
     }
     pkt::build(
         SocketAddr::from((Ipv4Addr::from(src), sport)),
@@ -124,7 +136,11 @@ fn mutate(p: &mut Vec<u8>, rng: &mut Rng) {
             // IPv4/IPv6 header (EINVAL): cut only behind that. (The wire can deliver shorter
             // ones to TC; the programs' bounds checks, which the verifier enforces, are what
             // covers those.)
-            let floor = if p.get(12..14) == Some(&[0x86, 0xdd]) { 54 } else { 34 };
+            let floor = if p.get(12..14) == Some(&[0x86, 0xdd]) {
+                54
+            } else {
+                34
+            };
             let cut = floor + rng.below(p.len().saturating_sub(floor) + 1);
             p.truncate(cut.min(p.len()));
         }
@@ -156,7 +172,8 @@ fn random_and_mutated_packets_leave_foreign_traffic_alone_and_checksums_valid() 
     let mut dp = Datapath::new("tcfuzz");
     dp.program(&manifests(true, &["10.180.0.1", "10.180.2.1"]));
     let mut rng = Rng(0x7463_6675_7a7a);
-    let (mut foreign_seen, mut translated, mut mutated, mut shot) = (0usize, 0usize, 0usize, 0usize);
+    let (mut foreign_seen, mut translated, mut mutated, mut shot) =
+        (0usize, 0usize, 0usize, 0usize);
     for i in 0..n {
         let mut p = random_packet(&mut rng);
         if rng.below(2) == 0 {
@@ -187,7 +204,10 @@ fn random_and_mutated_packets_leave_foreign_traffic_alone_and_checksums_valid() 
             translated += 1;
             if valid_in {
                 if let Err(e) = pkt::verify_checksums(&r.packet) {
-                    panic!("execution {i}: {prog} translated {p:02x?} into {:02x?}: {e}", r.packet);
+                    panic!(
+                        "execution {i}: {prog} translated {p:02x?} into {:02x?}: {e}",
+                        r.packet
+                    );
                 }
             }
         }
@@ -198,5 +218,8 @@ fn random_and_mutated_packets_leave_foreign_traffic_alone_and_checksums_valid() 
                "executions": n, "mutated": mutated, "foreign_untouched": foreign_seen,
                "translated_checksums_valid": translated, "dropped": shot, "violations": 0})
     );
-    assert!(foreign_seen > 0 && translated > 0, "both properties exercised");
+    assert!(
+        foreign_seen > 0 && translated > 0,
+        "both properties exercised"
+    );
 }

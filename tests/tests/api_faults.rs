@@ -102,7 +102,13 @@ async fn api_faults_and_outages_never_break_a_served_service_and_converge_after(
     emu.set_hang(true);
     emu.drop_watches();
     faults += 1;
-    emu.apply(endpoint_slice("default", "web", "web-1", &["10.0.1.3"], 8080));
+    emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.3"],
+        8080,
+    ));
     tokio::time::sleep(outage).await;
     emu.set_hang(false);
     let back = Instant::now();

@@ -49,7 +49,14 @@ fn syncs_logged(t: &Topology) -> Vec<u64> {
         .unwrap_or_default();
     text.lines()
         .filter(|l| l.contains(" synced "))
-        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("took_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -104,7 +111,10 @@ fn a_sigkill_mid_sync_leaves_every_service_old_or_new_and_the_restart_converges(
         if s.len() > before {
             break (written.elapsed(), Duration::from_micros(*s.last().unwrap()));
         }
-        assert!(written.elapsed() < Duration::from_secs(30), "no sync logged");
+        assert!(
+            written.elapsed() < Duration::from_secs(30),
+            "no sync logged"
+        );
         std::thread::sleep(Duration::from_millis(1));
     };
     t.wait_for_services("calibration", Duration::from_secs(30), |r| {
@@ -141,14 +151,18 @@ fn a_sigkill_mid_sync_leaves_every_service_old_or_new_and_the_restart_converges(
             caught_mid += 1;
         }
         if !mixed.is_empty() {
-            first_mixed.get_or_insert_with(|| format!("iteration {i}: {:?}", &mixed[..mixed.len().min(3)]));
+            first_mixed.get_or_insert_with(|| {
+                format!("iteration {i}: {:?}", &mixed[..mixed.len().min(3)])
+            });
         }
         mixed_total += mixed.len();
         let restarted = Instant::now();
         agent = t.start_agent(&dir);
-        t.wait_for_services("the restarted agent converges", Duration::from_secs(30), |r| {
-            census(r, from, to).1 == SERVICES
-        });
+        t.wait_for_services(
+            "the restarted agent converges",
+            Duration::from_secs(30),
+            |r| census(r, from, to).1 == SERVICES,
+        );
         converge_ms.push(restarted.elapsed().as_millis());
     }
     converge_ms.sort_unstable();

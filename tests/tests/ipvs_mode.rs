@@ -171,7 +171,10 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
     );
     wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
     let s = in_node(&t, "ipvsadm", &["-Sn"]);
-    assert!(s.contains("-A -t 172.30.0.10:80 -s lc"), "scheduler lc: {s}");
+    assert!(
+        s.contains("-A -t 172.30.0.10:80 -s lc"),
+        "scheduler lc: {s}"
+    );
     assert!(
         s.contains("-a -t 172.30.0.10:80 -r 10.180.0.1:80 -m -w 1"),
         "NAT real server, weight 1: {s}"
@@ -239,9 +242,11 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
             "",
         ],
     );
-    wait_ipvs(&t, "the restarted agent switches the scheduler in place", |s| {
-        s.contains("-A -t 172.30.0.10:80 -s rr")
-    });
+    wait_ipvs(
+        &t,
+        "the restarted agent switches the scheduler in place",
+        |s| s.contains("-A -t 172.30.0.10:80 -s rr"),
+    );
     wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
     drop(_agent);
 
@@ -267,7 +272,10 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
     let sets = in_node(&t, "ipset", &["list", "-n"]);
     assert!(!sets.contains("KUBE-"), "no ipset left: {sets}");
     let save = in_node(&t, "iptables-save", &[]);
-    assert!(!save.contains("KUBE-"), "no KUBE-* chain or jump left: {save}");
+    assert!(
+        !save.contains("KUBE-"),
+        "no KUBE-* chain or jump left: {save}"
+    );
 }
 
 /// Waits until `cond` holds for the node's `iptables-save` plus `ipset list -n` plus links.
@@ -299,12 +307,16 @@ fn switching_between_the_iptables_and_ipvs_modes_keeps_serving_and_cleans_up() {
     a.kill9();
     // iptables -> ipvs: the ipvs layout is hooked in, the iptables mode's chains go.
     let mut b = t.start_mode_agent_in_node(&dir, "ipvs");
-    wait_node(&t, "the iptables mode's chains removed, ipvs hooked in", |s| {
-        !s.contains(":KUBE-SVC-")
+    wait_node(
+        &t,
+        "the iptables mode's chains removed, ipvs hooked in",
+        |s| {
+            !s.contains(":KUBE-SVC-")
             && !s.contains(":KUBE-SEP-")
             && s.contains("-A INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER")
             && s.contains("-A OUTPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-OUT-FILTER")
-    });
+        },
+    );
     wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
     b.kill9();
     // ipvs -> iptables: served through the iptables rules (its jumps intact), and every

@@ -39,9 +39,18 @@ struct Figure {
 fn run_target(package: &str, target: &str, env: &[(&str, String)]) -> anyhow::Result<Figure> {
     println!("== {package} {target}");
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "-q", "-p", package, "--test", target, "--", "--nocapture"])
-        .current_dir(root())
-        .stdout(Stdio::piped());
+    cmd.args([
+        "test",
+        "-q",
+        "-p",
+        package,
+        "--test",
+        target,
+        "--",
+        "--nocapture",
+    ])
+    .current_dir(root())
+    .stdout(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -97,7 +106,11 @@ pub fn run(quick: bool, outage_secs: u64) -> anyhow::Result<()> {
         results.push(run_target(package, target, &env)?);
     }
     let mut md = String::new();
-    let _ = writeln!(md, "# Reliability (`cargo xtask reliability{}`)\n", if quick { " --quick" } else { "" });
+    let _ = writeln!(
+        md,
+        "# Reliability (`cargo xtask reliability{}`)\n",
+        if quick { " --quick" } else { "" }
+    );
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()

@@ -12,8 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd as _, OwnedFd};
 
+use super::netlink::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, attrs};
 use crate::model::{DesiredState, FrontendKey, Protocol};
 
 /// The UDP backends of every UDP frontend (both traffic classes), to compare across syncs.
@@ -90,11 +90,6 @@ const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
@@ -102,23 +97,6 @@ const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
-/// The attributes of a netlink attribute stream: (type, payload, whole attribute).
-fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            break;
-        }
-        out.push((ty, &buf[4..len], &buf[..len]));
-        let step = (len + 3) & !3;
-        buf = buf.get(step..).unwrap_or(&[]);
-    }
-    out
-}
 
 /// (protocol, source, destination) of a `CTA_TUPLE_*` payload.
 fn tuple(payload: &[u8]) -> Option<(u8, SocketAddr, SocketAddr)> {
@@ -165,72 +143,25 @@ fn tuple(payload: &[u8]) -> Option<(u8, SocketAddr, SocketAddr)> {
     ))
 }
 
-struct Socket {
-    fd: OwnedFd,
-    seq: u32,
-}
+/// A ctnetlink socket.
+struct Socket(super::netlink::Socket);
 
 impl Socket {
     fn open() -> io::Result<Self> {
-        Ok(Self {
-            fd: super::netlink_socket(NETLINK_NETFILTER)?,
-            seq: 1,
-        })
+        super::netlink::Socket::open(NETLINK_NETFILTER).map(Self)
     }
 
     fn send(&mut self, msg_type: u16, flags: u16, family: u8, body: &[u8]) -> io::Result<u32> {
-        self.seq += 1;
-        let len = 16 + 4 + body.len();
-        let mut m = Vec::with_capacity(len);
-        m.extend_from_slice(&u32::try_from(len).unwrap_or(0).to_ne_bytes());
-        m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&self.seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[family, 0, 0, 0]);
-        m.extend_from_slice(body);
-        // SAFETY: sending a buffer we own to the kernel (destination: the default, pid 0).
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(self.seq)
+        self.0.send(
+            (NFNL_SUBSYS_CTNETLINK << 8) | msg_type,
+            flags,
+            [family, 0, 0, 0],
+            body,
+        )
     }
 
-    /// Receives until the answer to `seq` is complete; `each` sees every data message's
-    /// attributes. Returns the error of an NLMSG_ERROR answer (0: an ACK).
-    fn recv(&mut self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: receiving into a buffer we own.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut msgs = &buf[..usize::try_from(n).unwrap_or(0)];
-            while msgs.len() >= 16 {
-                let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
-                let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
-                let mseq = u32::from_ne_bytes([msgs[8], msgs[9], msgs[10], msgs[11]]);
-                if len < 16 || len > msgs.len() {
-                    break;
-                }
-                if mseq == seq {
-                    match ty {
-                        NLMSG_DONE => return Ok(0),
-                        NLMSG_ERROR => {
-                            let code = msgs
-                                .get(16..20)
-                                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                            return Ok(code);
-                        }
-                        _ => each(msgs.get(20..len).unwrap_or(&[])),
-                    }
-                }
-                msgs = msgs.get((len + 3) & !3..).unwrap_or(&[]);
-            }
-        }
+    fn recv(&mut self, seq: u32, each: impl FnMut(&[u8])) -> io::Result<i32> {
+        self.0.recv(seq, each)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod ebpf;
 pub mod fallback;
 pub mod iptables;
 pub mod ipvs;
+pub mod netlink;
 pub mod nftables;
 pub mod plan;
 pub mod probe;

@@ -246,12 +246,12 @@ fn host_safe(mut cmd: Command) -> Command {
         "--fallback-renderer",
         "none",
     ])
-        .args([
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-        ]);
+    .args([
+        "--healthz-bind-address",
+        "127.0.0.1:0",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+    ]);
     cmd
 }
 

@@ -302,7 +302,13 @@ pub(crate) fn unhook_gone(
     let mut table = "";
     for line in saved.lines() {
         if let Some(t) = line.strip_prefix('*') {
-            table = if t == "nat" { "nat" } else if t == "filter" { "filter" } else { "" };
+            table = if t == "nat" {
+                "nat"
+            } else if t == "filter" {
+                "filter"
+            } else {
+                ""
+            };
             continue;
         }
         let Some(rule) = line.strip_prefix("-A ") else {

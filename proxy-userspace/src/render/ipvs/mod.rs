@@ -200,8 +200,11 @@ fn bind_addresses(add: &BTreeSet<IpAddr>, del: &BTreeSet<IpAddr>) -> Result<usiz
     if batch.is_empty() {
         return Ok(0);
     }
-    run(Command::new("ip").args(["-force", "-batch", "-"]), Some(&batch))
-        .map_err(|e| Error::io("ip -batch", e).context(format!("binding addresses to {DUMMY}")))?;
+    run(
+        Command::new("ip").args(["-force", "-batch", "-"]),
+        Some(&batch),
+    )
+    .map_err(|e| Error::io("ip -batch", e).context(format!("binding addresses to {DUMMY}")))?;
     Ok(add.len() + del.len())
 }
 
@@ -360,8 +363,9 @@ impl IpvsRenderer {
                         exists = true;
                     }
                     Err(e) => {
-                        return Err(Error::io("ipvs", e)
-                            .context(format!("adding virtual server {key:?}")));
+                        return Err(
+                            Error::io("ipvs", e).context(format!("adding virtual server {key:?}"))
+                        );
                     }
                 }
                 report.changes += 1;
@@ -392,8 +396,9 @@ impl IpvsRenderer {
                             })?;
                         }
                         Err(e) => {
-                            return Err(Error::io("ipvs", e)
-                                .context(format!("adding {b} to {key:?}")));
+                            return Err(
+                                Error::io("ipvs", e).context(format!("adding {b} to {key:?}"))
+                            );
                         }
                     }
                     report.changes += 1;
@@ -560,13 +565,8 @@ impl IpvsRenderer {
             if !wanted.contains_key(&key) && self.excluded(&key) {
                 continue;
             }
-            if let Err(e) = self.apply_server(key, wanted.get(&key), have.get(&key), &mut report)
-            {
-                if let Some(fk) = desired
-                    .frontends
-                    .keys()
-                    .find(|k| service_key(k) == key)
-                {
+            if let Err(e) = self.apply_server(key, wanted.get(&key), have.get(&key), &mut report) {
+                if let Some(fk) = desired.frontends.keys().find(|k| service_key(k) == key) {
                     report.failed_frontends.push(*fk);
                 }
                 report.error(e, &mut failed);
@@ -790,15 +790,49 @@ mod tests {
         let cfg = IpvsConfig::default();
         // (case, eTP=Local, virtual server, real servers)
         let cases: [(&str, bool, &str, &[&str]); 6] = [
-            ("ClusterIP: every endpoint", false, "172.30.0.41:80", &["10.180.0.1:80", "10.180.2.1:80"]),
-            ("NodePort on the node IP", false, "192.168.0.2:3001", &["10.180.0.1:80", "10.180.2.1:80"]),
-            ("external IP", false, "192.168.99.11:80", &["10.180.0.1:80", "10.180.2.1:80"]),
-            ("eTP=Local ClusterIP: still every endpoint", true, "172.30.0.41:80", &["10.180.0.1:80", "10.180.2.1:80"]),
-            ("eTP=Local LB IP: the local endpoint", true, "1.2.3.4:80", &["10.180.0.1:80"]),
-            ("eTP=Local NodePort: the local endpoint", true, "192.168.0.2:3001", &["10.180.0.1:80"]),
+            (
+                "ClusterIP: every endpoint",
+                false,
+                "172.30.0.41:80",
+                &["10.180.0.1:80", "10.180.2.1:80"],
+            ),
+            (
+                "NodePort on the node IP",
+                false,
+                "192.168.0.2:3001",
+                &["10.180.0.1:80", "10.180.2.1:80"],
+            ),
+            (
+                "external IP",
+                false,
+                "192.168.99.11:80",
+                &["10.180.0.1:80", "10.180.2.1:80"],
+            ),
+            (
+                "eTP=Local ClusterIP: still every endpoint",
+                true,
+                "172.30.0.41:80",
+                &["10.180.0.1:80", "10.180.2.1:80"],
+            ),
+            (
+                "eTP=Local LB IP: the local endpoint",
+                true,
+                "1.2.3.4:80",
+                &["10.180.0.1:80"],
+            ),
+            (
+                "eTP=Local NodePort: the local endpoint",
+                true,
+                "192.168.0.2:3001",
+                &["10.180.0.1:80"],
+            ),
         ];
         for (case, local, vs, want) in cases {
-            let s = if local { svc1().etp_local(30000) } else { svc1() };
+            let s = if local {
+                svc1().etp_local(30000)
+            } else {
+                svc1()
+            };
             let d = desired(vec![s.build()], vec![slice1(&both)]);
             let servers = virtual_servers(&d, &cfg);
             let got = &servers[&key(6, vs)];
@@ -821,8 +855,15 @@ mod tests {
         let vs = &virtual_servers(&d, &cfg)[&key(6, "172.30.0.41:80")].server;
         assert_eq!((vs.flags, vs.timeout), (netlink::SVC_F_PERSISTENT, 600));
         assert_eq!(vs.scheduler, "lc");
-        let bound: Vec<String> = bound_addresses(&d).iter().map(ToString::to_string).collect();
-        assert_eq!(bound, ["1.2.3.4", "172.30.0.41", "192.168.99.11"], "no node IP");
+        let bound: Vec<String> = bound_addresses(&d)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            bound,
+            ["1.2.3.4", "172.30.0.41", "192.168.99.11"],
+            "no node IP"
+        );
     }
 
     #[test]
@@ -848,6 +889,9 @@ mod tests {
         assert!(!has("KPR-DROP", "172.30.0.41,tcp:80"));
         let none = desired(vec![svc1().build()], vec![]);
         let m = rules::members(&none, &bound_addresses(&none));
-        assert!(m["KPR-REJECT"].contains("172.30.0.41,tcp:80"), "no endpoints: refused");
+        assert!(
+            m["KPR-REJECT"].contains("172.30.0.41,tcp:80"),
+            "no endpoints: refused"
+        );
     }
 }

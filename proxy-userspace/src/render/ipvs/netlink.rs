@@ -6,7 +6,8 @@
 //! for ctnetlink.
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd as _, OwnedFd};
+
+use crate::render::netlink::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Socket};
 
 const NETLINK_GENERIC: i32 = 16;
 const GENL_ID_CTRL: u16 = 0x10;
@@ -15,14 +16,7 @@ const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
 const IPVS_GENL_VERSION: u8 = 1;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
 // enum ipvs_cmd
 const CMD_NEW_SERVICE: u8 = 1;
 const CMD_SET_SERVICE: u8 = 2;
@@ -113,9 +107,8 @@ pub struct Timeouts {
 
 /// An IPVS netlink socket.
 pub struct Ipvs {
-    fd: OwnedFd,
+    sock: Socket,
     family: u16,
-    seq: u32,
 }
 
 struct Attrs(Vec<u8>);
@@ -147,18 +140,11 @@ impl Attrs {
 }
 
 /// The attributes of a netlink attribute stream: (type, payload).
-fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            break;
-        }
-        out.push((ty, &buf[4..len]));
-        buf = buf.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    out
+fn attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    crate::render::netlink::attrs(buf)
+        .into_iter()
+        .map(|(ty, payload, _)| (ty, payload))
+        .collect()
 }
 
 fn get_u32(p: &[u8]) -> Option<u32> {
@@ -190,9 +176,13 @@ fn inet_addr(ip: IpAddr) -> [u8; 16] {
 
 fn parse_addr(family: u16, p: &[u8]) -> Option<IpAddr> {
     if i32::from(family) == libc::AF_INET6 {
-        Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(p.get(..16)?).ok()?)))
+        Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(p.get(..16)?).ok()?,
+        )))
     } else {
-        Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(p.get(..4)?).ok()?)))
+        Some(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(p.get(..4)?).ok()?,
+        )))
     }
 }
 
@@ -212,11 +202,7 @@ fn service_attrs(vs: &VirtualServer) -> Attrs {
     let mut flags = [0u8; 8];
     flags[..4].copy_from_slice(&vs.flags.to_ne_bytes());
     flags[4..].copy_from_slice(&u32::MAX.to_ne_bytes());
-    let netmask: u32 = if vs.key.addr.is_ipv4() {
-        u32::MAX
-    } else {
-        128
-    };
+    let netmask: u32 = if vs.key.addr.is_ipv4() { u32::MAX } else { 128 };
     a.put(SVC_SCHED_NAME, &sched)
         .put(SVC_FLAGS, &flags)
         .u32(SVC_TIMEOUT, vs.timeout)
@@ -325,11 +311,9 @@ impl Ipvs {
     /// # Errors
     /// No generic netlink, or no IPVS in this kernel (`ip_vs` not loaded and not loadable).
     pub fn open() -> io::Result<Self> {
-        let fd = super::super::netlink_socket(NETLINK_GENERIC)?;
         let mut s = Self {
-            fd,
+            sock: Socket::open(NETLINK_GENERIC)?,
             family: GENL_ID_CTRL,
-            seq: 1,
         };
         let mut name = Attrs::new();
         name.put(CTRL_ATTR_FAMILY_NAME, b"IPVS\0");
@@ -355,70 +339,12 @@ impl Ipvs {
     }
 
     fn send(&mut self, ty: u16, cmd: u8, flags: u16, body: &[u8]) -> io::Result<u32> {
-        self.seq = self.seq.wrapping_add(1);
-        let len = 16 + 4 + body.len();
-        let mut m = Vec::with_capacity(len);
-        m.extend_from_slice(&u32::try_from(len).unwrap_or(0).to_ne_bytes());
-        m.extend_from_slice(&ty.to_ne_bytes());
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&self.seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[cmd, IPVS_GENL_VERSION, 0, 0]);
-        m.extend_from_slice(body);
-        // SAFETY: sending a buffer we own to the kernel.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(self.seq)
+        self.sock
+            .send(ty, flags, [cmd, IPVS_GENL_VERSION, 0, 0], body)
     }
 
-    /// Receives until the answer to `seq` is complete; `each` sees every data message's
-    /// attributes (after the generic netlink header). Returns the NLMSG_ERROR code (0: ACK
-    /// or end of dump).
-    fn recv(&mut self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            // SAFETY: receiving into a buffer we own.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut msgs = &buf[..usize::try_from(n).unwrap_or(0)];
-            let mut single = false;
-            while msgs.len() >= 16 {
-                let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
-                let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
-                let flags = u16::from_ne_bytes([msgs[6], msgs[7]]);
-                let mseq = u32::from_ne_bytes([msgs[8], msgs[9], msgs[10], msgs[11]]);
-                if len < 16 || len > msgs.len() {
-                    break;
-                }
-                if mseq == seq {
-                    match ty {
-                        NLMSG_DONE => return Ok(0),
-                        NLMSG_ERROR => {
-                            let code = msgs
-                                .get(16..20)
-                                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                            return Ok(code);
-                        }
-                        _ => {
-                            each(msgs.get(20..len).unwrap_or(&[]));
-                            // NLM_F_MULTI (0x2) absent: a single answer, no DONE follows.
-                            if flags & 0x2 == 0 {
-                                single = true;
-                            }
-                        }
-                    }
-                }
-                msgs = msgs.get((len + 3) & !3..).unwrap_or(&[]);
-            }
-            if single {
-                return Ok(0);
-            }
-        }
+    fn recv(&mut self, seq: u32, each: impl FnMut(&[u8])) -> io::Result<i32> {
+        self.sock.recv(seq, each)
     }
 
     fn request(&mut self, cmd: u8, body: &Attrs, what: &str) -> io::Result<()> {
@@ -434,7 +360,12 @@ impl Ipvs {
     /// # Errors
     /// The dump failed.
     pub fn services(&mut self) -> io::Result<Vec<VirtualServer>> {
-        let seq = self.send(self.family, CMD_GET_SERVICE, NLM_F_REQUEST | NLM_F_DUMP, &[])?;
+        let seq = self.send(
+            self.family,
+            CMD_GET_SERVICE,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &[],
+        )?;
         let mut out = Vec::new();
         let code = self.recv(seq, |body| {
             for (ty, v) in attrs(body) {
@@ -535,14 +466,25 @@ impl Ipvs {
         addr: SocketAddr,
         weight: u32,
     ) -> io::Result<()> {
-        self.dest_request(CMD_NEW_DEST, key, addr, weight, "adding an IPVS destination")
+        self.dest_request(
+            CMD_NEW_DEST,
+            key,
+            addr,
+            weight,
+            "adding an IPVS destination",
+        )
     }
 
     /// Changes a real server's weight (0: no new connections, the graceful part of removal).
     ///
     /// # Errors
     /// The kernel refused.
-    pub fn set_weight(&mut self, key: &ServiceKey, addr: SocketAddr, weight: u32) -> io::Result<()> {
+    pub fn set_weight(
+        &mut self,
+        key: &ServiceKey,
+        addr: SocketAddr,
+        weight: u32,
+    ) -> io::Result<()> {
         self.dest_request(
             CMD_SET_DEST,
             key,

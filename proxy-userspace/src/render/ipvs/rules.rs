@@ -148,7 +148,11 @@ pub fn members(desired: &DesiredState, bound: &BTreeSet<IpAddr>) -> SetMembers {
                     for r in ranges {
                         // hash:ip,port,net takes no /0: two halves say the same.
                         for half in halves_of_everything(*r) {
-                            add("KUBE-LOAD-BALANCER-SOURCE-CIDR", k.ip, format!("{e},{half}"));
+                            add(
+                                "KUBE-LOAD-BALANCER-SOURCE-CIDR",
+                                k.ip,
+                                format!("{e},{half}"),
+                            );
                         }
                     }
                     // The node itself may reach a LoadBalancer IP whose ranges hold a node IP.
@@ -157,7 +161,11 @@ pub fn members(desired: &DesiredState, bound: &BTreeSet<IpAddr>) -> SetMembers {
                         .iter()
                         .any(|n| fe.source_ranges.iter().any(|r| r.contains(n)))
                     {
-                        add("KUBE-LOAD-BALANCER-SOURCE-IP", k.ip, format!("{e},{}", k.ip));
+                        add(
+                            "KUBE-LOAD-BALANCER-SOURCE-IP",
+                            k.ip,
+                            format!("{e},{}", k.ip),
+                        );
                     }
                 }
             }
@@ -187,7 +195,13 @@ pub fn members(desired: &DesiredState, bound: &BTreeSet<IpAddr>) -> SetMembers {
             add(
                 "KUBE-LOOP-BACK",
                 b.ip(),
-                format!("{},{}:{},{}", b.ip(), proto_lower(k.protocol), b.port(), b.ip()),
+                format!(
+                    "{},{}:{},{}",
+                    b.ip(),
+                    proto_lower(k.protocol),
+                    b.port(),
+                    b.ip()
+                ),
             );
         }
     }
@@ -231,7 +245,11 @@ fn create_line(name: &str, ty: SetType, family: Family) -> String {
         _ => format!(
             "create {name} {} family {} hashsize 1024 maxelem 1048576",
             ty.name(),
-            if family == Family::V4 { "inet" } else { "inet6" }
+            if family == Family::V4 {
+                "inet"
+            } else {
+                "inet6"
+            }
         ),
     }
 }
@@ -413,8 +431,18 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
         ),
     );
     for (proto, all, local, dir) in [
-        ("tcp", "KUBE-NODE-PORT-TCP", "KUBE-NODE-PORT-LOCAL-TCP", "dst"),
-        ("udp", "KUBE-NODE-PORT-UDP", "KUBE-NODE-PORT-LOCAL-UDP", "dst"),
+        (
+            "tcp",
+            "KUBE-NODE-PORT-TCP",
+            "KUBE-NODE-PORT-LOCAL-TCP",
+            "dst",
+        ),
+        (
+            "udp",
+            "KUBE-NODE-PORT-UDP",
+            "KUBE-NODE-PORT-LOCAL-UDP",
+            "dst",
+        ),
         (
             "sctp",
             "KUBE-NODE-PORT-SCTP-HASH",
@@ -440,10 +468,9 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
             ),
         );
     }
-    let masquerade_all = desired
-        .frontends
-        .values()
-        .any(|fe| fe.kind == FrontendKind::ClusterIp && fe.internal_masquerade == Masquerade::Always);
+    let masquerade_all = desired.frontends.values().any(|fe| {
+        fe.kind == FrontendKind::ClusterIp && fe.internal_masquerade == Masquerade::Always
+    });
     let local = iptables::rules::LocalMatch::iptables(desired, family);
     let cluster = format!(
         "-m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set {}",
@@ -463,7 +490,11 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
         s("KUBE-EXTERNAL-IP")
     );
     push(nat, "KUBE-SERVICES", format!("{ext} -j KUBE-MARK-MASQ"));
-    push(nat, "KUBE-SERVICES", format!("{ext} -m addrtype --dst-type LOCAL -j ACCEPT"));
+    push(
+        nat,
+        "KUBE-SERVICES",
+        format!("{ext} -m addrtype --dst-type LOCAL -j ACCEPT"),
+    );
     push(
         nat,
         "KUBE-SERVICES",
@@ -481,7 +512,10 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
     push(
         nat,
         "KUBE-SERVICES",
-        format!("-m set --match-set {} dst,dst -j ACCEPT", s("KUBE-CLUSTER-IP")),
+        format!(
+            "-m set --match-set {} dst,dst -j ACCEPT",
+            s("KUBE-CLUSTER-IP")
+        ),
     );
     push(
         nat,
@@ -496,13 +530,21 @@ pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
         "KUBE-POSTROUTING",
         format!("-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"),
     );
-    push(nat, "KUBE-POSTROUTING", format!("-j MARK --xor-mark {MASQ_MARK}"));
+    push(
+        nat,
+        "KUBE-POSTROUTING",
+        format!("-j MARK --xor-mark {MASQ_MARK}"),
+    );
     push(
         nat,
         "KUBE-POSTROUTING",
         "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
     );
-    push(nat, "KUBE-MARK-MASQ", format!("-j MARK --or-mark {MASQ_MARK}"));
+    push(
+        nat,
+        "KUBE-MARK-MASQ",
+        format!("-j MARK --or-mark {MASQ_MARK}"),
+    );
 
     let filter = &mut rs.filter;
     push(
@@ -757,9 +799,7 @@ pub fn remove_jumps_and_chains(chains: bool) -> Vec<String> {
     for backend in [Backend::Nft, Backend::Legacy] {
         for family in [Family::V4, Family::V6] {
             let ipt = backend.command(family, "iptables");
-            for (table, chain, spec) in JUMPS
-                .iter()
-                .filter(|j| !iptables::rules::JUMPS.contains(j))
+            for (table, chain, spec) in JUMPS.iter().filter(|j| !iptables::rules::JUMPS.contains(j))
             {
                 let ok = Command::new(&ipt)
                     .args(["-w", "-t", table, "-D", chain])
@@ -778,7 +818,9 @@ pub fn remove_jumps_and_chains(chains: bool) -> Vec<String> {
                             .output()
                             .is_ok_and(|o| o.status.success());
                         if flushed {
-                            let _ = Command::new(&ipt).args(["-w", "-t", table, "-X", c]).output();
+                            let _ = Command::new(&ipt)
+                                .args(["-w", "-t", table, "-X", c])
+                                .output();
                             removed.push(format!("{ipt} -t {table} {c}"));
                         }
                     }
@@ -835,7 +877,10 @@ mod tests {
             set_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", Family::V6),
             "KUBE-6-LOAD-BALANCER-SOURCE-CID"
         );
-        assert!(SETS.iter().all(|(b, _)| set_name(b, Family::V6).len() <= 31));
+        assert!(
+            SETS.iter()
+                .all(|(b, _)| set_name(b, Family::V6).len() <= 31)
+        );
     }
 
     #[test]
@@ -856,7 +901,11 @@ mod tests {
         let mut old = SetMembers::new();
         old.insert(
             "KUBE-CLUSTER-IP".into(),
-            ["172.30.0.41,tcp:80".to_string(), "172.30.0.42,tcp:80".into()].into(),
+            [
+                "172.30.0.41,tcp:80".to_string(),
+                "172.30.0.42,tcp:80".into(),
+            ]
+            .into(),
         );
         let mut new = old.clone();
         new.get_mut("KUBE-CLUSTER-IP")
@@ -871,13 +920,19 @@ mod tests {
         );
         assert_eq!(ipset_input(Some(&new), &new, &BTreeSet::new()), None);
         let full = ipset_input(None, &new, &BTreeSet::new()).unwrap();
-        assert!(full.contains("create KUBE-CLUSTER-IP hash:ip,port"), "{full}");
+        assert!(
+            full.contains("create KUBE-CLUSTER-IP hash:ip,port"),
+            "{full}"
+        );
         let taken_over = ipset_input(None, &new, &["KUBE-CLUSTER-IP".to_string()].into()).unwrap();
         assert!(
             !taken_over.contains("create KUBE-CLUSTER-IP "),
             "an existing set is swapped into, not created: {taken_over}"
         );
         assert!(full.contains("swap KPR-SWAP-43 KUBE-CLUSTER-IP"), "{full}");
-        assert!(full.contains("add KPR-SWAP-43 172.30.0.43,udp:53\n"), "{full}");
+        assert!(
+            full.contains("add KPR-SWAP-43 172.30.0.43,udp:53\n"),
+            "{full}"
+        );
     }
 }
