@@ -19,19 +19,7 @@ use kpr::store::{Change, Store};
 use serde_json::{Value, json};
 
 /// xorshift64*: small, seeded, good enough to pick mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
-    }
-}
+use kpr_testnet::rng::FuzzRng as Rng;
 
 fn executions() -> usize {
     std::env::var("KPR_FUZZ_EXECS")

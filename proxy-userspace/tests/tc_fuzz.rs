@@ -19,22 +19,7 @@ use common::*;
 use kpr::render::ebpf::packet::{self as pkt, L4};
 use serde_json::json;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())]
-    }
-}
+use kpr_testnet::rng::FuzzRng as Rng;
 
 const FRONTEND_IPS: [[u8; 4]; 3] = [[172, 30, 0, 41], [172, 30, 0, 42], LB];
 const BACKENDS: [[u8; 4]; 2] = [BACKEND_LOCAL, [10, 180, 2, 1]];
@@ -66,7 +51,7 @@ fn foreign(p: &[u8]) -> bool {
 
 fn random_packet(rng: &mut Rng) -> Vec<u8> {
     let random_ip = |rng: &mut Rng| -> [u8; 4] {
-        let x = rng.next().to_be_bytes();
+        let x = rng.next_u64().to_be_bytes();
         [x[0], x[1], x[2], x[3]]
     };
     let src = match rng.below(4) {
@@ -83,7 +68,7 @@ fn random_packet(rng: &mut Rng) -> Vec<u8> {
     };
     let port = |rng: &mut Rng| {
         if rng.below(3) == 0 {
-            u16::try_from(rng.next() & 0xffff).unwrap_or(1)
+            u16::try_from(rng.next_u64() & 0xffff).unwrap_or(1)
         } else {
             rng.pick(&PORTS)
         }
@@ -148,7 +133,7 @@ fn mutate(p: &mut Vec<u8>, rng: &mut Rng) {
             for _ in 0..=rng.below(4) {
                 if !p.is_empty() {
                     let i = rng.below(p.len());
-                    p[i] ^= u8::try_from(rng.next() & 0xff).unwrap_or(1) | 1;
+                    p[i] ^= u8::try_from(rng.next_u64() & 0xff).unwrap_or(1) | 1;
                 }
             }
         }
@@ -156,7 +141,7 @@ fn mutate(p: &mut Vec<u8>, rng: &mut Rng) {
             // A header field of IPv4 (version/IHL, length, flags/fragment, TTL, protocol).
             let i = rng.pick(&[14usize, 16, 17, 20, 21, 22, 23]);
             if i < p.len() {
-                p[i] = u8::try_from(rng.next() & 0xff).unwrap_or(0);
+                p[i] = u8::try_from(rng.next_u64() & 0xff).unwrap_or(0);
             }
         }
         _ => p.extend(std::iter::repeat_n(0u8, rng.below(40))),

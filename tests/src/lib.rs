@@ -13,3 +13,48 @@ pub fn fixtures_dir() -> std::path::PathBuf {
         std::path::PathBuf::from,
     )
 }
+
+/// The API tests' cluster: the emulator serving Service `default/web` 10.96.0.10:80 with
+/// endpoints 10.0.1.2 and 10.0.1.3 (:8080) and Node `test-node`; a topology with a client
+/// pod 10.0.0.2 and the two backends serving; the kubeconfig pointing at the emulator.
+pub async fn api_cluster(tag: &str) -> (emulator::Emulator, Topology, std::path::PathBuf) {
+    use emulator::{Emulator, endpoint_slice, node, service};
+    let emu = Emulator::start().await;
+    emu.apply(service(
+        "default",
+        "web",
+        "10.96.0.10",
+        80,
+        serde_json::json!({}),
+    ));
+    emu.apply(endpoint_slice(
+        "default",
+        "web",
+        "web-1",
+        &["10.0.1.2", "10.0.1.3"],
+        8080,
+    ));
+    emu.apply(node("test-node", "192.168.0.2", "zone-a"));
+    let mut t = Topology::new(tag);
+    t.add_pod("client", std::net::Ipv4Addr::new(10, 0, 0, 2));
+    t.add_pod("b0", std::net::Ipv4Addr::new(10, 0, 1, 2));
+    t.add_pod("b1", std::net::Ipv4Addr::new(10, 0, 1, 3));
+    t.serve("b0", &[8080]);
+    t.serve("b1", &[8080]);
+    let kubeconfig = t.workdir.join("kubeconfig");
+    emu.write_kubeconfig(&kubeconfig);
+    (emu, t, kubeconfig)
+}
+
+/// Starts `kpr run --kubeconfig` (resync every second), logging to `<workdir>/agent-<n>.log`.
+#[must_use]
+pub fn start_api_agent(t: &Topology, kubeconfig: &std::path::Path, n: &str) -> ChildGuard {
+    let log = std::fs::File::create(t.workdir.join(format!("agent-{n}.log"))).expect("log");
+    ChildGuard(
+        t.agent_command_api(kubeconfig, &["--sync-period", "1s"])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn kpr"),
+    )
+}

@@ -27,35 +27,8 @@ fn log_contains(t: &Topology, needle: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_changes_reach_the_datapath_and_an_outage_changes_nothing() {
-    let emu = Emulator::start().await;
-    emu.apply(service("default", "web", "10.96.0.10", 80, json!({})));
-    emu.apply(endpoint_slice(
-        "default",
-        "web",
-        "web-1",
-        &["10.0.1.2", "10.0.1.3"],
-        8080,
-    ));
-    emu.apply(node("test-node", "192.168.0.2", "zone-a"));
-
-    let mut t = Topology::new("api");
-    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
-    t.add_pod("b0", Ipv4Addr::new(10, 0, 1, 2));
-    t.add_pod("b1", Ipv4Addr::new(10, 0, 1, 3));
-    t.serve("b0", &[8080]);
-    t.serve("b1", &[8080]);
-    let kubeconfig = t.workdir.join("kubeconfig");
-    emu.write_kubeconfig(&kubeconfig);
-    let start_agent = |t: &Topology, n: &str| {
-        let log = std::fs::File::create(t.workdir.join(format!("agent-{n}.log"))).unwrap();
-        kpr_testnet::ChildGuard(
-            t.agent_command_api(&kubeconfig, &["--sync-period", "1s"])
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let (emu, t, kubeconfig) = kpr_testnet::api_cluster("api").await;
+    let start_agent = |t: &Topology, n: &str| kpr_testnet::start_api_agent(t, &kubeconfig, n);
 
     let mut agent = start_agent(&t, "1");
     let both = vec!["10.0.1.2:8080".to_string(), "10.0.1.3:8080".to_string()];

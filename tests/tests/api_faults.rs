@@ -10,10 +10,9 @@
 //!
 //! Address plan: client 10.0.0.2; backends 10.0.1.2, 10.0.1.3 (:8080); Service 10.96.0.10:80.
 use std::io::{BufRead as _, BufReader};
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use kpr_testnet::emulator::{Emulator, endpoint_slice, node, service};
+use kpr_testnet::emulator::endpoint_slice;
 use kpr_testnet::{Topology, backends_of};
 use serde_json::json;
 
@@ -28,34 +27,8 @@ async fn api_faults_and_outages_never_break_a_served_service_and_converge_after(
             .and_then(|v| v.parse().ok())
             .unwrap_or(3),
     );
-    let emu = Emulator::start().await;
-    emu.apply(service("default", "web", "10.96.0.10", 80, json!({})));
-    emu.apply(endpoint_slice(
-        "default",
-        "web",
-        "web-1",
-        &["10.0.1.2", "10.0.1.3"],
-        8080,
-    ));
-    emu.apply(node("test-node", "192.168.0.2", "zone-a"));
-    let mut t = Topology::new("apif");
-    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
-    t.add_pod("b0", Ipv4Addr::new(10, 0, 1, 2));
-    t.add_pod("b1", Ipv4Addr::new(10, 0, 1, 3));
-    t.serve("b0", &[8080]);
-    t.serve("b1", &[8080]);
-    let kubeconfig = t.workdir.join("kubeconfig");
-    emu.write_kubeconfig(&kubeconfig);
-    let start_agent = |t: &Topology, n: &str| {
-        let log = std::fs::File::create(t.workdir.join(format!("agent-{n}.log"))).unwrap();
-        kpr_testnet::ChildGuard(
-            t.agent_command_api(&kubeconfig, &["--sync-period", "1s"])
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let (emu, mut t, kubeconfig) = kpr_testnet::api_cluster("apif").await;
+    let start_agent = |t: &Topology, n: &str| kpr_testnet::start_api_agent(t, &kubeconfig, n);
     let both = vec!["10.0.1.2:8080".to_string(), "10.0.1.3:8080".to_string()];
     let only_b1 = vec!["10.0.1.3:8080".to_string()];
     let mut agent = start_agent(&t, "1");

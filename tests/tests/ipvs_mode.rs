@@ -13,7 +13,6 @@
 //! and 10.180.0.2; Services web 172.30.0.10:80, sticky 172.30.0.12:80 (ClientIP affinity),
 //! dns 172.30.0.13:53/UDP; node 192.168.0.2.
 use std::io::{BufRead as _, BufReader};
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,56 +35,15 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns,
     )
 }
 
-fn in_node(t: &Topology, program: &str, args: &[&str]) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", t.node.path().display()))
-        .arg(program)
-        .args(args)
-        .output()
-        .expect("nsenter");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn cluster(tag: &str) -> (Topology, std::path::PathBuf) {
-    let mut t = Topology::new(tag);
-    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
-    t.add_pod("a", Ipv4Addr::new(10, 180, 0, 1));
-    t.add_pod("b", Ipv4Addr::new(10, 180, 0, 2));
-    t.serve("a", &[80]);
-    t.serve("b", &[80]);
-    let dir = t.workdir.join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.1"]));
-    (t, dir)
-}
-
-/// Waits until every connection to `vip` reaches one of `backends` (and each was reached).
-fn wait_reaches(t: &Topology, vip: &str, backends: &[&str]) {
-    let want: std::collections::BTreeSet<String> =
-        backends.iter().map(|b| (*b).to_string()).collect();
-    let start = Instant::now();
-    loop {
-        let lines = t.client("client", &["tcp", vip, "12"]);
-        let got: std::collections::BTreeSet<String> = lines
-            .iter()
-            .filter_map(|l| l["backend"].as_str().map(str::to_string))
-            .collect();
-        if got == want && lines.iter().all(|l| l["error"].is_null()) {
-            return;
-        }
-        assert!(
-            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(30)),
-            "{vip} should reach {want:?}, got {lines:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Topology::client_and_two_backends(tag, &manifests(&["10.180.0.1"]))
 }
 
 /// Waits until `ipvsadm -Sn` in the node satisfies `cond`.
 fn wait_ipvs(t: &Topology, what: &str, cond: impl Fn(&str) -> bool) -> String {
     let start = Instant::now();
     loop {
-        let s = in_node(t, "ipvsadm", &["-Sn"]);
+        let s = t.in_node("ipvsadm", &["-Sn"]);
         if cond(&s) {
             return s;
         }
@@ -141,7 +99,7 @@ fn ipvs_mode_refuses_a_bad_start_with_a_clear_error() {
     assert!(!out.status.success(), "the agent must not start: {err}");
     assert!(err.contains(want), "a clear error naming {want:?}: {err}");
     assert!(
-        !in_node(&t, "ip", &["link"]).contains("kube-ipvs0"),
+        !t.in_node("ip", &["link"]).contains("kube-ipvs0"),
         "a refused start leaves nothing behind"
     );
 }
@@ -152,25 +110,9 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
     kpr_testnet::require_root();
     assert!(kernel_has_ipvs(), "this kernel has no IPVS");
     let (mut t, dir) = cluster("ipvs");
-    let mut agent = t.start_agent_in_node(
-        &dir,
-        &[
-            "--proxy-mode",
-            "ipvs",
-            "--ipvs-scheduler",
-            "lc",
-            "--node-ip",
-            "192.168.0.2",
-            "--cluster-cidr",
-            "10.0.0.0/8",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ],
-    );
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
-    let s = in_node(&t, "ipvsadm", &["-Sn"]);
+    let mut agent = t.start_mode_agent_in_node_with(&dir, "ipvs", &["--ipvs-scheduler", "lc"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
+    let s = t.in_node("ipvsadm", &["-Sn"]);
     assert!(
         s.contains("-A -t 172.30.0.10:80 -s lc"),
         "scheduler lc: {s}"
@@ -184,10 +126,11 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
         "ClientIP affinity is persistence with the Service's timeout: {s}"
     );
     assert!(
-        in_node(&t, "ip", &["-o", "addr", "show", "dev", "kube-ipvs0"]).contains("172.30.0.10/32"),
+        t.in_node("ip", &["-o", "addr", "show", "dev", "kube-ipvs0"])
+            .contains("172.30.0.10/32"),
         "the ClusterIP is bound to kube-ipvs0"
     );
-    let set = in_node(&t, "ipset", &["list", "KUBE-CLUSTER-IP"]);
+    let set = t.in_node("ipset", &["list", "KUBE-CLUSTER-IP"]);
     assert!(set.contains("172.30.0.10,tcp:80"), "{set}");
     // Affinity: one client, one backend, every time.
     let lines = t.client("client", &["tcp", "172.30.0.12:80", "12"]);
@@ -202,7 +145,7 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
     out.read_line(&mut first).unwrap();
     assert!(first.contains("10.180.0.1:80"), "held through a: {first}");
     write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.2"]));
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.2:80"]);
     let s = wait_ipvs(&t, "a drains at weight 0 while its connection lives", |s| {
         s.contains("-a -t 172.30.0.10:80 -r 10.180.0.1:80 -m -w 0")
     });
@@ -225,29 +168,13 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
 
     // Restart: the new agent adopts what IPVS holds (no duplicate, nothing lost).
     agent.kill9();
-    let _agent = t.start_agent_in_node(
-        &dir,
-        &[
-            "--proxy-mode",
-            "ipvs",
-            "--ipvs-scheduler",
-            "rr",
-            "--node-ip",
-            "192.168.0.2",
-            "--cluster-cidr",
-            "10.0.0.0/8",
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ],
-    );
+    let _agent = t.start_mode_agent_in_node_with(&dir, "ipvs", &["--ipvs-scheduler", "rr"]);
     wait_ipvs(
         &t,
         "the restarted agent switches the scheduler in place",
         |s| s.contains("-A -t 172.30.0.10:80 -s rr"),
     );
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.2:80"]);
     drop(_agent);
 
     // Cleanup removes everything the mode made.
@@ -265,13 +192,13 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        !in_node(&t, "ipvsadm", &["-Sn"]).contains("-A"),
+        !t.in_node("ipvsadm", &["-Sn"]).contains("-A"),
         "no virtual server left"
     );
-    assert!(!in_node(&t, "ip", &["link"]).contains("kube-ipvs0"));
-    let sets = in_node(&t, "ipset", &["list", "-n"]);
+    assert!(!t.in_node("ip", &["link"]).contains("kube-ipvs0"));
+    let sets = t.in_node("ipset", &["list", "-n"]);
     assert!(!sets.contains("KUBE-"), "no ipset left: {sets}");
-    let save = in_node(&t, "iptables-save", &[]);
+    let save = t.in_node("iptables-save", &[]);
     assert!(
         !save.contains("KUBE-"),
         "no KUBE-* chain or jump left: {save}"
@@ -282,9 +209,9 @@ fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
 fn wait_node(t: &Topology, what: &str, cond: impl Fn(&str) -> bool) {
     let start = Instant::now();
     loop {
-        let s = in_node(t, "iptables-save", &[])
-            + &in_node(t, "ipset", &["list", "-n"])
-            + &in_node(t, "ip", &["-o", "link"]);
+        let s = t.in_node("iptables-save", &[])
+            + &t.in_node("ipset", &["list", "-n"])
+            + &t.in_node("ip", &["-o", "link"]);
         if cond(&s) {
             return;
         }
@@ -303,7 +230,7 @@ fn switching_between_the_iptables_and_ipvs_modes_keeps_serving_and_cleans_up() {
     assert!(kernel_has_ipvs(), "this kernel has no IPVS");
     let (t, dir) = cluster("ipvsw");
     let mut a = t.start_mode_agent_in_node(&dir, "iptables");
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
     a.kill9();
     // iptables -> ipvs: the ipvs layout is hooked in, the iptables mode's chains go.
     let mut b = t.start_mode_agent_in_node(&dir, "ipvs");
@@ -317,7 +244,7 @@ fn switching_between_the_iptables_and_ipvs_modes_keeps_serving_and_cleans_up() {
             && s.contains("-A OUTPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-OUT-FILTER")
         },
     );
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
     b.kill9();
     // ipvs -> iptables: served through the iptables rules (its jumps intact), and every
     // trace of the ipvs mode goes.
@@ -330,8 +257,8 @@ fn switching_between_the_iptables_and_ipvs_modes_keeps_serving_and_cleans_up() {
             && s.contains(":KUBE-SVC-")
     });
     assert!(
-        !in_node(&t, "ipvsadm", &["-Sn"]).contains("-A"),
+        !t.in_node("ipvsadm", &["-Sn"]).contains("-A"),
         "no virtual server left"
     );
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
 }

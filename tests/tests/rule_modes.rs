@@ -5,7 +5,6 @@
 //!
 //! Address plan (all inside the test's namespaces): client pod 10.0.0.2; backends 10.180.0.1
 //! and 10.180.0.2; Services web 172.30.0.10:80 and other 172.30.0.11:80; node 192.168.0.2.
-use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,62 +24,20 @@ apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{namespace: ns,
     )
 }
 
-/// Runs `program args` inside the node namespace; its stdout.
-fn in_node(t: &Topology, program: &str, args: &[&str]) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", t.node.path().display()))
-        .arg(program)
-        .args(args)
-        .output()
-        .expect("nsenter");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn iptables_save(t: &Topology) -> String {
-    in_node(t, "iptables-save", &[]) + &in_node(t, "iptables-save", &["-c"])
+    t.in_node("iptables-save", &[]) + &t.in_node("iptables-save", &["-c"])
 }
 
 fn kpr_table(t: &Topology) -> String {
-    in_node(t, "nft", &["list", "table", "ip", "kpr"])
+    t.in_node("nft", &["list", "table", "ip", "kpr"])
 }
 
 fn cluster(tag: &str) -> (Topology, std::path::PathBuf) {
-    let mut t = Topology::new(tag);
-    t.add_pod("client", Ipv4Addr::new(10, 0, 0, 2));
-    t.add_pod("a", Ipv4Addr::new(10, 180, 0, 1));
-    t.add_pod("b", Ipv4Addr::new(10, 180, 0, 2));
-    t.serve("a", &[80]);
-    t.serve("b", &[80]);
-    let dir = t.workdir.join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.1"]));
-    (t, dir)
+    Topology::client_and_two_backends(tag, &manifests(&["10.180.0.1"]))
 }
 
 fn agent(t: &Topology, dir: &std::path::Path, mode: &str) -> kpr_testnet::ChildGuard {
     t.start_mode_agent_in_node(dir, mode)
-}
-
-/// Waits until every connection to `vip` reaches one of `backends` (and each was reached).
-fn wait_reaches(t: &Topology, vip: &str, backends: &[&str]) {
-    let start = Instant::now();
-    loop {
-        let lines = t.client("client", &["tcp", vip, "12"]);
-        let got: std::collections::BTreeSet<String> = lines
-            .iter()
-            .filter_map(|l| l["backend"].as_str().map(str::to_string))
-            .collect();
-        let want: std::collections::BTreeSet<String> =
-            backends.iter().map(|b| (*b).to_string()).collect();
-        if got == want && lines.iter().all(|l| l["error"].is_null()) {
-            return;
-        }
-        assert!(
-            start.elapsed() < kpr_testnet::scaled(Duration::from_secs(20)),
-            "{vip} should reach {want:?}, got {lines:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn cleanup_in_node(t: &Topology) {
@@ -102,14 +59,13 @@ fn cleanup_in_node(t: &Topology) {
 fn iptables_mode_serves_syncs_partially_and_cleans_up() {
     let (t, dir) = cluster("ipt");
     let mut a = agent(&t, &dir, "iptables");
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
-    wait_reaches(&t, "172.30.0.11:80", &["10.180.0.2:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.11:80", &["10.180.0.2:80"]);
     let save = iptables_save(&t);
     assert!(save.contains(":KUBE-SVC-"), "{save}");
     // The node's conntrack settings, as upstream sets them (a new namespace starts with the
     // kernel's 60 s close-wait timeout; kube-proxy's default is 1 h).
-    let close_wait = in_node(
-        &t,
+    let close_wait = t.in_node(
         "cat",
         &["/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"],
     );
@@ -132,12 +88,16 @@ fn iptables_mode_serves_syncs_partially_and_cleans_up() {
             .map(|l| l.split(']').next().unwrap_or("").to_string())
             .collect()
     };
-    let before = other_counters(&in_node(&t, "iptables-save", &["-c", "-t", "nat"]));
+    let before = other_counters(&t.in_node("iptables-save", &["-c", "-t", "nat"]));
     assert_eq!(before.len(), 1, "{before:?}");
     assert_ne!(before[0], "[0:0", "the other Service carried traffic");
     write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.1", "10.180.0.2"]));
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80", "10.180.0.2:80"]);
-    let after = other_counters(&in_node(&t, "iptables-save", &["-c", "-t", "nat"]));
+    t.wait_reaches(
+        "client",
+        "172.30.0.10:80",
+        &["10.180.0.1:80", "10.180.0.2:80"],
+    );
+    let after = other_counters(&t.in_node("iptables-save", &["-c", "-t", "nat"]));
     assert_eq!(
         after
             .first()
@@ -151,7 +111,11 @@ fn iptables_mode_serves_syncs_partially_and_cleans_up() {
     a.kill9();
     // Another mode takes over: it removes the KUBE-* chains once its own table is up.
     let _b = agent(&t, &dir, "nftables");
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80", "10.180.0.2:80"]);
+    t.wait_reaches(
+        "client",
+        "172.30.0.10:80",
+        &["10.180.0.1:80", "10.180.0.2:80"],
+    );
     let start = Instant::now();
     while iptables_save(&t).contains(":KUBE-") {
         assert!(
@@ -167,7 +131,7 @@ fn iptables_mode_serves_syncs_partially_and_cleans_up() {
 fn nftables_mode_serves_syncs_incrementally_and_cleans_up() {
     let (t, dir) = cluster("nft");
     let mut a = agent(&t, &dir, "nftables");
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
     let table = kpr_table(&t);
     assert!(table.contains("map service-ips"), "{table}");
     assert!(
@@ -175,7 +139,7 @@ fn nftables_mode_serves_syncs_incrementally_and_cleans_up() {
         "{table}"
     );
     write_manifest(&dir, "all.yaml", &manifests(&["10.180.0.2"]));
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.2:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.2:80"]);
     assert!(
         !kpr_table(&t).contains("10.180.0.1"),
         "the removed endpoint's chain is gone"
@@ -202,7 +166,7 @@ fn nftables_mode_serves_syncs_incrementally_and_cleans_up() {
     cleanup_in_node(&t);
     assert_eq!(kpr_table(&t), "", "kpr cleanup removes the table");
     assert!(
-        !in_node(&t, "nft", &["list", "tables"]).contains("kpr"),
+        !t.in_node("nft", &["list", "tables"]).contains("kpr"),
         "no kpr table in either family"
     );
 }
@@ -211,11 +175,11 @@ fn nftables_mode_serves_syncs_incrementally_and_cleans_up() {
 fn cleanup_removes_every_kube_chain() {
     let (t, dir) = cluster("iptclean");
     let mut a = agent(&t, &dir, "iptables");
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
     a.kill9();
     assert!(iptables_save(&t).contains("KUBE-SERVICES"));
     cleanup_in_node(&t);
-    let save = iptables_save(&t) + &in_node(&t, "ip6tables-save", &[]);
+    let save = iptables_save(&t) + &t.in_node("ip6tables-save", &[]);
     assert!(!save.contains("KUBE-"), "{save}");
 }
 
@@ -233,7 +197,7 @@ fn udp_flow_follows_a_replaced_backend(mode: &str) {
     let (mut t, dir) = cluster(&format!("ct{}", &mode[..3]));
     write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.1"));
     let _a = agent(&t, &dir, mode);
-    wait_reaches(&t, "172.30.0.10:80", &["10.180.0.1:80"]);
+    t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
     let flow = t.spawn_client("client", &["udphold", "172.30.0.20:53", "6", "100"]);
     std::thread::sleep(Duration::from_secs(2));
     write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.2"));

@@ -7,6 +7,7 @@
 //! the node namespace. A packet to an address nobody in the topology owns (a Service VIP that
 //! was not translated, say) dies in the node namespace with "network unreachable"; nothing
 //! the harness runs is ever sent from, or to, the host's own namespace.
+pub mod rng;
 pub mod tun;
 pub mod workload;
 
@@ -602,21 +603,64 @@ impl Topology {
     /// An agent of `mode` in the node namespace, as the rule-mode and takeover tests run it:
     /// node IP 192.168.0.2, pod CIDR 10.0.0.0/8, no health or metrics servers.
     pub fn start_mode_agent_in_node(&self, manifests: &Path, mode: &str) -> ChildGuard {
-        self.start_agent_in_node(
-            manifests,
-            &[
-                "--proxy-mode",
-                mode,
-                "--node-ip",
-                "192.168.0.2",
-                "--cluster-cidr",
-                "10.0.0.0/8",
-                "--healthz-bind-address",
-                "",
-                "--metrics-bind-address",
-                "",
-            ],
-        )
+        self.start_mode_agent_in_node_with(manifests, mode, &[])
+    }
+
+    /// [`Self::start_mode_agent_in_node`] with `extra` flags.
+    pub fn start_mode_agent_in_node_with(
+        &self,
+        manifests: &Path,
+        mode: &str,
+        extra: &[&str],
+    ) -> ChildGuard {
+        let mut args = vec![
+            "--proxy-mode",
+            mode,
+            "--node-ip",
+            "192.168.0.2",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ];
+        args.extend_from_slice(extra);
+        self.start_agent_in_node(manifests, &args)
+    }
+
+    /// Runs `program args` inside the node namespace; its stdout.
+    pub fn in_node(&self, program: &str, args: &[&str]) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.path().display()))
+            .arg(program)
+            .args(args)
+            .output()
+            .expect("nsenter");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every one of a dozen TCP connections from `pod` to `vip` reaches one of
+    /// `backends`, and each of them is reached.
+    pub fn wait_reaches(&self, pod: &str, vip: &str, backends: &[&str]) {
+        let want: std::collections::BTreeSet<String> =
+            backends.iter().map(|b| (*b).to_string()).collect();
+        let start = Instant::now();
+        loop {
+            let lines = self.client(pod, &["tcp", vip, "12"]);
+            let got: std::collections::BTreeSet<String> = lines
+                .iter()
+                .filter_map(|l| l["backend"].as_str().map(str::to_string))
+                .collect();
+            if got == want && lines.iter().all(|l| l["error"].is_null()) {
+                return;
+            }
+            assert!(
+                start.elapsed() < scaled(Duration::from_secs(30)),
+                "{vip} should reach {want:?}, got {lines:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Spawns an agent command built by the caller (log in the workdir, killed on drop).
@@ -730,6 +774,23 @@ pub fn backends_of(rows: &[serde_json::Value], frontend: &str, proto: &str) -> O
             v.sort();
             v
         })
+}
+
+impl Topology {
+    /// The rule-mode tests' cluster: a client pod 10.0.0.2, backends 10.180.0.1 ("a") and
+    /// 10.180.0.2 ("b") serving port 80, and `manifests` written to `<workdir>/manifests`.
+    pub fn client_and_two_backends(tag: &str, manifests: &str) -> (Self, PathBuf) {
+        let mut t = Self::new(tag);
+        t.add_pod("client", std::net::Ipv4Addr::new(10, 0, 0, 2));
+        t.add_pod("a", std::net::Ipv4Addr::new(10, 180, 0, 1));
+        t.add_pod("b", std::net::Ipv4Addr::new(10, 180, 0, 2));
+        t.serve("a", &[80]);
+        t.serve("b", &[80]);
+        let dir = t.workdir.join("manifests");
+        fs::create_dir_all(&dir).expect("manifests dir");
+        write_manifest(&dir, "all.yaml", manifests);
+        (t, dir)
+    }
 }
 
 impl Drop for Topology {

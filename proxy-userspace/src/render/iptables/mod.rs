@@ -134,15 +134,7 @@ impl IptablesRenderer {
     /// No working `iptables-restore` at all.
     pub fn start() -> Result<Self> {
         let backend = Backend::detect();
-        let families: Vec<Family> = [Family::V4, Family::V6]
-            .into_iter()
-            .filter(|f| {
-                Command::new(backend.command(*f, "iptables-save"))
-                    .args(["-t", "nat"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            })
-            .collect();
+        let families = working_families(backend);
         if families.is_empty() {
             return Err(Error::Unsupported(format!(
                 "no working {} (install iptables)",
@@ -253,6 +245,20 @@ impl IptablesRenderer {
         self.written.retain(|(f, _)| *f != family);
         self.written.push((family, rs));
     }
+}
+
+/// The families whose `iptables-save` of `backend` works here.
+#[must_use]
+pub(crate) fn working_families(backend: Backend) -> Vec<Family> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .filter(|f| {
+            Command::new(backend.command(*f, "iptables-save"))
+                .args(["-t", "nat"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect()
 }
 
 /// Inserts the `jumps` from the built-in chains that `current` (iptables-save text of before

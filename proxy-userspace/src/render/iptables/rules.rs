@@ -104,7 +104,8 @@ fn host(ip: IpAddr) -> String {
     }
 }
 
-fn push(chains: &mut Chains, chain: &str, rule: impl AsRef<str>) {
+/// Appends `-A chain rule` to `chain`.
+pub(crate) fn push(chains: &mut Chains, chain: &str, rule: impl AsRef<str>) {
     chains
         .entry(chain.to_string())
         .or_default()

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::process::Command;
 
 use crate::model::{DesiredState, FrontendKind, Masquerade, Protocol};
-use crate::render::iptables::rules::{Chains, MASQ_MARK, Ruleset};
+use crate::render::iptables::rules::{MASQ_MARK, Ruleset, push};
 use crate::render::iptables::{self, Backend};
 use crate::render::plan::{Family, proto_lower};
 use crate::render::{CleanupReport, run_tool as run};
@@ -378,13 +378,6 @@ pub const IPVS_ONLY_CHAINS: [&str; 6] = [
     "KUBE-IPVS-OUT-FILTER",
 ];
 
-fn push(chains: &mut Chains, chain: &str, rule: impl AsRef<str>) {
-    chains
-        .entry(chain.to_string())
-        .or_default()
-        .push(format!("-A {chain} {}", rule.as_ref()));
-}
-
 /// The rule set of `family`.
 #[must_use]
 pub fn build(desired: &DesiredState, family: Family) -> Ruleset {
@@ -701,15 +694,7 @@ impl RuleState {
             ))
         })?;
         let backend = Backend::detect();
-        let families: Vec<Family> = [Family::V4, Family::V6]
-            .into_iter()
-            .filter(|f| {
-                Command::new(backend.command(*f, "iptables-save"))
-                    .args(["-t", "nat"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            })
-            .collect();
+        let families = iptables::working_families(backend);
         if families.is_empty() {
             return Err(Error::Unsupported(
                 "--proxy-mode ipvs needs a working iptables-restore (apt install iptables)".into(),
