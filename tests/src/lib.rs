@@ -58,3 +58,48 @@ pub fn start_api_agent(t: &Topology, kubeconfig: &std::path::Path, n: &str) -> C
             .expect("spawn kpr"),
     )
 }
+
+/// `kpr conformance <fixtures> --level datapath --proxy-mode MODE` passes: every flow passed
+/// or was skipped with its reason, and at least one was checked (root).
+pub fn conformance_datapath_passes(mode: &str) {
+    require_root();
+    let dir = fixtures_dir();
+    assert!(
+        dir.is_dir(),
+        "fixture directory {} is missing",
+        dir.display()
+    );
+    let out = std::process::Command::new(kpr_bin())
+        .arg("conformance")
+        .arg(&dir)
+        .args(["--level", "datapath", "--proxy-mode", mode])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run kpr conformance");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = text.lines().last().unwrap_or_default();
+    assert!(summary.contains(" passed, 0 failed"), "{summary}");
+    let passed: usize = summary
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(passed > 0, "no flow was checked: {summary}");
+    // Anything skipped must say why.
+    for line in text.lines().filter(|l| l.starts_with("SKIP")) {
+        assert!(line.contains("skipped: "), "{line}");
+    }
+}
+
+/// Whether this kernel has IPVS (loading `ip_vs` where modules load).
+#[must_use]
+pub fn kernel_has_ipvs() -> bool {
+    let _ = std::process::Command::new("modprobe").arg("ip_vs").output();
+    std::path::Path::new("/proc/net/ip_vs").exists()
+}

@@ -4,10 +4,11 @@
 //! live connection drains at weight 0 while the connection keeps working), and `kpr cleanup`
 //! leaving no virtual server, no `kube-ipvs0`, no ipset and no `KUBE-*` chain.
 //!
-//! IPVS needs a kernel with `ip_vs`: this machine's 6.18 has none, so the tests that need it
-//! are `#[ignore]`d here (reported as ignored, never as passed) and run in the 6.1 VM
-//! (`cargo xtask vm-test`, which passes `--include-ignored`). The one test that runs
-//! everywhere checks the refusal: without IPVS the mode fails at start with a clear error.
+//! IPVS needs a kernel with `ip_vs`, which this machine's 6.18 lacks: this target is
+//! `test = false` (tests/Cargo.toml), so `cargo test` on the host neither runs nor counts
+//! it, and the 6.1 VM builds and runs it (`cargo xtask vm-test`). The ipvs datapath
+//! conformance runs here too. The refusal without IPVS is checked on every kernel in
+//! `rule_modes.rs`.
 //!
 //! Address plan (all inside the test's namespaces): client pod 10.0.0.2; backends 10.180.0.1
 //! and 10.180.0.2; Services web 172.30.0.10:80, sticky 172.30.0.12:80 (ClientIP affinity),
@@ -17,6 +18,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kpr_testnet::{Topology, kpr_bin, write_manifest};
+
+#[test]
+fn fixtures_pass_on_the_ipvs_datapath() {
+    kpr_testnet::conformance_datapath_passes("ipvs");
+}
 
 fn manifests(web: &[&str]) -> String {
     let eps = |ips: &[&str]| -> String {
@@ -55,60 +61,10 @@ fn wait_ipvs(t: &Topology, what: &str, cond: impl Fn(&str) -> bool) -> String {
     }
 }
 
-fn kernel_has_ipvs() -> bool {
-    let _ = Command::new("modprobe").arg("ip_vs").output();
-    std::path::Path::new("/proc/net/ip_vs").exists()
-}
-
 #[test]
-fn ipvs_mode_refuses_a_bad_start_with_a_clear_error() {
-    kpr_testnet::require_root();
-    let (t, dir) = cluster("ipvsno");
-    // Without IPVS the mode cannot start; with it, an unknown scheduler is refused.
-    let (extra, want) = if kernel_has_ipvs() {
-        (vec!["--ipvs-scheduler", "fastest"], "not an IPVS scheduler")
-    } else {
-        (vec![], "IPVS")
-    };
-    let mut args: Vec<&str> = vec![
-        "run",
-        "--manifests",
-        dir.to_str().unwrap(),
-        "--proxy-mode",
-        "ipvs",
-        "--hostname-override",
-        "test-node",
-        "--node-ip",
-        "192.168.0.2",
-        "--healthz-bind-address",
-        "",
-        "--metrics-bind-address",
-        "",
-        "--bpf-fs-path",
-    ];
-    let bpffs = t.bpffs.to_string_lossy().into_owned();
-    args.push(&bpffs);
-    args.extend(extra);
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", t.node.path().display()))
-        .arg(kpr_bin())
-        .args(&args)
-        .output()
-        .expect("kpr run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the agent must not start: {err}");
-    assert!(err.contains(want), "a clear error naming {want:?}: {err}");
-    assert!(
-        !t.in_node("ip", &["link"]).contains("kube-ipvs0"),
-        "a refused start leaves nothing behind"
-    );
-}
-
-#[test]
-#[ignore = "needs a kernel with IPVS: runs in the 6.1 VM (cargo xtask vm-test)"]
 fn ipvs_mode_serves_with_affinity_and_drains_removed_backends() {
     kpr_testnet::require_root();
-    assert!(kernel_has_ipvs(), "this kernel has no IPVS");
+    assert!(kpr_testnet::kernel_has_ipvs(), "this kernel has no IPVS");
     let (mut t, dir) = cluster("ipvs");
     let mut agent = t.start_mode_agent_in_node_with(&dir, "ipvs", &["--ipvs-scheduler", "lc"]);
     t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
@@ -224,10 +180,9 @@ fn wait_node(t: &Topology, what: &str, cond: impl Fn(&str) -> bool) {
 }
 
 #[test]
-#[ignore = "needs a kernel with IPVS: runs in the 6.1 VM (cargo xtask vm-test)"]
 fn switching_between_the_iptables_and_ipvs_modes_keeps_serving_and_cleans_up() {
     kpr_testnet::require_root();
-    assert!(kernel_has_ipvs(), "this kernel has no IPVS");
+    assert!(kpr_testnet::kernel_has_ipvs(), "this kernel has no IPVS");
     let (t, dir) = cluster("ipvsw");
     let mut a = t.start_mode_agent_in_node(&dir, "iptables");
     t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
