@@ -8,7 +8,7 @@
 //! `test = false` (tests/Cargo.toml), so `cargo test` on the host neither runs nor counts
 //! it, and the 6.1 VM builds and runs it (`cargo xtask vm-test`). The ipvs datapath
 //! conformance runs here too. The refusal without IPVS is checked on every kernel in
-//! `rule_modes.rs`.
+//! `ipvs_refusal.rs`.
 //!
 //! Address plan (all inside the test's namespaces): client pod 10.0.0.2; backends 10.180.0.1
 //! and 10.180.0.2; Services web 172.30.0.10:80, sticky 172.30.0.12:80 (ClientIP affinity),
