@@ -24,7 +24,8 @@ pub const DEFAULT_BPF_FS_PATH: &str = "/sys/fs/bpf/kpr";
     name = "kpr",
     version,
     about = "kpr: a kube-proxy replacement with an eBPF datapath",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -235,7 +236,10 @@ pub enum Output {
     Json,
 }
 
+/// A flag given twice takes its last value, as pflag does for kube-proxy (list flags still
+/// append).
 #[derive(Clone, Debug, clap::Args)]
+#[command(args_override_self = true)]
 pub struct RunArgs {
     /// Directory of Service and EndpointSlice manifests (YAML or JSON), reloaded on change.
     /// Without it kpr watches the API server (--kubeconfig, --master, or in-cluster config).
@@ -780,6 +784,28 @@ mod mode_tests {
         let mut run = *cli.run;
         let notes = run.resolve(&matches).expect("resolves");
         (run, notes)
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value_and_lists_append() {
+        for prefix in [&[][..], &["run"][..]] {
+            let mut full = vec!["kube-proxy"];
+            full.extend_from_slice(prefix);
+            full.extend_from_slice(&[
+                "--metrics-bind-address=",
+                "--metrics-bind-address=127.0.0.1:10249",
+                "--node-ip=192.0.2.1",
+                "--node-ip=192.0.2.2",
+                "--manifests=/m",
+            ]);
+            let cli = <Cli as clap::Parser>::try_parse_from(&full).expect("parses");
+            let run = match cli.command {
+                Some(Command::Run(r)) => r,
+                _ => cli.run,
+            };
+            assert_eq!(run.metrics_bind_address, "127.0.0.1:10249", "{full:?}");
+            assert_eq!(run.node_ip.len(), 2, "{full:?}");
+        }
     }
 
     #[test]

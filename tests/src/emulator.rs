@@ -128,11 +128,34 @@ fn fields_match(selector: &str, obj: &Value) -> bool {
 impl Emulator {
     /// Starts the emulator on an ephemeral loopback port.
     pub async fn start() -> Self {
-        let (events, _) = broadcast::channel(4096);
-        let (drops, _) = broadcast::channel(16);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind emulator");
+        Self::serve_on(listener)
+    }
+
+    /// Starts the emulator on an ephemeral port of the loopback of the network namespace at
+    /// `netns` (for an agent running in that namespace).
+    pub async fn start_in_netns(netns: &std::path::Path) -> Self {
+        let netns = netns.to_path_buf();
+        // A thread of its own enters the namespace: the socket it makes stays there.
+        let std_listener = std::thread::spawn(move || {
+            let f = std::fs::File::open(&netns).expect("open netns");
+            // SAFETY: setns on this short-lived thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind emulator")
+        })
+        .join()
+        .expect("bind thread");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        Self::serve_on(tokio::net::TcpListener::from_std(std_listener).expect("tokio listener"))
+    }
+
+    fn serve_on(listener: tokio::net::TcpListener) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        let (drops, _) = broadcast::channel(16);
         let addr = listener.local_addr().expect("addr");
         let emu = Self {
             inner: Arc::new(Mutex::new(Inner {

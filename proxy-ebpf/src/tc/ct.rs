@@ -362,17 +362,27 @@ pub fn create_flow<const L2: usize>(ctx: &TcContext, p: &Packet, choice: &Choice
         sc.val.addr = p.src16;
         sc.val.port = p.sport;
         let mut i = 0;
+        let mut full = false;
         while i < NAT_TRIES {
             // A stride co-prime with most spans walks the range, not one neighbourhood.
             sc.key.dport = min + (start.wrapping_add(i.wrapping_mul(7919)) % span) as u16;
-            if KPR_CT
-                .insert(&sc.key, &sc.val, u64::from(BPF_NOEXIST))
-                .is_ok()
-            {
-                masq = true;
-                break;
+            match KPR_CT.insert(&sc.key, &sc.val, u64::from(BPF_NOEXIST)) {
+                Ok(()) => {
+                    masq = true;
+                    break;
+                }
+                // Taken: try the next port.
+                Err(e) if e == -EEXIST => {}
+                // The map is full (no other port would fit either).
+                Err(_) => {
+                    full = true;
+                    break;
+                }
             }
             i += 1;
+        }
+        if full {
+            return drop(drop_reason::CT_FULL);
         }
         if !masq {
             return drop(drop_reason::NAT_EXHAUSTED);

@@ -557,7 +557,22 @@ impl Topology {
     /// `kpr run` inside the node namespace, with the TC programs on every interface there
     /// (and nowhere else).
     pub fn agent_command_in_node(&self, manifests: &Path, extra: &[&str]) -> Command {
-        let mut cmd = self.agent_command_base(manifests, extra);
+        self.in_node_namespace(self.agent_command_base(manifests, extra))
+    }
+
+    /// `kpr run --kubeconfig` inside the node namespace, as [`Self::agent_command_in_node`]
+    /// (the API server must listen inside the node namespace too).
+    pub fn agent_command_api_in_node(&self, kubeconfig: &Path, extra: &[&str]) -> Command {
+        self.in_node_namespace(
+            self.agent_command_with_source(
+                &["--kubeconfig".as_ref(), kubeconfig.as_os_str()],
+                extra,
+            ),
+        )
+    }
+
+    /// `cmd` run inside the node namespace with TC programs on every interface there.
+    fn in_node_namespace(&self, mut cmd: Command) -> Command {
         cmd.args(["--tc-interfaces", "all"]);
         let ns_path = self.node.path();
         // SAFETY: only async-signal-safe calls (open, setns, close) between fork and exec.
@@ -613,6 +628,12 @@ impl Topology {
         mode: &str,
         extra: &[&str],
     ) -> ChildGuard {
+        self.start_agent_in_node(manifests, &Self::mode_agent_flags(mode, extra))
+    }
+
+    /// The flags [`Self::start_mode_agent_in_node_with`] gives an agent of `mode`.
+    #[must_use]
+    pub fn mode_agent_flags<'a>(mode: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "--proxy-mode",
             mode,
@@ -626,7 +647,7 @@ impl Topology {
             "",
         ];
         args.extend_from_slice(extra);
-        self.start_agent_in_node(manifests, &args)
+        args
     }
 
     /// Runs `program args` inside the node namespace; its stdout.

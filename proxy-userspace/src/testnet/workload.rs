@@ -14,7 +14,13 @@ fn usage() -> ! {
          \x20      kpr workload hold ADDR SECS INTERVAL_MS\n\
          \x20      kpr workload udpsendto ADDR COUNT   (one unconnected socket)\n\
          \x20      kpr workload udphold ADDR SECS INTERVAL_MS   (one connected UDP socket, \
-         reconnected after an error)"
+         reconnected after an error)\n\
+         \x20      kpr workload udpfixed ADDR SPORT SECS INTERVAL_MS   (one unconnected socket \
+         bound to SPORT)\n\
+         \x20      kpr workload bigline ADDR BYTES COUNT   (TCP: send a BYTES-long line, read \
+         its echo)\n\
+         \x20      kpr workload synflood ADDR COUNT SRC_NET   (raw TCP SYNs from random \
+         addresses of SRC_NET/16 and ports)"
     );
     std::process::exit(2)
 }
@@ -340,6 +346,155 @@ fn udp_hold(to: SocketAddr, secs: u64, interval: Duration) {
     }
 }
 
+/// A client whose UDP source port never changes (statsd, NTP, some DNS forwarders): one
+/// *unconnected* socket bound to `sport`, a datagram every `interval` for `secs`, one JSON line
+/// each: `{"t_ms": ms since start, "backend": ...}` or `{"t_ms": ..., "error": ...}`.
+fn udp_fixed(to: SocketAddr, sport: u16, secs: u64, interval: Duration) {
+    let any: IpAddr = if to.is_ipv4() { "0.0.0.0" } else { "::" }.parse().unwrap();
+    let sock = UdpSocket::bind(SocketAddr::new(any, sport)).expect("bind the fixed port");
+    sock.set_read_timeout(Some(interval.max(Duration::from_millis(50))))
+        .ok();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        let t = start.elapsed().as_millis();
+        let mut buf = [0u8; 256];
+        // Datagrams answered late (after their own timeout) are not this attempt's answer.
+        while sock.set_nonblocking(true).is_ok() && sock.recv_from(&mut buf).is_ok() {}
+        let _ = sock.set_nonblocking(false);
+        let line = match sock
+            .send_to(b"x", to)
+            .and_then(|_| sock.recv_from(&mut buf))
+        {
+            Ok((n, from)) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let backend = text.split(' ').next().unwrap_or("").to_string();
+                format!("{{\"t_ms\":{t},\"backend\":\"{backend}\",\"peer\":\"{from}\"}}")
+            }
+            Err(e) => format!("{{\"t_ms\":{t},\"error\":\"{}\"}}", errno_name(&e)),
+        };
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        let spent =
+            Duration::from_millis(u64::try_from(start.elapsed().as_millis() - t).unwrap_or(0));
+        std::thread::sleep(interval.saturating_sub(spent));
+    }
+}
+
+/// One TCP connection that sends a `bytes`-long line (full-size segments: path MTU discovery
+/// must work for them to arrive) and reads the server's echo of it.
+fn big_line(to: SocketAddr, bytes: usize) -> String {
+    let start = Instant::now();
+    let result = tcp_connect(to, None).and_then(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(s.try_clone()?);
+        let mut hello = String::new();
+        reader.read_line(&mut hello)?;
+        let mut line = vec![b'x'; bytes];
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut echo = String::new();
+        reader.read_line(&mut echo)?;
+        // The echo is "<server address> <line>".
+        let got = echo.trim_end().rsplit(' ').next().map_or(0, str::len);
+        if got == bytes {
+            Ok(hello.split(' ').next().unwrap_or("").trim().to_string())
+        } else {
+            Err(std::io::Error::other(format!(
+                "echo of {got} bytes, sent {bytes}"
+            )))
+        }
+    });
+    let ms = start.elapsed().as_millis();
+    match result {
+        Ok(backend) => format!("{{\"backend\":\"{backend}\",\"bytes\":{bytes},\"ms\":{ms}}}"),
+        Err(e) => format!("{{\"error\":\"{}\",\"ms\":{ms}}}", errno_name(&e)),
+    }
+}
+
+/// `count` TCP SYNs to `to` (IPv4) from random addresses of `src_net`/16 and random ports,
+/// through a raw socket: the half-open flood a conntrack table must survive. Prints
+/// `{"sent": n}`.
+fn syn_flood(to: SocketAddr, count: u64, src_net: std::net::Ipv4Addr) {
+    let SocketAddr::V4(to) = to else { usage() };
+    // SAFETY: plain socket(2); the descriptor is closed at exit.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let dst = sockaddr_in(to);
+    let mut rng = super::rng::FuzzRng(0x5eed_f100d);
+    let net = src_net.octets();
+    let mut sent = 0u64;
+    for _ in 0..count {
+        let r = rng.next_u64();
+        let src = [net[0], net[1], (r >> 8) as u8, (r as u8).max(1)];
+        let sport = 1024 + ((r >> 16) as u16 % 60000);
+        let pkt = syn_packet(src, *to.ip(), sport, to.port(), (r >> 32) as u32);
+        // SAFETY: pkt and dst outlive the call; lengths are theirs.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&raw const dst).cast(),
+                u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16),
+            )
+        };
+        if n > 0 {
+            sent += 1;
+        }
+    }
+    println!("{{\"sent\":{sent}}}");
+}
+
+fn sockaddr_in(a: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: u16::try_from(libc::AF_INET).unwrap_or(2),
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// The one's complement sum of `data` as 16-bit big-endian words.
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 TCP SYN with valid checksums.
+fn syn_packet(src: [u8; 4], dst: std::net::Ipv4Addr, sport: u16, dport: u16, seq: u32) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst.octets());
+    let c = csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let c = csum_fold(csum_add(csum_add(0, &pseudo), &tcp));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
 /// `count` rounds of connect + read the server's first line + close; prints the latency
 /// percentiles in microseconds.
 fn bench(to: SocketAddr, count: usize) {
@@ -424,6 +579,28 @@ pub fn run(args: &[String]) {
                 std::thread::sleep(delay);
             }
         }
+        Some("udpfixed") => udp_fixed(
+            addr(1),
+            u16::try_from(num(2, 40053)).unwrap_or(40053),
+            num(3, 5),
+            Duration::from_millis(num(4, 100)),
+        ),
+        Some("bigline") => {
+            for _ in 0..num(3, 1) {
+                println!(
+                    "{}",
+                    big_line(addr(1), usize::try_from(num(2, 65536)).unwrap_or(65536))
+                );
+                let _ = std::io::stdout().flush();
+            }
+        }
+        Some("synflood") => syn_flood(
+            addr(1),
+            num(2, 1000),
+            args.get(3)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| usage()),
+        ),
         Some("hold") => hold(addr(1), num(2, 5), Duration::from_millis(num(3, 200))),
         Some("bench") => bench(addr(1), usize::try_from(num(2, 1000)).unwrap_or(1000)),
         Some("http") => http_get(addr(1), args.get(2).map_or("/", String::as_str)),
