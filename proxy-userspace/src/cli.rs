@@ -342,6 +342,20 @@ pub struct RunArgs {
     /// applied when the map is created.
     #[arg(long, default_value_t = proxy_common::map_sizes::CONNTRACK as u32)]
     pub conntrack_max: u32,
+    /// ebpf: entries of the services map (one per frontend and scope; the reverse-NAT map
+    /// gets half). Applied when the maps are created; pinned maps smaller than this are
+    /// grown at start without breaking flows.
+    #[arg(long, default_value_t = proxy_common::map_sizes::SERVICES as u32)]
+    pub bpf_map_services: u32,
+    /// ebpf: entries of the backends map (one per backend address; the slots map gets twice
+    /// as many). Applied as --bpf-map-services.
+    #[arg(long, default_value_t = proxy_common::map_sizes::BACKENDS as u32)]
+    pub bpf_map_backends: u32,
+    /// ebpf: when a sync finds the services or backends map full, grow it (doubling, up to
+    /// 16 times its configured size) while serving, instead of refusing the Services that do
+    /// not fit.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub bpf_map_grow: bool,
     /// ebpf conntrack: how often expired flows are collected.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub conntrack_gc_interval: Duration,
@@ -641,6 +655,9 @@ impl RunArgs {
                     maglev_table_size: self.maglev_table_size,
                     gc_interval: self.conntrack_gc_interval,
                     conntrack_max: self.conntrack_max.max(1024),
+                    services_max: self.bpf_map_services.max(16),
+                    backends_max: self.bpf_map_backends.max(16),
+                    grow_maps: self.bpf_map_grow,
                 },
                 allow_child_cgroup: self.allow_child_cgroup,
                 allow_private_bpffs: self.allow_private_bpffs,

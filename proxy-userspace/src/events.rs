@@ -51,6 +51,7 @@ struct Pending {
 }
 
 static SINK: OnceLock<mpsc::UnboundedSender<Pending>> = OnceLock::new();
+static NODE: OnceLock<String> = OnceLock::new();
 
 /// Starts recording through `client`, as controller `kube-proxy` (what dashboards and
 /// `kubectl get events --field-selector reportingController=kube-proxy` look for), instance
@@ -60,6 +61,7 @@ pub fn start(client: kube::Client, node: &str) {
     if SINK.set(tx).is_err() {
         return;
     }
+    let _ = NODE.set(node.to_string());
     let recorder = Recorder::new(
         client,
         Reporter {
@@ -74,6 +76,13 @@ pub fn start(client: kube::Client, node: &str) {
             }
         }
     });
+}
+
+/// Records an Event about this node (no-op without an API server).
+pub fn record_on_node(warning: bool, reason: &str, action: &str, note: impl Into<String>) {
+    if let Some(node) = NODE.get() {
+        record(Regarding::Node(node.clone()), warning, reason, action, note);
+    }
 }
 
 /// Records an Event (no-op without an API server).

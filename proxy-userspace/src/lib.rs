@@ -42,8 +42,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A BPF map operation failed.
-    #[error("{op} {map}: {source}")]
+    /// A BPF map operation failed (the kernel's errno included: "No space left", say).
+    #[error("{op} {map}: {}{}", with_causes(source), full_hint(source))]
     Map {
         map: String,
         op: &'static str,
@@ -171,6 +171,17 @@ impl Error {
         }
     }
 
+    /// The map that had no room (as [`Error::is_map_full`]), by name.
+    #[must_use]
+    pub fn full_map(&self) -> Option<&str> {
+        match self {
+            Self::MapFull { map, .. } => Some(map),
+            Self::Context { source, .. } => source.full_map(),
+            Self::Map { map, .. } if self.is_map_full() => Some(map),
+            _ => None,
+        }
+    }
+
     /// True when a map had no room: kpr's own id spaces, or the kernel refusing an insert
     /// with E2BIG or ENOSPC (through any context).
     #[must_use]
@@ -188,3 +199,31 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// " (the map is full)" when the kernel refused with E2BIG or ENOSPC (what a full hash map
+/// says, in words an operator would not guess).
+fn full_hint(e: &aya::maps::MapError) -> &'static str {
+    match e {
+        aya::maps::MapError::SyscallError(s)
+            if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) =>
+        {
+            " (the map is full)"
+        }
+        _ => "",
+    }
+}
+
+/// `e` and each error it was caused by, joined by ": ".
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}

@@ -246,13 +246,14 @@ fn host_safe(mut cmd: Command) -> Command {
         "false",
         "--fallback-renderer",
         "none",
-    ])
-    .args([
-        "--healthz-bind-address",
-        "127.0.0.1:0",
-        "--metrics-bind-address",
-        "127.0.0.1:0",
     ]);
+    // Servers on loopback only (ephemeral ports), unless the test chose an address itself.
+    for flag in ["--healthz-bind-address", "--metrics-bind-address"] {
+        let given = cmd.get_args().any(|a| a == flag);
+        if !given {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
+    }
     cmd
 }
 

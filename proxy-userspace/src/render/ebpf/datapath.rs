@@ -404,18 +404,37 @@ pub fn object_hash() -> String {
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     pub root: PathBuf,
+    /// The directory under `root` this build's maps and links live in: `v<layout version>`,
+    /// or [`STAGING_DIR`] while maps of new sizes are filled.
+    dir: String,
 }
+
+/// Where a resize builds the maps of their new sizes before they replace the live ones.
+pub const STAGING_DIR: &str = "resizing";
 
 impl PinLayout {
     #[must_use]
     pub fn new(bpf_fs_path: &Path) -> Self {
         Self {
             root: bpf_fs_path.to_path_buf(),
+            dir: format!("v{MAP_LAYOUT_VERSION}"),
+        }
+    }
+    /// The layout a resize fills before swapping it in (see [`finish_resize`]).
+    #[must_use]
+    pub fn staging(bpf_fs_path: &Path) -> Self {
+        Self {
+            root: bpf_fs_path.to_path_buf(),
+            dir: STAGING_DIR.into(),
         }
     }
     #[must_use]
+    pub fn is_staging(&self) -> bool {
+        self.dir == STAGING_DIR
+    }
+    #[must_use]
     pub fn versioned(&self) -> PathBuf {
-        self.root.join(format!("v{MAP_LAYOUT_VERSION}"))
+        self.root.join(&self.dir)
     }
     #[must_use]
     pub fn maps_dir(&self) -> PathBuf {
@@ -656,31 +675,45 @@ fn link_dirs_in(version_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Copies the conntrack entries of older layouts' maps into this layout's, when the entry
-/// format is the same size (a layout change elsewhere); entries already there are kept.
-/// Returns how many were copied.
+/// Copies the per-flow state of older layouts' maps into this layout's: conntrack (TC flows),
+/// socket reverse NAT (connected UDP sockets' replies), session affinity and least-conn
+/// counts, each when its entry format is the same size (a layout change elsewhere); entries
+/// already there are kept. Returns how many conntrack entries were copied.
 fn carry_conntrack(layout: &PinLayout, older: &[PathBuf]) -> usize {
-    use aya::maps::HashMap as BpfHashMap;
-    use proxy_common::{CtKey, CtValue};
-    let Ok(new) = MapData::from_pin(layout.map(map_names::CONNTRACK)) else {
-        return 0;
+    use proxy_common::{
+        AffinityKey, AffinityValue, CtKey, CtValue, SockRevNatKey, SockRevNatValue,
     };
-    let Ok(mut new) = BpfHashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::HashMap(new))
-    else {
+    let copied = carry::<CtKey, CtValue>(layout, older, map_names::CONNTRACK);
+    carry::<SockRevNatKey, SockRevNatValue>(layout, older, map_names::SOCK_REVNAT);
+    carry::<AffinityKey, AffinityValue>(layout, older, map_names::AFFINITY);
+    carry::<u32, u32>(layout, older, map_names::BACKEND_CONNS);
+    copied
+}
+
+/// Copies the entries of map `name` (a hash or LRU hash map) from `older` layouts into
+/// `layout`'s; returns how many were copied.
+fn carry<K: aya::Pod, V: aya::Pod>(layout: &PinLayout, older: &[PathBuf], name: &str) -> usize {
+    use aya::maps::HashMap as BpfHashMap;
+    let open = |path: &Path| -> std::result::Result<BpfHashMap<MapData, K, V>, String> {
+        let data = MapData::from_pin(path).map_err(|e| e.to_string())?;
+        let map = aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())?;
+        // A map of another entry format is refused here (sizes differ).
+        BpfHashMap::try_from(map).map_err(|e| e.to_string())
+    };
+    let Ok(mut new) = open(&layout.map(name)) else {
         return 0;
     };
     let mut copied = 0;
     for v in older {
-        let path = v.join("maps").join(map_names::CONNTRACK);
-        let Ok(old) = MapData::from_pin(&path) else {
+        let path = v.join("maps").join(name);
+        if !path.exists() {
             continue;
-        };
-        // A map of another entry format is refused here (sizes differ): its flows are lost.
-        let old = match BpfHashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::HashMap(old)) {
+        }
+        let old = match open(&path) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(
-                    "the conntrack entries of {} cannot be carried over ({e}): flows through the TC path restart",
+                    "the entries of {} cannot be carried over ({e}): its flows restart",
                     path.display()
                 );
                 continue;
@@ -696,32 +729,124 @@ fn carry_conntrack(layout: &PinLayout, older: &[PathBuf]) -> usize {
     copied
 }
 
+/// Entries of the maps whose sizes the operator sets, applied when the maps are created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `KPR_SERVICES` (one entry per frontend and scope); `KPR_REVNAT` gets half.
+    pub services: u32,
+    /// `KPR_BACKENDS` (one entry per backend address); `KPR_SLOTS` gets twice as many.
+    pub backends: u32,
+    /// `KPR_CT`.
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        #[expect(clippy::cast_possible_truncation, reason = "constants below 2^32")]
+        Self {
+            services: proxy_common::map_sizes::SERVICES as u32,
+            backends: proxy_common::map_sizes::BACKENDS as u32,
+            conntrack: proxy_common::map_sizes::CONNTRACK as u32,
+        }
+    }
+}
+
+impl MapSizes {
+    /// Each sized map's `max_entries`.
+    #[must_use]
+    pub fn entries(&self) -> [(&'static str, u32); 5] {
+        [
+            (map_names::SERVICES, self.services.max(16)),
+            (map_names::REVNAT, (self.services / 2).max(16)),
+            (map_names::BACKENDS, self.backends.max(16)),
+            (
+                map_names::BACKEND_SLOTS,
+                self.backends.saturating_mul(2).max(32),
+            ),
+            (map_names::CONNTRACK, self.conntrack.max(1024)),
+        ]
+    }
+
+    /// The sizes of the maps pinned under `layout` (None: not pinned, or unreadable).
+    #[must_use]
+    pub fn pinned(layout: &PinLayout) -> Option<Self> {
+        let size = |name: &str| -> Option<u32> {
+            MapData::from_pin(layout.map(name))
+                .ok()?
+                .info()
+                .ok()
+                .map(|i| i.max_entries())
+        };
+        Some(Self {
+            services: size(map_names::SERVICES)?,
+            backends: size(map_names::BACKENDS)?,
+            conntrack: size(map_names::CONNTRACK)?,
+        })
+    }
+}
+
+/// Makes the filled staging layout the live one: `complete` has swapped its programs into
+/// the links and removed the older pins; the staging directory takes the live one's name.
+///
+/// # Errors
+/// The rename failed (the staging layout keeps serving under its own name; the next start
+/// finishes the rename).
+pub fn finish_resize(root: &Path) -> Result<PinLayout> {
+    let live = PinLayout::new(root);
+    let staging = PinLayout::staging(root);
+    if live.versioned().exists() {
+        let _ = fs::remove_dir_all(live.versioned());
+    }
+    fs::rename(staging.versioned(), live.versioned())
+        .map_err(|e| Error::io(staging.versioned(), e).context("making the resized maps live"))?;
+    Ok(live)
+}
+
+/// At start: a resize interrupted before its swap leaves a staging directory beside the live
+/// one (removed: the live one serves); one interrupted after its swap leaves only the
+/// staging directory, holding the links (renamed into place).
+pub fn recover_resize(root: &Path) {
+    let live = PinLayout::new(root);
+    let staging = PinLayout::staging(root);
+    if !staging.versioned().exists() {
+        return;
+    }
+    let live_links = !link_dirs_in(&live.versioned()).is_empty();
+    let staged_links = link_dirs_in(&staging.versioned())
+        .iter()
+        .any(|d| fs::read_dir(d).into_iter().flatten().next().is_some());
+    if live_links || !staged_links {
+        tracing::warn!("removing the maps of an interrupted resize (the live maps serve)");
+        let _ = fs::remove_dir_all(staging.versioned());
+    } else {
+        tracing::warn!("finishing an interrupted resize: its maps hold the links");
+        if let Err(e) = finish_resize(root) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
 /// Makes sure this build's programs are attached to `cgroup` with pinned links and the maps
 /// are pinned; adopts what is already there.
 ///
 /// # Errors
 /// No bpffs, an unusable cgroup path, or the kernel refused to load or attach.
 pub fn ensure_loaded(layout: &PinLayout, cgroup: &Path) -> Result<LoadOutcome> {
-    ensure_loaded_sized(
-        layout,
-        cgroup,
-        proxy_common::map_sizes::CONNTRACK as u32,
-        true,
-    )
+    ensure_loaded_sized(layout, cgroup, MapSizes::default(), true)
 }
 
-/// [`ensure_loaded`] with a conntrack map of `conntrack_max` entries. The size applies when
-/// the map is created; a pinned map of another size is kept (its flows live) and reported.
+/// [`ensure_loaded`] with maps of `sizes`. The sizes apply when the maps are created; pinned
+/// maps of other sizes are kept (the renderer grows them without breaking flows).
 ///
 /// # Errors
 /// As [`ensure_loaded`].
 pub fn ensure_loaded_sized(
     layout: &PinLayout,
     cgroup: &Path,
-    conntrack_max: u32,
+    sizes: MapSizes,
     may_mount_bpffs: bool,
 ) -> Result<LoadOutcome> {
-    match ensure_loaded_staged(layout, cgroup, conntrack_max, may_mount_bpffs)? {
+    match ensure_loaded_staged(layout, cgroup, sizes, may_mount_bpffs)? {
         (_, Some(staged)) => {
             staged.complete(layout)?;
             Ok(LoadOutcome::Upgraded)
@@ -739,28 +864,20 @@ pub fn ensure_loaded_sized(
 pub fn ensure_loaded_staged(
     layout: &PinLayout,
     cgroup: &Path,
-    conntrack_max: u32,
+    sizes: MapSizes,
     may_mount_bpffs: bool,
 ) -> Result<(LoadOutcome, Option<StagedUpgrade>)> {
     check_bpffs(&layout.root, may_mount_bpffs)?;
-    let outcome = ensure_loaded_inner(layout, cgroup, conntrack_max)?;
-    if let Ok(m) = MapData::from_pin(layout.map(map_names::CONNTRACK))
-        && let Ok(info) = m.info()
-        && info.max_entries() != conntrack_max
-    {
-        tracing::warn!(
-            pinned = info.max_entries(),
-            configured = conntrack_max,
-            "the pinned conntrack map keeps its size (its flows stay); `kpr cleanup` and a restart apply --conntrack-max"
-        );
+    if !layout.is_staging() {
+        recover_resize(&layout.root);
     }
-    Ok(outcome)
+    ensure_loaded_inner(layout, cgroup, sizes)
 }
 
 fn ensure_loaded_inner(
     layout: &PinLayout,
     cgroup: &Path,
-    conntrack_max: u32,
+    sizes: MapSizes,
 ) -> Result<(LoadOutcome, Option<StagedUpgrade>)> {
     check_object()?;
     let hash = object_hash();
@@ -780,9 +897,12 @@ fn ensure_loaded_inner(
     let cgroup_file = fs::File::open(cgroup).map_err(|e| {
         Error::io(cgroup, e).context("opening the cgroup to attach to (--cgroup-path)")
     })?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(layout.maps_dir())
-        .map_max_entries(map_names::CONNTRACK, conntrack_max)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(layout.maps_dir());
+    for (name, entries) in sizes.entries() {
+        loader.map_max_entries(name, entries);
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| Error::Object(Box::new(e)))?;
     let older = layout.other_layouts();

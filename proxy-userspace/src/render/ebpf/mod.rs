@@ -59,7 +59,17 @@ pub struct DatapathConfig {
     pub gc_interval: Duration,
     /// Entries of the conntrack map (applied when the map is created).
     pub conntrack_max: u32,
+    /// Entries of the services and backends maps (applied when the maps are created, or
+    /// by a resize when the pinned ones are smaller).
+    pub services_max: u32,
+    pub backends_max: u32,
+    /// Grow a map a sync finds full (doubling it, up to [`MAX_GROWTH`] times its configured
+    /// size) instead of refusing the Services that do not fit.
+    pub grow_maps: bool,
 }
+
+/// How far a full map may grow past its configured size.
+pub const MAX_GROWTH: u32 = 16;
 
 impl Default for DatapathConfig {
     fn default() -> Self {
@@ -69,6 +79,9 @@ impl Default for DatapathConfig {
             maglev_table_size: proxy_common::MAGLEV_TABLE_SIZE,
             gc_interval: Duration::from_secs(10),
             conntrack_max: map_sizes::CONNTRACK as u32,
+            services_max: map_sizes::SERVICES as u32,
+            backends_max: map_sizes::BACKENDS as u32,
+            grow_maps: true,
         }
     }
 }
@@ -111,6 +124,28 @@ pub struct EbpfRenderer {
     /// Loaded but not attached yet: another map layout's build serves until the first
     /// successful full sync filled this build's maps.
     staged: Option<datapath::StagedUpgrade>,
+    /// The cgroup the socket programs are attached to (a resize attaches there).
+    cgroup_path: PathBuf,
+    /// Sizes the pinned maps should grow to at the first full sync (they were pinned smaller
+    /// than configured).
+    pending_resize: Option<datapath::MapSizes>,
+    /// Syncs that found a map full, by map.
+    map_full: std::collections::BTreeMap<String, u64>,
+    resizes: u64,
+    /// A full map could not grow (at its limit, or growth is off): said once.
+    growth_refused: bool,
+}
+
+impl DatapathConfig {
+    /// The map sizes this configuration asks for.
+    #[must_use]
+    pub fn map_sizes(&self) -> datapath::MapSizes {
+        datapath::MapSizes {
+            services: self.services_max,
+            backends: self.backends_max,
+            conntrack: self.conntrack_max,
+        }
+    }
 }
 
 impl EbpfRenderer {
@@ -124,12 +159,29 @@ impl EbpfRenderer {
         if !cfg.allow_child_cgroup {
             datapath::check_root_cgroup(&cfg.cgroup_path)?;
         }
+        let wanted = cfg.datapath.map_sizes();
         let (outcome, staged) = datapath::ensure_loaded_staged(
             &layout,
             &cfg.cgroup_path,
-            cfg.datapath.conntrack_max,
+            wanted,
             cfg.allow_private_bpffs,
         )?;
+        // Maps pinned smaller than configured grow at the first full sync (flows kept).
+        let pending_resize = datapath::MapSizes::pinned(&layout).and_then(|pinned| {
+            let grown = datapath::MapSizes {
+                services: pinned.services.max(wanted.services),
+                backends: pinned.backends.max(wanted.backends),
+                conntrack: pinned.conntrack.max(wanted.conntrack),
+            };
+            (grown != pinned).then(|| {
+                tracing::info!(
+                    ?pinned,
+                    ?grown,
+                    "the pinned maps are smaller than configured: they grow at the first sync"
+                );
+                grown
+            })
+        });
         if staged.is_some() {
             tracing::info!(
                 "a kpr with another map layout is running: it keeps serving until this one's maps are filled"
@@ -142,6 +194,8 @@ impl EbpfRenderer {
             // collector like its own.
             conntrack_held: takeover::held(),
             staged,
+            cgroup_path: cfg.cgroup_path.clone(),
+            pending_resize,
             ..Self::with_maps(layout)?
         };
         renderer.attach_tc()?;
@@ -170,7 +224,184 @@ impl EbpfRenderer {
             kernel_flows_recorded: false,
             conntrack_held: false,
             staged: None,
+            cgroup_path: PathBuf::new(),
+            pending_resize: None,
+            map_full: std::collections::BTreeMap::new(),
+            resizes: 0,
+            growth_refused: false,
         })
+    }
+
+    /// After a sync: counts full maps, and grows them when growth is on (the fill's report
+    /// then replaces `report`: what did not fit is programmed now).
+    fn grow_if_full(&mut self, desired: &DesiredState, report: &mut SyncReport) {
+        let full: BTreeSet<String> = report
+            .errors
+            .iter()
+            .filter_map(Error::full_map)
+            .map(str::to_string)
+            .collect();
+        for m in &full {
+            *self.map_full.entry(m.clone()).or_default() += 1;
+        }
+        if self.staged.is_some() {
+            return;
+        }
+        let Some(current) = datapath::MapSizes::pinned(&self.layout) else {
+            return;
+        };
+        let mut want = self.pending_resize.take().unwrap_or(current);
+        let grows = |m: &str, names: [&str; 2]| names.contains(&m);
+        let services_full = |m: &str| grows(m, [map_names::SERVICES, map_names::REVNAT]);
+        let backends_full = |m: &str| grows(m, [map_names::BACKENDS, map_names::BACKEND_SLOTS]);
+        // Room for what is desired now and a quarter more: each frontend takes up to two
+        // service entries and one reverse-NAT entry (that map gets half the services size).
+        let frontends = u32::try_from(desired.frontends.len()).unwrap_or(u32::MAX);
+        let fit = |n: u32| {
+            n.saturating_add(n / 4)
+                .checked_next_power_of_two()
+                .unwrap_or(u32::MAX)
+        };
+        if full.iter().any(|m| services_full(m)) {
+            want.services = want
+                .services
+                .max(current.services.saturating_mul(2))
+                .max(fit(frontends.saturating_mul(2)));
+        }
+        if full.iter().any(|m| backends_full(m)) {
+            want.backends = want.backends.max(current.backends.saturating_mul(2));
+        }
+        if want == current {
+            return;
+        }
+        let limit = self.datapath.map_sizes();
+        let over = |w: &datapath::MapSizes| {
+            w.services
+                > limit
+                    .services
+                    .saturating_mul(MAX_GROWTH)
+                    .max(current.services)
+                || w.backends
+                    > limit
+                        .backends
+                        .saturating_mul(MAX_GROWTH)
+                        .max(current.backends)
+        };
+        let configured = want.services <= limit.services && want.backends <= limit.backends;
+        if !configured && (!self.datapath.grow_maps || over(&want)) {
+            if !self.growth_refused {
+                let why = if over(&want) {
+                    format!("they would pass {MAX_GROWTH} times their configured size")
+                } else {
+                    "--bpf-map-grow=false".to_string()
+                };
+                let note = format!(
+                    "BPF maps {} are full and do not grow ({why}): Services that do not fit are not programmed; raise --bpf-map-services / --bpf-map-backends",
+                    full.iter().cloned().collect::<Vec<_>>().join(", ")
+                );
+                tracing::error!("{note}");
+                crate::events::record_on_node(true, "BPFMapFull", "Sync", note);
+                self.growth_refused = true;
+            }
+            return;
+        }
+        let started = Instant::now();
+        let mut attempt = self.resize(desired, want);
+        // Still too small (more backends per frontend than guessed, say): double what filled.
+        for _ in 0..4 {
+            let Err(e) = &attempt else { break };
+            let Some(m) = e.full_map().map(str::to_string) else {
+                break;
+            };
+            let mut next = want;
+            if services_full(&m) {
+                next.services = next.services.saturating_mul(2);
+            } else if backends_full(&m) {
+                next.backends = next.backends.saturating_mul(2);
+            }
+            if next == want || over(&next) {
+                break;
+            }
+            want = next;
+            attempt = self.resize(desired, want);
+        }
+        match attempt {
+            Ok(filled) => {
+                self.resizes += 1;
+                self.growth_refused = false;
+                let note = format!(
+                    "BPF maps resized from {current:?} to {want:?} in {} ms, flows kept{}",
+                    started.elapsed().as_millis(),
+                    if full.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " ({} were full)",
+                            full.iter().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                );
+                tracing::info!("{note}");
+                crate::events::record_on_node(false, "BPFMapResized", "Resize", note);
+                *report = filled;
+            }
+            Err(e) => report.errors.push(e.context("growing the BPF maps")),
+        }
+    }
+
+    /// Builds maps of `want` sizes beside the live ones, fills them with the whole desired
+    /// state, carries the per-flow state over and swaps this build's programs, bound to the
+    /// new maps, into the running links (atomically per link): no flow is broken. On an error
+    /// before the swap the live maps keep serving, untouched.
+    fn resize(&mut self, desired: &DesiredState, want: datapath::MapSizes) -> Result<SyncReport> {
+        let root = self.layout.root.clone();
+        let staging = PinLayout::staging(&root);
+        let _ = std::fs::remove_dir_all(staging.versioned());
+        let (_, staged) = datapath::ensure_loaded_staged(&staging, &self.cgroup_path, want, false)?;
+        let Some(staged) = staged else {
+            let _ = std::fs::remove_dir_all(staging.versioned());
+            return Err(Error::Unsupported(
+                "resizing needs a running datapath to take over from".into(),
+            ));
+        };
+        let maps = PinnedMaps::open(&staging)?;
+        let live = (
+            std::mem::replace(&mut self.layout, staging),
+            std::mem::replace(&mut self.maps, maps),
+            std::mem::take(&mut self.diff),
+            self.node_config.take(),
+            self.pod_cidrs.take(),
+        );
+        let mut report = SyncReport::default();
+        self.sync_node_config(desired, &mut report);
+        let (stats, errors) = self.sync_batched(desired);
+        let mut report = self.finish(stats, errors, report);
+        let swapped = if report.errors.is_empty() {
+            staged.complete(&self.layout)
+        } else {
+            let mut errors = std::mem::take(&mut report.errors);
+            Err(errors
+                .remove(0)
+                .context("filling the maps of the new sizes"))
+        };
+        if let Err(e) = swapped {
+            // Back to the live maps (which served throughout).
+            let staging_dir = self.layout.versioned();
+            (
+                self.layout,
+                self.maps,
+                self.diff,
+                self.node_config,
+                self.pod_cidrs,
+            ) = live;
+            let _ = std::fs::remove_dir_all(staging_dir);
+            return Err(e);
+        }
+        self.layout = datapath::finish_resize(&root)?;
+        if let Err(e) = self.attach_tc() {
+            tracing::warn!("attaching the TC programs after the resize: {e}");
+        }
+        Ok(report)
     }
 
     /// Replaces the datapath settings (before the first sync).
@@ -555,6 +786,8 @@ impl Renderer for EbpfRenderer {
                 ),
             }
         }
+        let mut report = report;
+        self.grow_if_full(desired, &mut report);
         report
     }
 
@@ -566,7 +799,9 @@ impl Renderer for EbpfRenderer {
         let mut report = SyncReport::default();
         self.sync_node_config(desired, &mut report);
         let (stats, errors) = self.diff.sync_keys(desired, keys, &mut self.maps);
-        self.finish(stats, errors, report)
+        let mut report = self.finish(stats, errors, report);
+        self.grow_if_full(desired, &mut report);
+        report
     }
 
     fn tick(&mut self) {
@@ -639,6 +874,39 @@ impl Renderer for EbpfRenderer {
                 c.kernel_nat_flows as f64,
             ),
         ];
+        out.push(plain(
+            "bpf_map_resizes_total",
+            "Times the load-balancing maps were grown (or resized to the configured sizes) while serving.",
+            MetricKind::Counter,
+            self.resizes as f64,
+        ));
+        for (map, n) in &self.map_full {
+            out.push(ModeMetric {
+                labels: vec![("map", map.clone())],
+                ..plain(
+                    "bpf_map_full_total",
+                    "Syncs that found a BPF map full, by map.",
+                    MetricKind::Counter,
+                    *n as f64,
+                )
+            });
+        }
+        if let Some(sizes) = datapath::MapSizes::pinned(&self.layout) {
+            for (map, entries) in [
+                (map_names::SERVICES, sizes.services),
+                (map_names::BACKENDS, sizes.backends),
+            ] {
+                out.push(ModeMetric {
+                    labels: vec![("map", map.to_string())],
+                    ..plain(
+                        "bpf_map_capacity",
+                        "Entries a sized BPF map can hold.",
+                        MetricKind::Gauge,
+                        f64::from(entries),
+                    )
+                });
+            }
+        }
         for (i, name) in drop_reason::NAMES.iter().enumerate() {
             out.push(ModeMetric {
                 labels: vec![("reason", (*name).to_string())],
