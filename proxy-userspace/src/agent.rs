@@ -198,6 +198,72 @@ pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Rend
     }
 }
 
+fn initial_status(
+    cfg: &AgentConfig,
+    mode: ProxyMode,
+    choice: ModeChoice,
+) -> crate::serve::AgentStatus {
+    crate::serve::AgentStatus {
+        sync_period: cfg.sync_period,
+        mode,
+        mode_choice: Some(choice),
+        node_eligible: true,
+        configz: cfg.configz.clone(),
+        ..Default::default()
+    }
+}
+
+/// Starts the renderer. A datapath the kernel refuses in the ebpf mode (no bpffs, no cgroup v2
+/// mounted, a verifier rejection, a map it will not create) is retried with a backoff up to
+/// 30 s while `/healthz` says unhealthy, `kpr_datapath_start_failures_total` counts and a
+/// `FailedToStartDatapath` Event says why: what a previous agent programmed keeps serving
+/// meanwhile, and a mount that appears later is picked up without a restart. Other modes, and
+/// a misconfiguration (a child cgroup without `--allow-child-cgroup`), fail at once.
+async fn start_renderer_retrying(
+    mode: ProxyMode,
+    cfg: &AgentConfig,
+    status: &crate::serve::SharedStatus,
+) -> Result<Option<Box<dyn Renderer>>> {
+    if mode != ProxyMode::Ebpf {
+        return start_renderer(mode, cfg).map(Some);
+    }
+    if !cfg.ebpf.allow_child_cgroup && cfg.ebpf.cgroup_path.join("cgroup.type").exists() {
+        crate::render::ebpf::datapath::check_root_cgroup(&cfg.ebpf.cgroup_path)?;
+    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut delay = Duration::from_secs(1);
+    let mut last_error = String::new();
+    loop {
+        let e = match start_renderer(mode, cfg) {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) => e.to_string(),
+        };
+        if let Ok(mut s) = status.lock() {
+            s.datapath_start_failures += 1;
+        }
+        tracing::error!(
+            retry_in_secs = delay.as_secs(),
+            "starting the {mode} datapath: {e} (what is programmed keeps serving; retrying)"
+        );
+        if e != last_error {
+            crate::events::record_on_node(
+                true,
+                "FailedToStartDatapath",
+                "Start",
+                format!("kpr could not start its {mode} datapath (retrying): {e}"),
+            );
+            last_error = e;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(None),
+            _ = sigterm.recv() => return Ok(None),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Network-programming latency: from an EndpointSlice's
 /// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that programmed it
 /// (upstream's `network_programming_duration_seconds`).
@@ -250,14 +316,24 @@ pub struct Syncer {
 impl Syncer {
     #[must_use]
     pub fn new(cfg: &AgentConfig, renderer: Box<dyn Renderer>, choice: ModeChoice) -> Self {
-        let status = crate::serve::AgentStatus {
-            sync_period: cfg.sync_period,
-            mode: renderer.mode(),
-            mode_choice: Some(choice),
-            node_eligible: true,
-            configz: cfg.configz.clone(),
-            ..Default::default()
-        };
+        let status = initial_status(cfg, renderer.mode(), choice);
+        Self::with_status(
+            cfg,
+            renderer,
+            std::sync::Arc::new(std::sync::Mutex::new(status)),
+        )
+    }
+
+    /// A syncer reporting into `status` (already served while the datapath started).
+    #[must_use]
+    pub fn with_status(
+        cfg: &AgentConfig,
+        renderer: Box<dyn Renderer>,
+        status: crate::serve::SharedStatus,
+    ) -> Self {
+        if let Ok(mut s) = status.lock() {
+            s.datapath_started = true;
+        }
         Self {
             store: Store::default(),
             node: cfg.node.clone(),
@@ -267,7 +343,7 @@ impl Syncer {
             pending_triggers: Vec::new(),
             failing_services: std::collections::BTreeSet::new(),
             latency: ProgrammingLatency::default(),
-            status: std::sync::Arc::new(std::sync::Mutex::new(status)),
+            status,
             health_checks: std::collections::BTreeMap::new(),
             desired: DesiredCache::default(),
             proxy: cfg.proxy.clone(),
@@ -634,12 +710,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     crate::metrics::init(choice.mode, families);
     crate::render::apply_mode_defaults(choice.mode, &mut cfg.proxy, cfg.node_port_addresses_given);
-    let renderer = start_renderer(choice.mode, &cfg)?;
+    // The API client first, so a datapath that does not start can say so in an Event; the
+    // health and metrics servers too, so it shows.
+    let client = match &cfg.source {
+        SourceConfig::Api(api) => {
+            let client = crate::source::api::client(api).await?;
+            crate::events::start(client.clone(), &api.node_name);
+            Some(client)
+        }
+        SourceConfig::Manifests { .. } => None,
+    };
+    let status = std::sync::Arc::new(std::sync::Mutex::new(initial_status(
+        &cfg,
+        choice.mode,
+        choice.clone(),
+    )));
+    crate::serve::start(cfg.healthz_bind, cfg.metrics_bind, status.clone()).await;
+    let Some(renderer) = start_renderer_retrying(choice.mode, &cfg, &status).await? else {
+        tracing::info!("stopped before the datapath started");
+        return Ok(());
+    };
     // What another mode (or kube-proxy) left is removed only once this mode's datapath holds
     // every Service (the first successful full sync): until then the old rules keep serving,
     // so a takeover drops no connection.
     let mut cleanup_pending = cfg.cleanup_other_modes;
-    let mut syncer = Syncer::new(&cfg, renderer, choice);
+    let mut syncer = Syncer::with_status(&cfg, renderer, status);
     tracing::info!(mode = %syncer.mode(), node = %cfg.node.name, "kpr agent started");
     let (tx, mut rx) = mpsc::channel::<Change>(1024);
     match &cfg.source {
@@ -649,8 +744,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tx,
         ),
         SourceConfig::Api(api) => {
-            let client = crate::source::api::client(api).await?;
-            crate::events::start(client.clone(), &api.node_name);
+            let client = client.expect("made above for the API source");
             crate::events::record(
                 crate::events::Regarding::Node(api.node_name.clone()),
                 false,
@@ -664,7 +758,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("SIGTERM handler", e))?;
-    crate::serve::start(cfg.healthz_bind, cfg.metrics_bind, syncer.status.clone()).await;
     let mut health = crate::serve::HealthChecks::default();
     health.status = Some(syncer.status.clone());
     let mut interfaces = tokio::time::interval(Duration::from_secs(2));

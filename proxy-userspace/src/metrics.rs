@@ -378,6 +378,21 @@ impl prometheus::core::Collector for KprCollector {
                 plain(MetricKind::Gauge, s.last_sync_secs),
             ),
             family(
+                "kpr_datapath_start_failures_total",
+                "Attempts to start the datapath that the kernel refused (no bpffs, no cgroup v2, a verifier rejection...); the agent retries.",
+                c,
+                plain(MetricKind::Counter, s.datapath_start_failures as f64),
+            ),
+            family(
+                "kpr_datapath_started",
+                "1 once the datapath is loaded and attached.",
+                g,
+                plain(
+                    MetricKind::Gauge,
+                    if s.datapath_started { 1.0 } else { 0.0 },
+                ),
+            ),
+            family(
                 "kpr_frontends",
                 "Frontends programmed.",
                 g,

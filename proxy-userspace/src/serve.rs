@@ -48,6 +48,10 @@ pub struct AgentStatus {
     pub node_eligible: bool,
     /// The effective configuration (`/configz`).
     pub configz: String,
+    /// The datapath could not be started (the kernel refused), counted per attempt; while it
+    /// is not started the agent is unhealthy.
+    pub datapath_start_failures: u64,
+    pub datapath_started: bool,
 }
 
 pub type SharedStatus = Arc<Mutex<AgentStatus>>;
@@ -72,7 +76,8 @@ fn health_peek(status: &SharedStatus) -> (StatusCode, String) {
 fn health_of(status: &SharedStatus, livez: bool) -> (StatusCode, String) {
     let s = status.lock().expect("status lock");
     let timeout = s.sync_period * 2;
-    let healthy = s.oldest_pending.is_none_or(|t| t.elapsed() < timeout);
+    let healthy = s.oldest_pending.is_none_or(|t| t.elapsed() < timeout)
+        && (s.datapath_started || s.datapath_start_failures == 0);
     let eligible = s.node_eligible;
     let ok = healthy && (livez || eligible);
     let stamp = |t: Option<jiff::Timestamp>| {

@@ -527,15 +527,24 @@ fn bpffs_below(path: &Path) -> bool {
 /// # Errors
 /// Not a cgroup v2 directory, or not a root one.
 pub fn check_root_cgroup(cgroup: &Path) -> Result<()> {
-    if !cgroup.join("cgroup.procs").exists() {
-        return Err(Error::invalid(format!(
-            "--cgroup-path {} is not a cgroup v2 directory (no cgroup.procs): mount the host's /sys/fs/cgroup",
-            cgroup.display()
-        )));
-    }
+    check_cgroup_v2(cgroup)?;
     if cgroup.join("cgroup.type").exists() {
         return Err(Error::invalid(format!(
             "--cgroup-path {} is not the node's root cgroup (it has cgroup.type): processes outside it, pods included, would not be load-balanced. Mount the host's /sys/fs/cgroup (hostPath) and point --cgroup-path at it, or pass --allow-child-cgroup",
+            cgroup.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `cgroup` is a cgroup v2 directory.
+///
+/// # Errors
+/// It is not (nothing mounted there, or cgroup v1).
+pub fn check_cgroup_v2(cgroup: &Path) -> Result<()> {
+    if !cgroup.join("cgroup.procs").exists() {
+        return Err(Error::invalid(format!(
+            "--cgroup-path {} is not a cgroup v2 directory (no cgroup.procs): mount the host's /sys/fs/cgroup",
             cgroup.display()
         )));
     }

@@ -156,7 +156,9 @@ impl EbpfRenderer {
     /// The datapath could not be loaded or its maps opened.
     pub fn start(cfg: &EbpfConfig) -> Result<(Self, LoadOutcome)> {
         let layout = PinLayout::new(&cfg.bpf_fs_path);
-        if !cfg.allow_child_cgroup {
+        if cfg.allow_child_cgroup {
+            datapath::check_cgroup_v2(&cfg.cgroup_path)?;
+        } else {
             datapath::check_root_cgroup(&cfg.cgroup_path)?;
         }
         let wanted = cfg.datapath.map_sizes();
