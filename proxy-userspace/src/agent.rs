@@ -697,6 +697,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     for c in choice.checks.iter().filter(|c| !c.ok) {
         tracing::info!(feature = c.feature, since = c.since, detail = %c.detail, "kernel feature missing");
     }
+    crate::caps::check(choice.mode)?;
     let mut cfg = cfg;
     let mut families: Vec<&'static str> = Vec::new();
     for ip in &cfg.node.ips {

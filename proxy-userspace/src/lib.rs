@@ -6,6 +6,7 @@
 //! applies only the difference to the kernel. The [`agent`] runs that loop for one renderer;
 //! [`serve`] (HTTP endpoints), [`cli`], [`conformance`] and [`testnet`] stand beside it.
 pub mod agent;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod conformance;

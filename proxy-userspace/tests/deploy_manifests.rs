@@ -1,6 +1,6 @@
 //! The deploy/ manifests parse into Kubernetes' own types (k8s-openapi) and ask for what the
-//! datapath needs and no more: host network, the host's bpffs with Bidirectional
-//! propagation, the host's root cgroup, hostPID, Linux nodes only, a kubeconfig that reaches
+//! datapath needs and no more: host network, the host's bpffs (Bidirectional propagation for
+//! the privileged container that may mount it, HostToContainer for kpr's unprivileged agent), the host's root cgroup, hostPID, Linux nodes only, a kubeconfig that reaches
 //! the API server without a ClusterIP, and RBAC verbs matching what the agent reads.
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -22,8 +22,9 @@ fn of_kind<T: serde::de::DeserializeOwned>(docs: &[serde_json::Value], kind: &st
         .collect()
 }
 
-/// The checks every kpr DaemonSet must pass.
-fn check_daemonset(ds: &DaemonSet, container: &str) {
+/// The checks every kpr DaemonSet must pass: `privileged` for kubeadm's shape, else kpr's
+/// own (an unprivileged agent after a privileged `--init-only` init container).
+fn check_daemonset(ds: &DaemonSet, container: &str, privileged: bool) {
     let spec = ds.spec.template.spec.as_ref().unwrap();
     assert_eq!(spec.host_network, Some(true), "host network");
     assert_eq!(
@@ -38,7 +39,7 @@ fn check_daemonset(ds: &DaemonSet, container: &str) {
         .expect("the container");
     assert_eq!(
         c.security_context.as_ref().and_then(|s| s.privileged),
-        Some(true)
+        Some(privileged)
     );
     let cmd = c.command.as_ref().expect("a command").join(" ");
     assert!(
@@ -50,7 +51,30 @@ fn check_daemonset(ds: &DaemonSet, container: &str) {
         .iter()
         .find(|m| m.mount_path == "/sys/fs/bpf")
         .expect("bpffs mounted");
-    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(
+        bpffs.mount_propagation.as_deref(),
+        Some(if privileged {
+            "Bidirectional"
+        } else {
+            "HostToContainer"
+        })
+    );
+    if !privileged {
+        let init = &spec.init_containers.as_ref().expect("an init container")[0];
+        assert_eq!(
+            init.security_context.as_ref().and_then(|s| s.privileged),
+            Some(true)
+        );
+        let init_cmd = init.command.as_ref().expect("a command").join(" ");
+        assert!(init_cmd.ends_with("--init-only"), "{init_cmd}");
+        assert!(
+            init.volume_mounts.as_ref().unwrap().iter().any(|m| {
+                m.mount_path == "/sys/fs/bpf"
+                    && m.mount_propagation.as_deref() == Some("Bidirectional")
+            }),
+            "the init container mounts the host's bpffs if it has none"
+        );
+    }
     let volumes = spec.volumes.as_ref().unwrap();
     let host_path = |name: &str| {
         volumes
@@ -72,7 +96,7 @@ fn the_standalone_daemonset() {
     let d = docs("deploy/kpr.yaml");
     let ds: Vec<DaemonSet> = of_kind(&d, "DaemonSet");
     assert_eq!(ds.len(), 1);
-    check_daemonset(&ds[0], "kpr");
+    check_daemonset(&ds[0], "kpr", false);
     let spec = ds[0].spec.template.spec.as_ref().unwrap();
     assert_eq!(
         spec.node_selector
@@ -154,7 +178,7 @@ fn the_kubeadm_image_swap() {
     spec.volumes
         .get_or_insert_with(Vec::new)
         .extend(p.volumes.clone().unwrap());
-    check_daemonset(&ds, "kube-proxy");
+    check_daemonset(&ds, "kube-proxy", true);
     // kubeadm's own arguments are kept as they were.
     let base_cmd = base.spec.template.spec.unwrap().containers[0]
         .command

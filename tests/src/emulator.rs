@@ -76,6 +76,8 @@ struct Inner {
     compacted: u64,
     faults: Faults,
     requests: u64,
+    /// Every API call as RBAC sees it: (API group, resource, verb).
+    calls: std::collections::BTreeSet<(String, String, String)>,
     /// events.k8s.io/v1 Events posted (created, then merged with their patches), by
     /// "namespace/name".
     recorded_events: BTreeMap<String, Value>,
@@ -165,6 +167,7 @@ impl Emulator {
                 compacted: 0,
                 faults: Faults::default(),
                 requests: 0,
+                calls: std::collections::BTreeSet::new(),
                 recorded_events: BTreeMap::new(),
             })),
             events,
@@ -195,7 +198,11 @@ impl Emulator {
                 "/apis/events.k8s.io/v1/namespaces/{ns}/events/{name}",
                 axum::routing::patch(patch_event),
             )
-            .with_state(emu.clone());
+            .with_state(emu.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                emu.clone(),
+                record_call,
+            ));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -298,6 +305,11 @@ impl Emulator {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// The calls made so far as RBAC rules name them: (API group, resource, verb).
+    pub fn api_calls(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        self.inner.lock().unwrap().calls.clone()
     }
 
     pub fn requests(&self) -> u64 {
@@ -455,6 +467,57 @@ impl Emulator {
             .body(Body::from_stream(stream))
             .expect("response")
     }
+}
+
+/// Records each request as RBAC would authorize it: (group, resource, verb).
+async fn record_call(
+    State(e): State<Emulator>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    // /api/v1/... is the core group; /apis/<group>/<version>/...
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.first() {
+        Some(&"api") => (String::new(), parts.get(2..).unwrap_or_default()),
+        Some(&"apis") => (
+            parts.get(1).copied().unwrap_or_default().to_string(),
+            parts.get(3..).unwrap_or_default(),
+        ),
+        _ => (String::from("(non-resource)"), &parts[..]),
+    };
+    let rest: Vec<&str> = if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+        rest[2..].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    let resource = rest.first().copied().unwrap_or_default().to_string();
+    let named = rest.len() > 1;
+    let verb = match *req.method() {
+        axum::http::Method::GET if watch => "watch",
+        axum::http::Method::GET if named => "get",
+        axum::http::Method::GET => "list",
+        axum::http::Method::POST => "create",
+        axum::http::Method::PATCH => "patch",
+        axum::http::Method::PUT => "update",
+        axum::http::Method::DELETE => "delete",
+        _ => "other",
+    };
+    let resource = if group == "(non-resource)" {
+        path.clone()
+    } else {
+        resource
+    };
+    e.inner
+        .lock()
+        .unwrap()
+        .calls
+        .insert((group, resource, verb.to_string()));
+    next.run(req).await
 }
 
 fn status_response(code: u16, reason: &str, message: &str) -> Response {

@@ -147,6 +147,11 @@ pub(crate) fn run_tool(
 /// The sysctl could not be written.
 pub(crate) fn enable_route_localnet() -> crate::Result<()> {
     const PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    // Already set (by `--init-only` in kpr's DaemonSet, whose agent container sees /proc/sys
+    // read-only): nothing to write.
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
     std::fs::write(PATH, "1").map_err(|e| crate::Error::io(PATH, e))
 }
 

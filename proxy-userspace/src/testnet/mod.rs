@@ -257,6 +257,41 @@ fn host_safe(mut cmd: Command) -> Command {
     cmd
 }
 
+/// The capabilities every agent the tests start keeps (its bounding set; the agent runs as
+/// root without the others, as in kpr's DaemonSet): `KPR_AGENT_CAPS` (comma-separated names
+/// such as `net_admin,bpf`, or `all`), else [`crate::caps::AGENT`].
+fn agent_capabilities() -> Option<Vec<u32>> {
+    let names = std::env::var("KPR_AGENT_CAPS").ok();
+    match names.as_deref() {
+        Some("all") => None,
+        Some(list) => Some(
+            list.split(',')
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    crate::caps::number(n)
+                        .unwrap_or_else(|| panic!("KPR_AGENT_CAPS: unknown capability {n}"))
+                })
+                .collect(),
+        ),
+        None => Some(crate::caps::AGENT.iter().map(|(_, n)| *n).collect()),
+    }
+}
+
+/// `kpr` as the tests start an agent: with only [`agent_capabilities`].
+fn agent_process() -> Command {
+    let mut cmd = Command::new(kpr_bin());
+    if let Some(keep) = agent_capabilities() {
+        // SAFETY: only prctl(2) calls between fork and exec (async-signal-safe syscalls).
+        unsafe {
+            cmd.pre_exec(move || {
+                crate::caps::limit_bounding_set(&keep);
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
 /// How much longer than on this machine the tests' waits may take: `KPR_TEST_TIME_SCALE`
 /// (default 1), set by `cargo xtask vm-test` for an emulated (TCG) CPU.
 #[must_use]
@@ -598,7 +633,7 @@ impl Topology {
     /// kube-proxy's command line as kubeadm runs it (`--config`, `--hostname-override`), with
     /// no source flag: the config's `clientConnection.kubeconfig` names the API server.
     pub fn agent_command_kubeadm(&self, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(kpr_bin());
+        let mut cmd = agent_process();
         cmd.arg(format!("--bpf-fs-path={}", self.bpffs.display()))
             .arg(format!("--cgroup-path={}", self.cgroup.path.display()))
             .arg("--allow-child-cgroup")
@@ -607,7 +642,7 @@ impl Topology {
     }
 
     pub fn agent_command_kube_proxy_style(&self, manifests: &Path, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(kpr_bin());
+        let mut cmd = agent_process();
         cmd.arg(format!("--manifests={}", manifests.display()))
             .arg(format!("--bpf-fs-path={}", self.bpffs.display()))
             .arg(format!("--cgroup-path={}", self.cgroup.path.display()))
@@ -691,7 +726,7 @@ impl Topology {
     }
 
     fn agent_command_with_source(&self, source: &[&std::ffi::OsStr], extra: &[&str]) -> Command {
-        let mut cmd = Command::new(kpr_bin());
+        let mut cmd = agent_process();
         cmd.arg("run")
             .args(source)
             .arg("--bpf-fs-path")
