@@ -163,6 +163,11 @@ fn cleanup_other_modes(mode: ProxyMode, cfg: &AgentConfig) {
 ///
 /// # Errors
 /// The mode is not built yet, or its datapath could not be set up.
+/// The conntrack settings could not all be written at start (the module was not loaded):
+/// the agent writes them again after its next successful sync.
+static CONNTRACK_SYSCTLS_PENDING: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(0);
+
 pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Renderer>> {
     if matches!(
         mode,
@@ -170,7 +175,13 @@ pub fn start_renderer(mode: ProxyMode, cfg: &AgentConfig) -> Result<Box<dyn Rend
     ) {
         // Their datapath is the kernel's conntrack (IPVS's too, with vs/conntrack=1): sized
         // and timed as upstream does.
-        cfg.conntrack_sysctls.apply_to_node();
+        if let Err(e) = crate::render::conntrack::ensure_loaded() {
+            tracing::debug!("asking ctnetlink (to load nf_conntrack): {e}");
+        }
+        if !cfg.conntrack_sysctls.apply_to_node() {
+            // Retried after the next few successful syncs.
+            CONNTRACK_SYSCTLS_PENDING.store(5, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     match mode {
         ProxyMode::Ebpf => {
@@ -311,6 +322,7 @@ pub struct Syncer {
     desired: DesiredCache,
     proxy: ProxyConfig,
     renderer: Box<dyn Renderer>,
+    conntrack_sysctls: crate::sysctl::ConntrackSysctls,
 }
 
 impl Syncer {
@@ -348,6 +360,7 @@ impl Syncer {
             desired: DesiredCache::default(),
             proxy: cfg.proxy.clone(),
             renderer,
+            conntrack_sysctls: cfg.conntrack_sysctls,
         }
     }
 
@@ -598,6 +611,14 @@ impl Syncer {
 
     fn record(&mut self, report: &SyncReport, started: Instant) {
         self.record_failed_services(report);
+        if report.errors.is_empty() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let left = CONNTRACK_SYSCTLS_PENDING.load(Relaxed);
+            if left > 0 {
+                let done = self.conntrack_sysctls.apply_to_node();
+                CONNTRACK_SYSCTLS_PENDING.store(if done { 0 } else { left - 1 }, Relaxed);
+            }
+        }
         let desired = &self.desired.state;
         for e in &report.errors {
             tracing::error!("sync: {e}");

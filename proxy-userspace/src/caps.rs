@@ -14,9 +14,12 @@
 //!   hold capabilities the agent does not) and entering those namespaces (`setns`); without
 //!   them such sockets are not terminated (logged) and everything else works. `SYS_ADMIN`
 //!   also mounts a bpffs of kpr's own (`--allow-private-bpffs`).
+//! - `NET_RAW`: iptables (legacy and nft) probes match and target revisions through a raw
+//!   socket; without it, on a kernel whose netfilter is modular (Debian's 6.1), rules with
+//!   `-m set`, MASQUERADE and REJECT are not installed. The rule modes.
 //! - `SYS_RESOURCE`: `oom_score_adj` -999, as kube-proxy; best effort.
 //! - Not needed: `PERFMON` (the verifier accepts the programs without it on 6.1 and 6.18),
-//!   `NET_RAW`, `DAC_OVERRIDE`. `SYS_MODULE` only for the ipvs mode on a node that does not load
+//!   `DAC_OVERRIDE`. `SYS_MODULE` only for the ipvs mode on a node that does not load
 //!   `ip_vs` at boot: kpr runs `modprobe ip_vs` as upstream does (whose DaemonSet is privileged
 //!   for that); the schedulers' modules the kernel loads by itself.
 use std::fmt::Write as _;
@@ -36,8 +39,9 @@ pub const KNOWN: [(&str, u32); 8] = [
 ];
 
 /// What the agent needs whatever the mode (the DaemonSet's set).
-pub const AGENT: [(&str, u32); 5] = [
+pub const AGENT: [(&str, u32); 6] = [
     ("net_admin", 12),
+    ("net_raw", 13),
     ("sys_ptrace", 19),
     ("sys_admin", 21),
     ("sys_resource", 24),
@@ -49,7 +53,8 @@ pub const AGENT: [(&str, u32); 5] = [
 pub fn required(mode: ProxyMode) -> &'static [(&'static str, u32)] {
     match mode {
         ProxyMode::Ebpf => &[("net_admin", 12), ("bpf", 39)],
-        ProxyMode::Iptables | ProxyMode::Nftables | ProxyMode::Ipvs => &[("net_admin", 12)],
+        ProxyMode::Nftables => &[("net_admin", 12)],
+        ProxyMode::Iptables | ProxyMode::Ipvs => &[("net_admin", 12), ("net_raw", 13)],
     }
 }
 

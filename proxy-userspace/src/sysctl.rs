@@ -113,8 +113,11 @@ impl ConntrackSysctls {
         out
     }
 
-    /// [`Self::apply`] on this node, each outcome logged.
-    pub fn apply_to_node(&self) {
+    /// [`Self::apply`] on this node, each outcome logged. Returns false while a setting's
+    /// file is missing (`nf_conntrack` not loaded yet: the first rules that match on
+    /// conntrack load it, and the agent applies the settings again after its next sync).
+    pub fn apply_to_node(&self) -> bool {
+        let mut complete = true;
         let cpus =
             std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
         for a in self.apply(
@@ -128,6 +131,14 @@ impl ConntrackSysctls {
                     value = a.value,
                     "conntrack setting written"
                 ),
+                Some(e) if e.contains("No such file") => {
+                    complete = false;
+                    tracing::info!(
+                        setting = a.name,
+                        value = a.value,
+                        "conntrack setting not there yet (nf_conntrack is not loaded): applied after the next sync"
+                    );
+                }
                 Some(e) => tracing::warn!(
                     setting = a.name,
                     value = a.value,
@@ -135,6 +146,7 @@ impl ConntrackSysctls {
                 ),
             }
         }
+        complete
     }
 }
 

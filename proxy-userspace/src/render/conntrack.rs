@@ -218,6 +218,20 @@ fn dump(
 
 const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
 
+/// Makes the kernel load netfilter's conntrack where it is a module: any ctnetlink request
+/// autoloads `nf_conntrack_netlink` and with it `nf_conntrack` (CAP_NET_ADMIN is enough; no
+/// modprobe), so its sysctls exist before the first rules would load it.
+///
+/// # Errors
+/// No netfilter conntrack in this kernel, or no permission.
+pub fn ensure_loaded() -> io::Result<()> {
+    const IPCTNL_MSG_CT_GET_STATS: u16 = 5;
+    let mut sock = Socket::open()?;
+    let seq = sock.send(IPCTNL_MSG_CT_GET_STATS, NLM_F_REQUEST, 0, &[])?;
+    sock.recv(seq, |_| {})?;
+    Ok(())
+}
+
 /// Deletes the UDP conntrack entries `stale` describes, in this network namespace. Returns
 /// how many were deleted.
 ///

@@ -423,6 +423,33 @@ impl LbMaps for Batched<'_> {
     }
 }
 
+/// Test hook for crash-consistency tests: with `KPR_TEST_CRASH_AFTER_MAP_WRITES=N` in its
+/// environment the agent SIGKILLs itself just before its N-th single-entry write to the
+/// load-balancing maps, so a crash lands at a chosen point of a sync (a kill from outside
+/// rarely does). Inert without the variable.
+fn crash_point() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LEFT: AtomicI64 = AtomicI64::new(i64::MIN);
+    let mut left = LEFT.load(Ordering::Relaxed);
+    if left == i64::MIN {
+        left = std::env::var("KPR_TEST_CRASH_AFTER_MAP_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1);
+        LEFT.store(left, Ordering::Relaxed);
+    }
+    if left < 0 {
+        return;
+    }
+    if left <= 1 {
+        // SAFETY: kill(2) on this process: it dies here, as from an outside SIGKILL.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+    LEFT.store(left - 1, Ordering::Relaxed);
+}
+
 fn map_err(name: &str, op: &'static str, e: aya::maps::MapError) -> Error {
     Error::map(name, op, e)
 }
@@ -456,41 +483,49 @@ impl LbMaps for PinnedMaps {
             .map_err(|e| map_err(map_names::SRC_RANGES, "delete", e))
     }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        crash_point();
         self.services
             .insert(key, value, 0)
             .map_err(|e| map_err(map_names::SERVICES, "insert", e))
     }
     fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        crash_point();
         self.services
             .remove(key)
             .map_err(|e| map_err(map_names::SERVICES, "delete", e))
     }
     fn put_slot(&mut self, key: &BackendSlotKey, backend_id: u32) -> Result<()> {
+        crash_point();
         self.slots
             .insert(key, &backend_id, 0)
             .map_err(|e| map_err(map_names::BACKEND_SLOTS, "insert", e))
     }
     fn del_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+        crash_point();
         self.slots
             .remove(key)
             .map_err(|e| map_err(map_names::BACKEND_SLOTS, "delete", e))
     }
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        crash_point();
         self.backends
             .insert(&id, backend, 0)
             .map_err(|e| map_err(map_names::BACKENDS, "insert", e))
     }
     fn del_backend(&mut self, id: u32) -> Result<()> {
+        crash_point();
         self.backends
             .remove(&id)
             .map_err(|e| map_err(map_names::BACKENDS, "delete", e))
     }
     fn put_revnat(&mut self, id: u32, value: &RevNatValue) -> Result<()> {
+        crash_point();
         self.revnat
             .insert(&id, value, 0)
             .map_err(|e| map_err(map_names::REVNAT, "insert", e))
     }
     fn del_revnat(&mut self, id: u32) -> Result<()> {
+        crash_point();
         self.revnat
             .remove(&id)
             .map_err(|e| map_err(map_names::REVNAT, "delete", e))
