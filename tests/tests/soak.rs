@@ -214,7 +214,7 @@ fn soak(mode: &str) {
     let mut next_sample = Instant::now();
     let tick = Duration::from_secs_f64(1.0 / rate as f64);
     while churn_start.elapsed() < Duration::from_secs(secs) {
-        let name = if changes % 50 == 0 {
+        let name = if changes.is_multiple_of(50) {
             // A probe Service moves to another pair of real backends: never without one.
             let k = rng.below(PROBES);
             let first = rng.below(4);
