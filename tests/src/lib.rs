@@ -103,3 +103,34 @@ pub fn kernel_has_ipvs() -> bool {
     let _ = std::process::Command::new("modprobe").arg("ip_vs").output();
     std::path::Path::new("/proc/net/ip_vs").exists()
 }
+
+/// A long-running client and the thread collecting its JSON lines.
+pub type CollectedLines = (
+    std::process::Child,
+    std::thread::JoinHandle<Vec<serde_json::Value>>,
+);
+
+/// Collects a spawned client's JSON lines (stdout piped) on a thread, so it can be stopped
+/// later with [`stop_json_lines`].
+#[must_use]
+pub fn collect_json_lines(mut child: std::process::Child) -> CollectedLines {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let h = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .collect()
+    });
+    (child, h)
+}
+
+/// Kills the client and returns the lines it printed.
+#[must_use]
+pub fn stop_json_lines(c: CollectedLines) -> Vec<serde_json::Value> {
+    let (mut child, h) = c;
+    let _ = child.kill();
+    let _ = child.wait();
+    h.join().expect("reader")
+}

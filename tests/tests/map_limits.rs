@@ -10,13 +10,14 @@
 //!
 //! Address plan: client 10.0.0.2; backends 10.0.1.2, 10.0.1.3 (:8080); Service web
 //! 10.96.0.10:80; Services svc-N 10.96.1.N:80 -> 10.0.1.2.
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use kpr_testnet::emulator::{Emulator, endpoint_slice, service};
-use kpr_testnet::{ChildGuard, Topology, backends_of};
+use kpr_testnet::{
+    ChildGuard, Topology, backends_of, collect_json_lines as collect, stop_json_lines as stop,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -71,25 +72,6 @@ fn add_services(emu: &Emulator, n: u32) {
             8080,
         ));
     }
-}
-
-fn collect(mut child: Child) -> (Child, std::thread::JoinHandle<Vec<Value>>) {
-    let stdout = child.stdout.take().expect("piped");
-    let h = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-            .collect()
-    });
-    (child, h)
-}
-
-fn stop(c: (Child, std::thread::JoinHandle<Vec<Value>>)) -> Vec<Value> {
-    let (mut child, h) = c;
-    let _ = child.kill();
-    let _ = child.wait();
-    h.join().expect("reader")
 }
 
 fn failures(lines: &[Value]) -> Vec<&Value> {

@@ -11,12 +11,14 @@
 //!
 //! Address plan (all inside the test's namespaces): client pod 10.0.0.2; backends 10.180.0.1
 //! ("a") and 10.180.0.2 ("b"); outside host 203.0.113.2 linked to the node's 192.168.0.2.
-use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use kpr_testnet::{ChildGuard, NetNs, Pod, Topology, kpr_bin, scaled, write_manifest};
+use kpr_testnet::{
+    ChildGuard, NetNs, Pod, Topology, collect_json_lines as collect, kpr_bin, scaled,
+    stop_json_lines as stop, write_manifest,
+};
 use serde_json::{Value, json};
 
 fn figure(v: &Value) {
@@ -54,26 +56,6 @@ fn lines_of(child: Child) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-/// Collects a long-running client's lines on a thread (so it can be killed later).
-fn collect(mut child: Child) -> (Child, std::thread::JoinHandle<Vec<Value>>) {
-    let stdout = child.stdout.take().expect("piped");
-    let h = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-            .collect()
-    });
-    (child, h)
-}
-
-fn stop(child: (Child, std::thread::JoinHandle<Vec<Value>>)) -> Vec<Value> {
-    let (mut c, h) = child;
-    let _ = c.kill();
-    let _ = c.wait();
-    h.join().expect("reader")
 }
 
 fn ms(d: Duration) -> u64 {

@@ -13,14 +13,12 @@
 //! 10.96.0.10-13:80 (always two real backends); bulk Services 10.97.x.y:80 with ten endpoints
 //! each drawn from 10.200.0.0/16 (addresses nobody owns: only the datapath's tables see them).
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use kpr_testnet::emulator::{Emulator, endpoint_slice, node, service};
 use kpr_testnet::rng::FuzzRng;
-use kpr_testnet::{ChildGuard, Topology};
+use kpr_testnet::{ChildGuard, Topology, collect_json_lines as collect};
 use serde_json::{Value, json};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -70,18 +68,6 @@ fn slope_kib_per_min(samples: &[(f64, f64)]) -> f64 {
     let num: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
     let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
-}
-
-fn collect(mut child: Child) -> (Child, std::thread::JoinHandle<Vec<Value>>) {
-    let stdout = child.stdout.take().expect("piped");
-    let h = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-            .collect()
-    });
-    (child, h)
 }
 
 /// What the datapath holds, counted the way the desired state is: (services or Service
