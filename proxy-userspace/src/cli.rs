@@ -353,8 +353,9 @@ pub struct RunArgs {
     pub bpf_map_backends: u32,
     /// ebpf: when a sync finds the services or backends map full, grow it (doubling, up to
     /// 16 times its configured size) while serving, instead of refusing the Services that do
-    /// not fit.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// not fit; also resize pinned maps smaller than configured at start. Off by default: see
+    /// the README's known limitations (not on kernels without tcx, before 6.6).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub bpf_map_grow: bool,
     /// ebpf conntrack: how often expired flows are collected.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

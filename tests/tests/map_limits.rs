@@ -3,7 +3,7 @@
 //! - Growth off: the Services that fit are programmed, the rest are refused with a clear
 //!   error, a metric and Events, the agent keeps running, and traffic to a Service programmed
 //!   before never fails.
-//! - Growth on (the default): the agent grows the map while serving (new maps filled beside
+//! - Growth on (`--bpf-map-grow=true`): the agent grows the map while serving (new maps filled beside
 //!   the live ones, per-flow state carried over, programs swapped atomically per link), and a
 //!   restart with a larger configured size resizes the pinned maps the same way: no connection
 //!   and no long-lived flow fails. Prints one `KPR-FIGURE` line per test.
@@ -192,7 +192,12 @@ async fn a_full_map_grows_while_serving_and_a_restart_resizes_without_breaking_f
     let mut slice = endpoint_slice("default", "dns", "dns-1", &["10.0.1.2", "10.0.1.3"], 8080);
     slice["ports"][0]["protocol"] = "UDP".into();
     emu.apply(slice);
-    let mut agent = start_agent(&t, &kubeconfig, port, &["--bpf-map-services", "16"]);
+    let mut agent = start_agent(
+        &t,
+        &kubeconfig,
+        port,
+        &["--bpf-map-services", "16", "--bpf-map-grow=true"],
+    );
     t.wait_for_services("web and dns", WAIT, |r| {
         backends_of(r, "10.96.0.10:80", "TCP").is_some()
             && backends_of(r, "10.96.0.20:53", "UDP").is_some()
@@ -223,7 +228,12 @@ async fn a_full_map_grows_while_serving_and_a_restart_resizes_without_breaking_f
 
     // A restart configured larger resizes the pinned maps at its first sync.
     agent.kill9();
-    let _agent2 = start_agent(&t, &kubeconfig, port, &["--bpf-map-services", "512"]);
+    let _agent2 = start_agent(
+        &t,
+        &kubeconfig,
+        port,
+        &["--bpf-map-services", "512", "--bpf-map-grow=true"],
+    );
     let start = Instant::now();
     while pinned_services_capacity(&t) != 512 {
         assert!(

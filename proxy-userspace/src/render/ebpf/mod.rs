@@ -81,7 +81,7 @@ impl Default for DatapathConfig {
             conntrack_max: map_sizes::CONNTRACK as u32,
             services_max: map_sizes::SERVICES as u32,
             backends_max: map_sizes::BACKENDS as u32,
-            grow_maps: true,
+            grow_maps: false,
         }
     }
 }
@@ -169,13 +169,21 @@ impl EbpfRenderer {
             cfg.allow_private_bpffs,
         )?;
         // Maps pinned smaller than configured grow at the first full sync (flows kept).
+        let grow = cfg.datapath.grow_maps;
         let pending_resize = datapath::MapSizes::pinned(&layout).and_then(|pinned| {
             let grown = datapath::MapSizes {
                 services: pinned.services.max(wanted.services),
                 backends: pinned.backends.max(wanted.backends),
                 conntrack: pinned.conntrack.max(wanted.conntrack),
             };
-            (grown != pinned).then(|| {
+            if grown != pinned && !grow {
+                tracing::warn!(
+                    ?pinned,
+                    configured = ?grown,
+                    "the pinned maps are smaller than configured and keep their size: --bpf-map-grow=true resizes them while serving, or `kpr cleanup` and a restart"
+                );
+            }
+            (grown != pinned && grow).then(|| {
                 tracing::info!(
                     ?pinned,
                     ?grown,
