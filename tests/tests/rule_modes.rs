@@ -198,8 +198,11 @@ fn udp_flow_follows_a_replaced_backend(mode: &str) {
     write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.1"));
     let _a = agent(&t, &dir, mode);
     t.wait_reaches("client", "172.30.0.10:80", &["10.180.0.1:80"]);
-    let flow = t.spawn_client("client", &["udphold", "172.30.0.20:53", "6", "100"]);
-    std::thread::sleep(Duration::from_secs(2));
+    // Long enough for the change's sync to land under an emulated CPU too (the VM's
+    // iptables-restore takes seconds there): both stretched by the time scale.
+    let secs = (6 * kpr_testnet::time_scale()).to_string();
+    let flow = t.spawn_client("client", &["udphold", "172.30.0.20:53", &secs, "100"]);
+    std::thread::sleep(kpr_testnet::scaled(Duration::from_secs(2)));
     write_manifest(&dir, "dns.yaml", &udp_service("10.180.0.2"));
     let out = flow.wait_with_output().expect("udphold");
     let backends: Vec<String> = String::from_utf8_lossy(&out.stdout)
