@@ -242,20 +242,25 @@ fn udp_sendto(to: SocketAddr, count: u64) {
     let sock = UdpSocket::bind(SocketAddr::new(any, 0)).expect("bind udp client");
     sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
     for _ in 0..count {
-        let mut buf = [0u8; 256];
-        let line = match sock
-            .send_to(b"x", to)
-            .and_then(|_| sock.recv_from(&mut buf))
-        {
-            Ok((n, from)) => {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let backend = text.split(' ').next().unwrap_or("").to_string();
-                format!("{{\"backend\":\"{backend}\",\"peer\":\"{from}\"}}")
-            }
-            Err(e) => format!("{{\"error\":\"{}\"}}", errno_name(&e)),
-        };
-        println!("{line}");
+        println!("{{{}}}", sendto_once(&sock, to));
         let _ = std::io::stdout().flush();
+    }
+}
+
+/// One datagram with sendto() and its answer with recvfrom(), as JSON fields:
+/// `"backend":...,"peer":...` or `"error":...`.
+fn sendto_once(sock: &UdpSocket, to: SocketAddr) -> String {
+    let mut buf = [0u8; 256];
+    match sock
+        .send_to(b"x", to)
+        .and_then(|_| sock.recv_from(&mut buf))
+    {
+        Ok((n, from)) => {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let backend = text.split(' ').next().unwrap_or("");
+            format!("\"backend\":\"{backend}\",\"peer\":\"{from}\"")
+        }
+        Err(e) => format!("\"error\":\"{}\"", errno_name(&e)),
     }
 }
 
@@ -361,18 +366,7 @@ fn udp_fixed(to: SocketAddr, sport: u16, secs: u64, interval: Duration) {
         // Datagrams answered late (after their own timeout) are not this attempt's answer.
         while sock.set_nonblocking(true).is_ok() && sock.recv_from(&mut buf).is_ok() {}
         let _ = sock.set_nonblocking(false);
-        let line = match sock
-            .send_to(b"x", to)
-            .and_then(|_| sock.recv_from(&mut buf))
-        {
-            Ok((n, from)) => {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let backend = text.split(' ').next().unwrap_or("").to_string();
-                format!("{{\"t_ms\":{t},\"backend\":\"{backend}\",\"peer\":\"{from}\"}}")
-            }
-            Err(e) => format!("{{\"t_ms\":{t},\"error\":\"{}\"}}", errno_name(&e)),
-        };
-        println!("{line}");
+        println!("{{\"t_ms\":{t},{}}}", sendto_once(&sock, to));
         let _ = std::io::stdout().flush();
         let spent =
             Duration::from_millis(u64::try_from(start.elapsed().as_millis() - t).unwrap_or(0));
