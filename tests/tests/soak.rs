@@ -46,6 +46,18 @@ fn fake_endpoints(rng: &mut FuzzRng, n: usize) -> Vec<String> {
     set.into_iter().collect()
 }
 
+/// The EndpointSlice of Service `name` with `eps` ready on :8080.
+fn apply_slice(emu: &Emulator, name: &str, eps: &[String]) {
+    let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
+    emu.apply(endpoint_slice(
+        "default",
+        name,
+        &format!("{name}-1"),
+        &refs,
+        8080,
+    ));
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -145,28 +157,14 @@ fn soak(mode: &str) {
             80,
             json!({}),
         ));
-        let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
-        emu.apply(endpoint_slice(
-            "default",
-            &name,
-            &format!("{name}-1"),
-            &refs,
-            8080,
-        ));
+        apply_slice(&emu, &name, &eps);
         desired.insert(name, eps);
     }
     for i in 0..services {
         let name = format!("bulk-{i}");
         let eps = fake_endpoints(&mut rng, 10);
         emu.apply(service("default", &name, &bulk_vip(i), 80, json!({})));
-        let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
-        emu.apply(endpoint_slice(
-            "default",
-            &name,
-            &format!("{name}-1"),
-            &refs,
-            8080,
-        ));
+        apply_slice(&emu, &name, &eps);
         desired.insert(name, eps);
     }
     let kubeconfig = t.workdir.join("kubeconfig");
@@ -215,14 +213,7 @@ fn soak(mode: &str) {
             desired.insert(name.clone(), fake_endpoints(&mut rng, n));
             name
         };
-        let refs: Vec<&str> = desired[&name].iter().map(String::as_str).collect();
-        emu.apply(endpoint_slice(
-            "default",
-            &name,
-            &format!("{name}-1"),
-            &refs,
-            8080,
-        ));
+        apply_slice(&emu, &name, &desired[&name]);
         changes += 1;
         if Instant::now() >= next_sample {
             if let Some(kib) = rss_kib(agent.pid()) {
